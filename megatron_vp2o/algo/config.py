@@ -1,0 +1,204 @@
+"""Typed configs for the VP2O algorithm knobs, one dataclass per concern (STYLE principle 6).
+
+What: `SteinConfig` (spec 2.4-2.8), `TrustRegionConfig` (spec 2.10-2.12), `SpecializationConfig`
+(spec 2.9) and `PolicyLossConfig` (alias `GRPOConfig`, spec 2.2-2.3), with the spec section 3
+defaults. Why: the algorithm functions take explicit scalars; these dataclasses are what YAML and
+dotted CLI overrides fill in (under the key in each class's ``SECTION``), and `__post_init__`
+rejects a bad value at load time with a ValueError naming the field and the allowed range, e.g.
+"stein.repulsion_coef must be >= 0 (got -1)". Names of kernels, advantage estimators, policy
+losses and aggregations are checked against their registries.
+
+Departures: ``coact_topm=None`` means K (the router's top-k, known only with the model), resolved
+by `SteinConfig.resolved_topm`; ``ess_temper=None`` means the spec default of the chosen ESS level
+(0.25 sequence, 1.0 token), resolved by `TrustRegionConfig.resolved_ess_temper`.
+
+Shape legend: none (configs hold scalars).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional, Tuple
+
+from .grpo import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES
+from .kernels import KERNELS
+from .trust_region import ON_VIOLATION
+
+ESS_LEVELS = ("sequence", "token")
+DEFAULT_ESS_TEMPER = {"sequence": 0.25, "token": 1.0}
+
+
+def _require(ok: bool, section: str, field: str, rule: str, value: Any) -> None:
+    """Raise ValueError("<section>.<field> must be <rule> (got <value>)") unless ``ok``."""
+    if not ok:
+        raise ValueError(f"{section}.{field} must be {rule} (got {value!r})")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _require_bool(section: str, field: str, value: Any) -> None:
+    _require(isinstance(value, bool), section, field, "a bool", value)
+
+
+@dataclass
+class SteinConfig:
+    """Stein transport of expert gradients and prototype upkeep (spec 2.4-2.8)."""
+
+    SECTION: ClassVar[str] = "stein"
+
+    #: Apply the Stein transport (False = plain GRPO gradients).
+    enabled: bool = True
+    #: Prototype kernel name, one of the `kernels.KERNELS` registry (spec 2.6).
+    kernel: str = "sq_cos"
+    #: Kernel base temperature tau0; tau_E = tau0 / log(E + 1) (spec 2.6).
+    kernel_tau0: float = 1.0
+    #: Repulsion weight alpha on dR_i/dW_i (spec 2.8); 0 disables the repulsion.
+    repulsion_coef: float = 0.01
+    #: Co-active neighbours m per expert (spec 2.7); None = the router's top-k K.
+    coact_topm: Optional[int] = None
+    #: Warm-started power-iteration steps after every optimizer step (spec 2.4).
+    power_iters: int = 2
+    #: Power-iteration steps from the fixed start vector at initialisation (spec 2.4).
+    init_power_iters: int = 30
+    #: Restore parameters and optimizer moments of experts with no routed token (spec 2.8).
+    freeze_inactive: bool = True
+
+    def __post_init__(self) -> None:
+        s = self.SECTION
+        _require_bool(s, "enabled", self.enabled)
+        KERNELS.check(self.kernel, f"{s}.kernel")
+        _require(_is_number(self.kernel_tau0) and self.kernel_tau0 > 0, s, "kernel_tau0", "> 0",
+                 self.kernel_tau0)
+        _require(_is_number(self.repulsion_coef) and self.repulsion_coef >= 0, s,
+                 "repulsion_coef", ">= 0", self.repulsion_coef)
+        _require(self.coact_topm is None or (_is_int(self.coact_topm) and self.coact_topm >= 0),
+                 s, "coact_topm", "None or an int >= 0", self.coact_topm)
+        _require(_is_int(self.power_iters) and self.power_iters >= 1, s, "power_iters",
+                 "an int >= 1", self.power_iters)
+        _require(_is_int(self.init_power_iters) and self.init_power_iters >= 1, s,
+                 "init_power_iters", "an int >= 1", self.init_power_iters)
+        _require_bool(s, "freeze_inactive", self.freeze_inactive)
+
+    def resolved_topm(self, top_k: int) -> int:
+        """m for a router with top-k ``top_k``: ``coact_topm`` or K when None."""
+        return top_k if self.coact_topm is None else self.coact_topm
+
+
+@dataclass
+class TrustRegionConfig:
+    """Anchor and behaviour budgets and the refresh rule (spec 2.10-2.12)."""
+
+    SECTION: ClassVar[str] = "trust_region"
+
+    #: Check the budgets and refresh by rule (False = refresh every rollout batch, as GRPO).
+    enabled: bool = True
+    #: Anchor prototype budget delta_anc on D_anc, which lies in [0, 2] (spec 2.10).
+    anchor_delta: float = 0.1
+    #: What to do when D_anc > delta_anc: backtrack, reject or refresh (spec 2.10).
+    on_violation: str = "backtrack"
+    #: Scales of the parameter change tried in turn when backtracking (spec 2.10).
+    backtrack_scales: Tuple[float, ...] = (0.5, 0.25, 0.125)
+    #: Behaviour drift budget delta_drift on mean k3 KL(mu || pi) (spec 2.11).
+    drift_delta: float = 0.02
+    #: Refresh when the normalised ESS falls below eta_ess (spec 2.12).
+    ess_min: float = 0.5
+    #: ESS tempering kappa; None = 0.25 for sequence level, 1.0 for token level (spec 2.11).
+    ess_temper: Optional[float] = None
+    #: Importance weights per sequence or per token for the ESS (spec 2.11).
+    ess_level: str = "sequence"
+    #: Force a refresh after this many learner steps on one rollout buffer (spec 2.12).
+    max_steps_per_refresh: int = 8
+
+    def __post_init__(self) -> None:
+        s = self.SECTION
+        _require_bool(s, "enabled", self.enabled)
+        _require(_is_number(self.anchor_delta) and 0 < self.anchor_delta <= 2, s,
+                 "anchor_delta", "in (0, 2]", self.anchor_delta)
+        _require(self.on_violation in ON_VIOLATION, s, "on_violation",
+                 f"one of {{{', '.join(ON_VIOLATION)}}}", self.on_violation)
+        self.backtrack_scales = tuple(self.backtrack_scales)
+        _require(all(_is_number(x) and 0 < x < 1 for x in self.backtrack_scales), s,
+                 "backtrack_scales", "a list of numbers in (0, 1)", self.backtrack_scales)
+        _require(self.on_violation != "backtrack" or len(self.backtrack_scales) > 0, s,
+                 "backtrack_scales", "non-empty when on_violation is backtrack",
+                 self.backtrack_scales)
+        _require(_is_number(self.drift_delta) and self.drift_delta > 0, s, "drift_delta", "> 0",
+                 self.drift_delta)
+        _require(_is_number(self.ess_min) and 0 <= self.ess_min <= 1, s, "ess_min",
+                 "in [0, 1]", self.ess_min)
+        _require(self.ess_temper is None or (_is_number(self.ess_temper) and self.ess_temper > 0),
+                 s, "ess_temper", "None or > 0", self.ess_temper)
+        _require(self.ess_level in ESS_LEVELS, s, "ess_level", "one of {sequence, token}",
+                 self.ess_level)
+        _require(_is_int(self.max_steps_per_refresh) and self.max_steps_per_refresh >= 1, s,
+                 "max_steps_per_refresh", "an int >= 1", self.max_steps_per_refresh)
+
+    def resolved_ess_temper(self) -> float:
+        """kappa: ``ess_temper`` or the default of ``ess_level`` when None."""
+        if self.ess_temper is None:
+            return DEFAULT_ESS_TEMPER[self.ess_level]
+        return float(self.ess_temper)
+
+
+@dataclass
+class SpecializationConfig:
+    """Expert specialisation losses (spec 2.9)."""
+
+    SECTION: ClassVar[str] = "specialization"
+
+    #: Weight of the top-k output orthogonality loss; 0 disables it.
+    ortho_coef: float = 1e-4
+    #: Weight of the routing variance loss; 0 disables it.
+    var_coef: float = 1e-3
+
+    def __post_init__(self) -> None:
+        s = self.SECTION
+        for field in ("ortho_coef", "var_coef"):
+            value = getattr(self, field)
+            _require(_is_number(value) and value >= 0, s, field, ">= 0", value)
+
+
+@dataclass
+class PolicyLossConfig:
+    """Advantages and the policy-gradient surrogate (spec 2.2-2.3)."""
+
+    SECTION: ClassVar[str] = "policy_loss"
+
+    #: Advantage estimator, one of `grpo.ADVANTAGES` (grpo, dr_grpo, rloo).
+    advantage: str = "grpo"
+    #: Policy loss, one of `grpo.POLICY_LOSSES` (vp2o, grpo_clip).
+    policy_loss: str = "vp2o"
+    #: PPO clip range eps; None = no clipping for vp2o, 0.2 for grpo_clip (spec 2.3).
+    clip_eps: Optional[float] = None
+    #: Weight beta_kl of the k3 KL(pi || pi_ref) penalty; 0 needs no reference model.
+    kl_coef: float = 0.0
+    #: Responses per prompt G (the GRPO group).
+    group_size: int = 8
+    #: Loss aggregation, one of `grpo.AGGREGATIONS` (spec 2.2).
+    aggregation: str = "seq_mean_token_mean"
+    #: eps added to the group std in the grpo advantage (spec 2.2).
+    adv_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        s = self.SECTION
+        ADVANTAGES.check(self.advantage, f"{s}.advantage")
+        POLICY_LOSSES.check(self.policy_loss, f"{s}.policy_loss")
+        _require(self.clip_eps is None or (_is_number(self.clip_eps) and 0 < self.clip_eps < 1),
+                 s, "clip_eps", "None or in (0, 1)", self.clip_eps)
+        _require(_is_number(self.kl_coef) and self.kl_coef >= 0, s, "kl_coef", ">= 0",
+                 self.kl_coef)
+        _require(_is_int(self.group_size) and self.group_size >= 2, s, "group_size",
+                 "an int >= 2", self.group_size)
+        AGGREGATIONS.check(self.aggregation, f"{s}.aggregation")
+        _require(_is_number(self.adv_eps) and self.adv_eps > 0, s, "adv_eps", "> 0",
+                 self.adv_eps)
+
+
+#: GRPO and VP2O share one policy-loss config; the name the issue also uses.
+GRPOConfig = PolicyLossConfig

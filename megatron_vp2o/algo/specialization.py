@@ -1,0 +1,101 @@
+"""Expert specialisation losses: output orthogonality and routing variance (spec 2.9).
+
+What (FOUND, Guo et al. 2025, arXiv 2505.22323):
+- Orthogonality: for each token t and each ordered pair (j, k), j != k, of its top-k experts with
+  raw (un-gated) outputs x_j, x_k, the squared norm of the projection of x_j onto x_k,
+      || (<x_j, x_k> / (<x_k, x_k> + 1e-6)) x_k ||^2 = <x_j, x_k>^2 ||x_k||^2 / (||x_k||^2 + 1e-6)^2,
+  summed over pairs and tokens and divided by K * T. Weight `ortho_coef`.
+- Routing variance: L_var = -mean_t Var_e(p[t, e]), the unbiased variance across experts of the full
+  router probabilities; minimising it pushes routing away from uniform. Weight `var_coef`.
+Why: both push experts apart in function space, complementing the parameter-space repulsion.
+
+Global normalisation (STYLE principle 9): the ``*_sum`` variants return (sum, count) so that a
+micro-batched step can add sums and counts over micro-batches and data-parallel ranks; the plain
+functions divide by their local count, or by ``normalizer`` (the global count) when given.
+
+Departures: outputs are gathered per token with the top-k indices (the caller builds
+expert_out_TKD that way), rejecting the official code's reshape that paired outputs in expert order
+(spec 4). Masked tokens are excluded with `torch.where`, so garbage in padded rows cannot leak in.
+Math runs in at least float32.
+
+Shape legend: T tokens, K top-k, D hidden, E experts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ORTHO_EPS = 1e-6
+
+
+def _valid(token_mask_T: torch.Tensor | None, like_T: torch.Tensor) -> torch.Tensor:
+    """Bool token mask (all True when None)."""
+    if token_mask_T is None:
+        return torch.ones(like_T.shape, dtype=torch.bool, device=like_T.device)
+    return token_mask_T.to(torch.bool)
+
+
+def normalized(
+    total: torch.Tensor, count: torch.Tensor, normalizer: torch.Tensor | float | None = None
+) -> torch.Tensor:
+    """total / count, or total / normalizer when given (a global count); denominators >= 1."""
+    denom = count if normalizer is None else normalizer
+    denom = torch.as_tensor(denom, dtype=total.dtype, device=total.device)
+    return total / denom.clamp_min(1.0)
+
+
+def orthogonality_per_token(expert_out_TKD: torch.Tensor) -> torch.Tensor:
+    """Per-token sum over ordered top-k pairs j != k of ||proj_{x_k} x_j||^2 -> [T] (spec 2.9)."""
+    x_TKD = expert_out_TKD.to(torch.promote_types(expert_out_TKD.dtype, torch.float32))
+    gram_TKK = torch.matmul(x_TKD, x_TKD.transpose(-1, -2))
+    sq_norm_TK = torch.diagonal(gram_TKK, dim1=-2, dim2=-1)
+    scale_TK = sq_norm_TK / (sq_norm_TK + ORTHO_EPS) ** 2
+    pair_TKK = gram_TKK * gram_TKK * scale_TK.unsqueeze(-2)
+    top_k = x_TKD.shape[-2]
+    off_diag_KK = ~torch.eye(top_k, dtype=torch.bool, device=x_TKD.device)
+    return torch.where(off_diag_KK, pair_TKK, 0.0).sum((-1, -2))
+
+
+def orthogonality_loss_sum(
+    expert_out_TKD: torch.Tensor, token_mask_T: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over valid tokens and ordered pairs, count = K * valid tokens), both 0-dim tensors."""
+    per_token_T = orthogonality_per_token(expert_out_TKD)
+    valid_T = _valid(token_mask_T, per_token_T)
+    total = torch.where(valid_T, per_token_T, 0.0).sum()
+    count = valid_T.sum().to(total.dtype) * expert_out_TKD.shape[-2]
+    return total, count
+
+
+def orthogonality_loss(
+    expert_out_TKD: torch.Tensor,
+    token_mask_T: torch.Tensor | None = None,
+    normalizer: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """L_ortho = sum_t sum_{j != k} ||proj_{x_k} x_j||^2 / (K * T) (spec 2.9).
+
+    ``normalizer`` replaces the local K * T (pass the global K * T for micro-batching).
+    """
+    total, count = orthogonality_loss_sum(expert_out_TKD, token_mask_T)
+    return normalized(total, count, normalizer)
+
+
+def routing_variance_loss_sum(
+    probs_TE: torch.Tensor, token_mask_T: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(-sum_t Var_e(p[t, :]) over valid tokens, count = valid tokens); unbiased variance."""
+    probs_TE = probs_TE.to(torch.promote_types(probs_TE.dtype, torch.float32))
+    var_T = torch.var(probs_TE, dim=-1, correction=1)
+    valid_T = _valid(token_mask_T, var_T)
+    total = -torch.where(valid_T, var_T, 0.0).sum()
+    return total, valid_T.sum().to(total.dtype)
+
+
+def routing_variance_loss(
+    probs_TE: torch.Tensor,
+    token_mask_T: torch.Tensor | None = None,
+    normalizer: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """L_var = -mean_t Var_e(p[t, e]) (spec 2.9); ``normalizer`` replaces the local token count."""
+    total, count = routing_variance_loss_sum(probs_TE, token_mask_T)
+    return normalized(total, count, normalizer)
