@@ -1,0 +1,33 @@
+# The two commands of the README:
+#   make demo   the main job (tiny MoE on CPU)          make test   the test suite
+# Both create .venv and install what is missing. An existing torch is never replaced: with no
+# torch, torch==2.13.0 (a local CPU build on our machines) is installed first, and the installed
+# torch version is passed to every later pip call as a constraint.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.vp2o-installed
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: install demo test test-fast bench clean
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==$(TORCH_VERSION)"
+	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
+	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,rewards]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/vp2o sft --config examples/configs/tiny_cpu.yaml --out runs/demo $(ARGS)
+
+test: install
+	$(PY) -m pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
+
+bench: install
+	$(PY) bench/bench_algo.py --quick
+
+clean:
+	rm -rf runs build *.egg-info

@@ -1,0 +1,1 @@
+"""The ``vp2o`` command line."""

@@ -1,0 +1,40 @@
+"""Configs: typed sections loaded from YAML with dotted overrides (see :mod:`.schema`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megatron_vp2o.config.loader import ConfigError, apply_overrides, build, load_yaml, to_dict
+from megatron_vp2o.config.schema import (
+    CheckpointConfig,
+    DataConfig,
+    LoggingConfig,
+    ModelConfig,
+    ParallelConfig,
+    RouterConfig,
+    TrainConfig,
+)
+from megatron_vp2o.config.validate import Layout, check_layout
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults when ``path`` is None) and apply dotted overrides."""
+    data = load_yaml(path) if path is not None else {}
+    return build(Config, apply_overrides(data, list(overrides or [])))
+
+
+__all__ = [
+    "CheckpointConfig", "Config", "ConfigError", "DataConfig", "Layout", "LoggingConfig", "ModelConfig",
+    "ParallelConfig", "RouterConfig", "TrainConfig", "check_layout", "load_config", "to_dict",
+]

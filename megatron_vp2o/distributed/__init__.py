@@ -1,0 +1,1 @@
+"""Distributed glue: process-group start-up and (later) reductions and optimizer hooks."""

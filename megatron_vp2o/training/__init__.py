@@ -1,0 +1,1 @@
+"""Training on megatron-core: model + DDP + optimizer set-up, the SFT step and loop."""

@@ -1,0 +1,74 @@
+"""``vp2o sft``: supervised fine-tuning of the MoE GPT on a JSONL dataset.
+
+The loop reads top to bottom: check inputs -> start the parallel state -> build the trainable
+stack -> (load weights) -> for each step: this rank's micro-batches, ``train_step``, log,
+checkpoint -> final checkpoint and summary. Every input is checked before anything is written.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from megatron.core import parallel_state as ps
+
+from megatron_vp2o.checkpoint import load_model, save_checkpoint
+from megatron_vp2o.config import ConfigError, check_layout, to_dict
+from megatron_vp2o.data.sft import SFTDataset, read_jsonl
+from megatron_vp2o.data.tokenizer import load_tokenizer
+from megatron_vp2o.distributed.init import init_parallel, world_size_from_env
+from megatron_vp2o.monitor import MetricsLogger, Progress
+from megatron_vp2o.training.setup import build_trainable
+from megatron_vp2o.training.step import train_step
+
+
+def check_inputs(cfg):
+    """Validate the layout, tokenizer and data before any process group or file exists."""
+    check_layout(cfg, world_size_from_env())
+    if cfg.parallel.cp > 1:
+        raise ConfigError("parallel.cp > 1 is not supported by `vp2o sft` yet; set parallel.cp=1")
+    tok = load_tokenizer(cfg.data.tokenizer)
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+                          f"({tok.vocab_size}); set model.vocab_size >= {tok.vocab_size}")
+    if cfg.checkpoint.load is not None and not Path(cfg.checkpoint.load).exists():
+        raise ConfigError(f"checkpoint.load: '{cfg.checkpoint.load}' does not exist")
+    return tok, read_jsonl(cfg.data.path)
+
+
+def run_sft(cfg, out_dir: str | Path) -> dict:
+    """Train; returns a summary dict (first/last loss, steps, seconds)."""
+    out_dir = Path(out_dir)
+    tok, rows = check_inputs(cfg)
+    layout = init_parallel(cfg)
+    trainable = build_trainable(cfg)
+    if cfg.checkpoint.load:
+        load_model(cfg.checkpoint.load, trainable.models)
+        trainable.optimizer.reload_model_params()
+    data = SFTDataset(rows, tok, cfg.model.seq_length, cfg.data.loss_on_prompt)
+    ckpt_root = Path(cfg.checkpoint.dir or out_dir / "checkpoints")
+    meta = {"config": to_dict(cfg), "kind": "sft", "world_size": layout.world}
+    logger = MetricsLogger(out_dir, cfg.logging, to_dict(cfg))
+    bar = Progress(cfg.train.steps, "sft", cfg.logging.progress)
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    losses, t_start = [], time.perf_counter()
+    for step in range(1, cfg.train.steps + 1):
+        t0 = time.perf_counter()
+        batches = data.micro_batches(step - 1, cfg.train.global_batch_size, cfg.train.micro_batch_size,
+                                     dp_rank, dp_size, cfg.train.seed)
+        metrics = train_step(trainable, batches)
+        metrics["timing/step"] = time.perf_counter() - t0
+        losses.append(metrics["loss"])
+        if step % cfg.logging.log_every == 0 or step == cfg.train.steps:
+            logger.log(step, metrics)
+        bar.update(f"loss {metrics['loss']:.4f}")
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step != cfg.train.steps:
+            save_checkpoint(ckpt_root, step, trainable, meta)
+    bar.close()
+    if cfg.checkpoint.save_final:
+        save_checkpoint(ckpt_root, cfg.train.steps, trainable, meta)
+    logger.close()
+    return {"steps": cfg.train.steps, "first_loss": losses[0], "last_loss": losses[-1],
+            "min_loss": min(losses), "seconds": time.perf_counter() - t_start,
+            "parameters": sum(p.numel() for p in trainable.module.parameters()),
+            "layout": f"dp={layout.dp} tp={layout.tp} pp={layout.pp} ep={layout.ep}", "checkpoint": str(ckpt_root)}

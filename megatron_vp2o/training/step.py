@@ -1,0 +1,85 @@
+"""One optimizer step of the language-model loss through megatron's pipeline schedules.
+
+``forward_step`` feeds one micro-batch and returns megatron's per-token loss tensor with a
+``loss_func`` that returns ``(sum of masked token losses, token count, report)``;
+``train_step`` runs ``get_forward_backward_func()`` over the micro-batches, then the optimizer
+step and the LR schedule, and reports the global mean loss (identical on every rank).
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+
+def causal_mask(seq_len: int) -> torch.Tensor:
+    """Bool [1, 1, S, S], True = masked (explicit, so no CUDA factory runs in autograd threads)."""
+    return torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool).triu(1)
+
+
+def position_ids(batch: int, seq_len: int) -> torch.Tensor:
+    return torch.arange(seq_len).unsqueeze(0).expand(batch, -1)
+
+
+def lm_loss_func(loss_mask_BS: torch.Tensor, output_BS: torch.Tensor):
+    """Sum of masked token losses, the token count, and a ``[sum, count]`` report (megatron's 3-tuple)."""
+    loss_sum = (output_BS.float().reshape(-1) * loss_mask_BS.reshape(-1)).sum()
+    num_tokens = loss_mask_BS.sum().to(torch.int)
+    return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), num_tokens.float()])}
+
+
+def lm_forward_step(data_iterator, model, device=None):
+    batch = next(data_iterator)
+    tokens = batch.tokens.to(device) if device is not None else batch.tokens
+    b, s = tokens.shape
+    out = model(tokens, position_ids(b, s).to(tokens.device), causal_mask(s).to(tokens.device),
+                labels=batch.labels.to(tokens.device))
+    return out, partial(lm_loss_func, batch.loss_mask.to(tokens.device))
+
+
+def reduce_report(losses_reduced: list[dict], key: str = "lm loss") -> torch.Tensor:
+    """Global ``[sum, count]`` of ``key`` over micro-batches and DP ranks, the same on every rank.
+
+    Only the last pipeline stage holds losses; TP/CP replicas hold copies, so only the
+    (tp=0, cp=0) rank of the last stage contributes before the world all-reduce.
+    """
+    total = torch.zeros(2, dtype=torch.float64)
+    contributes = (ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+                   and ps.get_context_parallel_rank() == 0)
+    if contributes:
+        for item in losses_reduced:
+            total += item[key].detach().double().cpu()
+    dev = torch.device("cuda") if torch.cuda.is_available() and dist.get_backend() == "nccl" else torch.device("cpu")
+    total = total.to(dev)
+    dist.all_reduce(total)
+    return total.cpu()
+
+
+def train_step(trainable, micro_batches: list, forward_step=lm_forward_step) -> dict:
+    """Forward/backward over ``micro_batches``, optimizer step, LR schedule; returns metrics."""
+    t0 = time.perf_counter()
+    for m in trainable.models:
+        m.zero_grad_buffer()
+    trainable.optimizer.zero_grad()
+    mb = micro_batches[0]
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(micro_batches), model=trainable.models,
+        num_microbatches=len(micro_batches), seq_length=mb.tokens.shape[1],
+        micro_batch_size=mb.tokens.shape[0], forward_only=False,
+    )
+    t1 = time.perf_counter()
+    ok, grad_norm, _ = trainable.optimizer.step()
+    trainable.scheduler.step(increment=1)
+    t2 = time.perf_counter()
+    loss_sum, count = reduce_report(losses).tolist()
+    return {
+        "loss": loss_sum / max(count, 1.0), "tokens": int(count),
+        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "lr": trainable.optimizer.param_groups[0]["lr"], "update_ok": bool(ok),
+        "timing/forward_backward": t1 - t0, "timing/optimizer": t2 - t1,
+    }

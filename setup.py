@@ -1,0 +1,38 @@
+"""megatron-vp2o: VP2O (Variational Proximal Policy Optimization) RL for MoE models on megatron-core.
+
+torch is deliberately not listed: megatron-core brings its own ``torch>=2.6`` requirement, which an
+existing torch (NGC image, or the CPU build installed by ``make``) satisfies, and the Makefile /
+Dockerfile pin the installed torch as a pip constraint so no install ever replaces it.
+GPU extras (Transformer Engine, apex, grouped_gemm) come with the NGC PyTorch image.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-vp2o",
+    version="0.1.0",
+    description="VP2O RL for Mixture-of-Experts language models on megatron-core",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_vp2o", "megatron_vp2o.*"]),
+    include_package_data=True,
+    install_requires=[
+        "megatron-core>=0.16.1,<0.20",
+        "numpy",
+        "pyyaml>=6",
+        "rich>=13",
+        "psutil",  # dist_checkpointing's helper processes
+        "safetensors",
+        "transformers>=4.51",  # tokenizers, HF conversion reference
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout", "tensorboard", "wandb"],
+        "rewards": ["math-verify", "reasoning-gym"],
+        "launch": ["nemo-run", "leptonai==0.27.3"],
+        "plots": ["matplotlib"],
+        # GPU: transformer-engine[pytorch], apex and grouped_gemm ship in the NGC PyTorch image.
+        "gpu": ["transformer-engine[pytorch]"],
+    },
+    entry_points={"console_scripts": ["vp2o=megatron_vp2o.cli.main:main"]},
+)
