@@ -103,9 +103,11 @@ def attraction(
     return gather_mix(grads_EP, idx_EM1, w_EM1)
 
 
-def repulsion_weights(inactive_EE: torch.Tensor) -> torch.Tensor:
-    """v_ij = M_in_ij / max(1, sum_l M_in_il) (spec 2.8), float [..., E, E]."""
-    mask_EE = inactive_EE.to(torch.float32)
+def repulsion_weights(
+    inactive_EE: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """v_ij = M_in_ij / max(1, sum_l M_in_il) (spec 2.8), [..., E, E] in ``dtype``."""
+    mask_EE = inactive_EE.to(dtype)
     return mask_EE / mask_EE.sum(-1, keepdim=True).clamp_min(1.0)
 
 
@@ -136,7 +138,7 @@ def repulsion_grad_from_z(
     u_XD = z_XD / z_norm_X1
     tau = kernel_temperature(num_experts, tau0)
     _, dk_XE = cross_kernel(u_XD, protos_ED, tau, form)
-    gamma_XD = torch.matmul(repulsion_weights(inactive_XE).to(dtype) * dk_XE, protos_ED)
+    gamma_XD = torch.matmul(repulsion_weights(inactive_XE, dtype) * dk_XE, protos_ED)
     g_z_XD = (gamma_XD - u_XD * (u_XD * gamma_XD).sum(-1, keepdim=True)) / z_norm_X1
     wt_g_XF = torch.matmul(g_z_XD.to(weight_XDF.dtype).unsqueeze(-2), weight_XDF).squeeze(-2)
     return g_z_XD.unsqueeze(-1) * y_XF.unsqueeze(-2) + v_XD.unsqueeze(-1) * wt_g_XF.to(
