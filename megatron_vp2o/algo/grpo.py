@@ -47,7 +47,8 @@ def group_advantages(rewards_BG: torch.Tensor, eps: float = 1e-6) -> torch.Tenso
     """A = (r - mean r) / (std_unbiased r + eps) per group; 0 for an all-equal group (spec 2.2)."""
     rewards_BG = rewards_BG.to(torch.promote_types(rewards_BG.dtype, torch.float32))
     centred_BG = rewards_BG - rewards_BG.mean(-1, keepdim=True)
-    std_B1 = rewards_BG.std(-1, correction=1, keepdim=True)
+    group = rewards_BG.shape[-1]
+    std_B1 = (centred_BG.square().sum(-1, keepdim=True) / max(group - 1, 1)).sqrt()  # unbiased
     return torch.where(_degenerate(rewards_BG), 0.0, centred_BG / (std_B1 + eps))
 
 

@@ -155,7 +155,8 @@ def tempered_ess(
     valid_N = _valid(mask_N, log_w_N)
     log_w_N = torch.where(valid_N, log_w_N, float("-inf"))
     count = valid_N.sum().to(log_w_N.dtype)
-    log_ess = 2.0 * torch.logsumexp(log_w_N, -1) - torch.logsumexp(2.0 * log_w_N, -1)
+    shifted_N = log_w_N - log_w_N.amax(-1, keepdim=True).clamp_min(-1e30)  # the max cancels
+    log_ess = 2.0 * torch.logsumexp(shifted_N, -1) - torch.logsumexp(2.0 * shifted_N, -1)
     ess = torch.exp(log_ess) / count.clamp_min(1.0)
     return torch.where(count > 0, ess.clamp(max=1.0), 1.0)
 
@@ -187,10 +188,14 @@ def refresh_needed(
     ess_min: float = 0.5,
     max_steps_per_refresh: int = 8,
 ) -> torch.Tensor:
-    """Refresh iff D_beh > delta or ESS < eta or anchor failed or steps >= max (spec 2.12): bool."""
+    """Refresh iff D_beh > delta or ESS < eta or anchor failed or steps >= max (spec 2.12): bool.
+
+    A NaN drift or ESS counts as a violation (forces a refresh).
+    """
     steps = torch.as_tensor(steps_since_refresh, device=drift.device)
     failed = torch.as_tensor(anchor_failed, device=drift.device).to(torch.bool)
-    return (drift > drift_delta) | (ess < ess_min) | failed | (steps >= max_steps_per_refresh)
+    drift_ok, ess_ok = drift <= drift_delta, ess >= ess_min  # NaN statistics fail these
+    return ~drift_ok | ~ess_ok | failed | (steps >= max_steps_per_refresh)
 
 
 def backtrack_scales(num_scales: int = 3) -> tuple[float, ...]:
