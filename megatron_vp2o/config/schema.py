@@ -109,6 +109,7 @@ class TrainConfig:
     weight_decay: float = 0.01  # AdamW weight decay
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
+    adam_eps: float = 1e-8  # AdamW epsilon
     clip_grad: float = 1.0  # global gradient-norm clip (0: off)
     seed: int = 1234  # seed for init, data order and sampling
 

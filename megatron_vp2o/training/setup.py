@@ -51,7 +51,7 @@ def build_trainable(cfg, moe_layer_cls=MoELayer, **transformer_overrides) -> Tra
     ddp = DistributedDataParallel(tconf, ddp_cfg, model)
     opt_cfg = OptimizerConfig(
         optimizer="adam", lr=train.lr, min_lr=train.min_lr, weight_decay=train.weight_decay,
-        adam_beta1=train.adam_beta1, adam_beta2=train.adam_beta2, clip_grad=train.clip_grad,
+        adam_beta1=train.adam_beta1, adam_beta2=train.adam_beta2, adam_eps=train.adam_eps, clip_grad=train.clip_grad,
         bf16=tconf.bf16, params_dtype=tconf.params_dtype, use_distributed_optimizer=par.distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(opt_cfg, [ddp])

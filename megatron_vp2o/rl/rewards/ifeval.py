@@ -25,7 +25,8 @@ from megatron_vp2o.rl.rewards.registry import register
 
 _RELATIONS = ("less than", "at least")
 _CONSTRAINED = ("My answer is yes.", "My answer is no.", "My answer is maybe.")
-_ABBREV = re.compile(r"\b(Mr|Mrs|Ms|Dr|Prof|Sr|Jr|St|vs|etc|e\.g|i\.e|U\.S|Inc|Ltd|No)\.", re.I)
+_ABBREV = re.compile(r"\b(Mr|Mrs|Ms|Dr|Prof|Sr|Jr|St|vs|etc|e\.g|i\.e|a\.m|p\.m|U\.S|Inc|Ltd|No)\.",
+                     re.I)
 _SENT_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+|\n\s*\n")
 
 

@@ -1,8 +1,9 @@
 """math: final-answer equivalence checked by Hugging Face's math-verify.
 
-The gold answer is meta["answer"] (a string or a number). math-verify parses LaTeX and plain
-expressions from both sides (boxed answers, fractions, percentages, sets, intervals, ...) and
-compares them symbolically, e.g. verify(parse("\\boxed{1/2}"), parse("0.5")) is True.
+The gold answer is meta["answer"], a string or a number; a bare one is read as if it were boxed
+(as verl does), so "10\\%" and "\\frac{1}{2}" parse as LaTeX. math-verify extracts the final
+answer of both sides (boxed answers, fractions, percentages, sets, intervals, ...) and compares
+them symbolically, e.g. verify(parse("\\boxed{1/2}"), parse("0.5")) is True.
 math-verify's own timeouts use SIGALRM, which only works on the main thread; `score_batch` runs
 rewards in worker threads and applies its own deadline, so those timeouts are switched off here.
 """
@@ -31,18 +32,22 @@ def _parse(text: str) -> list:
     from math_verify import parse  # optional dependency: pip install math-verify
 
     _quiet_math_verify()
-    parsed = parse(text, parsing_timeout=None)
-    if not parsed and "$" not in text and "\\boxed" not in text:
-        parsed = parse(f"${text}$", parsing_timeout=None)  # a bare LaTeX gold like \frac{1}{2}
-    return parsed
+    return parse(text, parsing_timeout=None)
+
+
+def _parse_gold(answer) -> list:
+    """A bare gold answer ("10\\%", "\\frac{1}{2}", 0.5) is read as if boxed, as verl does."""
+    text = str(answer)
+    if "$" not in text and "\\boxed" not in text:
+        text = f"\\boxed{{{text}}}"
+    return _parse(text)
 
 
 def math_reward(prompt: str, response: str, meta: Mapping) -> float:
     """1.0 if the response's final answer is equivalent to meta["answer"], else 0.0."""
     from math_verify import verify
 
-    _quiet_math_verify()
-    gold = _parse(str(meta["answer"]))
+    gold = _parse_gold(meta["answer"])
     if not gold:
         raise ValueError(f"math-verify cannot parse the gold answer {meta['answer']!r}")
     pred = _parse(response)
