@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_vp2o.algo.config import SpecializationConfig, SteinConfig, TrustRegionConfig
 from megatron_vp2o.config.loader import ConfigError, apply_overrides, build, load_yaml, to_dict
 from megatron_vp2o.config.schema import (
     CheckpointConfig,
@@ -19,6 +20,16 @@ from megatron_vp2o.config.validate import Layout, check_layout
 
 
 @dataclass
+class VP2OConfig:
+    """The VP2O method's knobs (spec section 3 defaults); see megatron_vp2o/algo/config.py."""
+
+    enabled: bool = True  # false: plain megatron training (GRPO baseline / SFT)
+    stein: SteinConfig = field(default_factory=SteinConfig)
+    trust_region: TrustRegionConfig = field(default_factory=TrustRegionConfig)
+    specialization: SpecializationConfig = field(default_factory=SpecializationConfig)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -26,6 +37,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    vp2o: VP2OConfig = field(default_factory=VP2OConfig)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
@@ -36,5 +48,5 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 __all__ = [
     "CheckpointConfig", "Config", "ConfigError", "DataConfig", "Layout", "LoggingConfig", "ModelConfig",
-    "ParallelConfig", "RouterConfig", "TrainConfig", "check_layout", "load_config", "to_dict",
+    "ParallelConfig", "RouterConfig", "TrainConfig", "VP2OConfig", "check_layout", "load_config", "to_dict",
 ]

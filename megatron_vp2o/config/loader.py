@@ -103,8 +103,16 @@ def build(cls: type, data: dict | None, path: str = "") -> Any:
     except ConfigError:
         raise
     except ValueError as exc:  # range checks in __post_init__ name their own field
-        msg = str(exc)
-        raise ConfigError(f"{path}.{msg}" if path and not msg.startswith(path) else msg) from None
+        raise ConfigError(_qualify(str(exc), path)) from None
+
+
+def _qualify(msg: str, path: str) -> str:
+    """Prefix a section-relative message ("stein.x must ...") with the rest of its dotted path."""
+    parts = path.split(".") if path else []
+    for i in range(len(parts) + 1):
+        if msg.startswith(".".join(parts[i:]) + ".") and i < len(parts):
+            return ".".join(parts[:i] + [msg]) if i else msg
+    return f"{path}.{msg}" if path else msg
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
