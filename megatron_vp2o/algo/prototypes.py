@@ -90,7 +90,7 @@ def start_vectors(
 
 
 def init_prototypes(weight_EDF: torch.Tensor, steps: int = 30, seed: int = 0) -> torch.Tensor:
-    """Prototypes at initialisation: ``steps`` (default 30, spec 2.4) power steps from `start_vectors`.
+    """Prototypes at init: ``steps`` (default 30, spec 2.4) power steps from `start_vectors`.
 
     Only for a whole (un-sharded) W; under expert-TP the caller runs the same loop with an
     all-reduce between `power_step_partial` and `normalize`.

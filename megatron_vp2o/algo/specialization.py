@@ -3,7 +3,8 @@
 What (FOUND, Guo et al. 2025, arXiv 2505.22323):
 - Orthogonality: for each token t and each ordered pair (j, k), j != k, of its top-k experts with
   raw (un-gated) outputs x_j, x_k, the squared norm of the projection of x_j onto x_k,
-      || (<x_j, x_k> / (<x_k, x_k> + 1e-6)) x_k ||^2 = <x_j, x_k>^2 ||x_k||^2 / (||x_k||^2 + 1e-6)^2,
+      || (<x_j, x_k> / (<x_k, x_k> + 1e-6)) x_k ||^2
+          = <x_j, x_k>^2 ||x_k||^2 / (||x_k||^2 + 1e-6)^2,
   summed over pairs and tokens and divided by K * T. Weight `ortho_coef`.
 - Routing variance: L_var = -mean_t Var_e(p[t, e]), the unbiased variance across experts of the full
   router probabilities; minimising it pushes routing away from uniform. Weight `var_coef`.

@@ -54,7 +54,9 @@ def barycenters(
     signs_E: torch.Tensor | None = None,
     renormalize: bool = True,
 ) -> torch.Tensor:
-    """b(t) = sum_{e in topk(t)} g[t, e] s_e u_e (spec 2.10): [..., T, K] x [..., E, D] -> [..., T, D].
+    """b(t) = sum_{e in topk(t)} g[t, e] s_e u_e (spec 2.10): [..., T, D].
+
+    Inputs: top-k indices and gates [..., T, K], prototypes [..., E, D], signs [..., E].
 
     Gates are renormalised over the top-k unless ``renormalize=False``; ``signs_E`` defaults to +1.
     """
@@ -168,7 +170,7 @@ def behaviour_ess(
     kappa: float,
     level: str = "sequence",
 ) -> torch.Tensor:
-    """Tempered normalised ESS at ``level`` "sequence" (one weight per y_b) or "token" (spec 2.11)."""
+    """Tempered normalised ESS at ``level`` "sequence" (a weight per y_b) or "token" (spec 2.11)."""
     if level == "sequence":
         seq_mask_B = mask_BT.to(torch.bool).any(-1)
         return tempered_ess(sequence_logratio(logp_BT, logp_old_BT, mask_BT), kappa, seq_mask_B)
@@ -206,7 +208,7 @@ def backtrack_scales(num_scales: int = 3) -> tuple[float, ...]:
 def scaled_update(
     before_P: torch.Tensor, after_P: torch.Tensor, scale: float | torch.Tensor
 ) -> torch.Tensor:
-    """before + scale * (after - before): the parameter change scaled by ``scale`` (backtracking)."""
+    """before + scale * (after - before): the parameter change scaled by ``scale`` (spec 2.10)."""
     return torch.lerp(before_P, after_P.to(before_P.dtype), scale)
 
 

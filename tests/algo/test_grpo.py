@@ -1,5 +1,6 @@
 """Contract: GRPO / Dr. GRPO / RLOO advantages and the clipped / unclipped policy losses equal
-hand-computed values; aggregations and global normalisers compose over micro-batches (spec 2.2-2.3)."""
+hand-computed values; aggregations and global normalisers compose over micro-batches
+(spec 2.2-2.3)."""
 
 import math
 
@@ -64,7 +65,8 @@ def test_policy_loss_gradient_and_clipped_tokens():
         (grad_BT,) = torch.autograd.grad(loss, logp_BT)
         ratio_BT = torch.tensor([[1.5, 0.5, 1.0, 0.0], [1.1, 0.5, 0.0, 0.0]], dtype=torch.float64)
         # d/dlogp of -(1/B)(1/|o_b|) rho A = -(1/2)(1/|o_b|) rho A
-        expected_BT = -0.5 * ratio_BT * adv_B[:, None] / torch.tensor([[3.0], [2.0]], dtype=torch.float64)
+        lengths_B1 = torch.tensor([[3.0], [2.0]], dtype=torch.float64)
+        expected_BT = -0.5 * ratio_BT * adv_B[:, None] / lengths_B1
         if clip_eps is not None:
             expected_BT[0, 0] = expected_BT[1, 1] = 0.0  # clipped: no gradient
         assert torch.allclose(grad_BT, expected_BT)
@@ -89,8 +91,9 @@ def test_global_normalizer_over_micro_batches(aggregation):
     mask_BT[:, 0] = True
     full, _ = grpo.policy_loss(logp_BT, logp_old_BT, adv_B, mask_BT, aggregation=aggregation)
     normalizer = grpo.aggregation_count(mask_BT, aggregation)
-    parts = [grpo.policy_loss(a, b, c, d, aggregation=aggregation, normalizer=normalizer)[0]
-             for a, b, c, d in zip(*(x.split([2, 4]) for x in (logp_BT, logp_old_BT, adv_B, mask_BT)))]
+    splits = [x.split([2, 4]) for x in (logp_BT, logp_old_BT, adv_B, mask_BT)]
+    parts = [grpo.policy_loss(*micro, aggregation=aggregation, normalizer=normalizer)[0]
+             for micro in zip(*splits)]
     assert torch.allclose(parts[0] + parts[1], full)
 
 
@@ -98,7 +101,7 @@ def test_policy_loss_registry():
     batch = _batch()
     clipped = grpo.POLICY_LOSSES.get("grpo_clip")(*batch)[0]
     assert torch.allclose(clipped, grpo.policy_loss(*batch, clip_eps=0.2)[0])
-    assert torch.allclose(grpo.POLICY_LOSSES.get("vp2o")(*batch)[0], torch.tensor(0.3, dtype=torch.float64))
+    assert grpo.POLICY_LOSSES.get("vp2o")(*batch)[0].item() == pytest.approx(0.3)
     assert torch.allclose(grpo.POLICY_LOSSES.get("vp2o")(*batch, clip_eps=0.2)[0], clipped)
     with pytest.raises(ValueError, match="unknown policy loss 'ppo'; choices: grpo_clip, vp2o"):
         grpo.POLICY_LOSSES.get("ppo")

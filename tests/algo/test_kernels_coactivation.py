@@ -24,7 +24,8 @@ def test_kernel_matches_pairwise_formula(form):
     for i in range(6):
         for j in range(6):
             c = float(protos_ED[i] @ protos_ED[j])
-            expected = math.exp(-(1 - c * c) / tau) if form == "sq_cos" else math.exp(-(1 - c) / tau)
+            gap = 1 - c * c if form == "sq_cos" else 1 - c
+            expected = math.exp(-gap / tau)
             assert kernel_EE[i, j].item() == pytest.approx(expected, rel=1e-12)
     assert torch.allclose(torch.diagonal(kernel_EE), torch.ones(6, dtype=torch.float64))
 

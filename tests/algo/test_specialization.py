@@ -1,5 +1,6 @@
-"""Contract: the orthogonality loss equals a per-token loop over ordered top-k pairs, vanishes for
-orthogonal outputs and ignores masked tokens; the variance loss matches its definition (spec 2.9)."""
+"""Contract: the orthogonality loss equals a per-token loop over ordered top-k pairs, vanishes
+for orthogonal outputs and ignores masked tokens; the variance loss matches its definition
+(spec 2.9)."""
 
 import pytest
 import torch
@@ -72,4 +73,4 @@ def test_routing_variance_matches_definition():
     uniform_TE = torch.full((4, 6), 1 / 6, dtype=torch.float64)
     assert S.routing_variance_loss(uniform_TE) == 0
     one_hot_TE = torch.eye(6, dtype=torch.float64)[:4]
-    assert torch.allclose(S.routing_variance_loss(one_hot_TE), torch.tensor(-1 / 6, dtype=torch.float64))
+    assert S.routing_variance_loss(one_hot_TE).item() == pytest.approx(-1 / 6)

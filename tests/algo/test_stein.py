@@ -33,7 +33,8 @@ def test_attraction_weights_are_row_stochastic_with_self(topm):
     assert torch.allclose(w_EM1.sum(-1), torch.ones(8, dtype=torch.float64))
     assert torch.equal(idx_EM1[:, 0], torch.arange(8)) and (w_EM1[:, 0] > 0).all()
     padded_EM = w_EM1[:, 1:] == 0
-    assert torch.equal(idx_EM1[:, 1:][padded_EM], torch.arange(8)[:, None].expand(-1, w_EM1.shape[1] - 1)[padded_EM])
+    self_EM = torch.arange(8)[:, None].expand(-1, w_EM1.shape[1] - 1)
+    assert torch.equal(idx_EM1[:, 1:][padded_EM], self_EM[padded_EM])
     assert torch.equal((~padded_EM).sum(-1), coactive_EE.sum(-1))
 
 
