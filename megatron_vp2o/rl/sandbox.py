@@ -113,9 +113,17 @@ def max_concurrent() -> int:
     return max(1, cpus or 1)
 
 
-@functools.cache
+_slots_lock = threading.Lock()
+_slots_sem: threading.BoundedSemaphore | None = None
+
+
 def _slots() -> threading.BoundedSemaphore:
-    return threading.BoundedSemaphore(max_concurrent())
+    """The process-wide run semaphore, sized by `max_concurrent()` at the first run."""
+    global _slots_sem
+    with _slots_lock:
+        if _slots_sem is None:
+            _slots_sem = threading.BoundedSemaphore(max_concurrent())
+        return _slots_sem
 
 
 def _run_as() -> dict:
@@ -191,17 +199,20 @@ def _resolve_mode(mode: str, allow_unconfined: bool) -> bool:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     if mode == "unconfined":
         return False
-    problem = _bwrap_problem(shutil.which("bwrap"))
+    bwrap = shutil.which("bwrap")
+    problem = _bwrap_problem(bwrap)
     if problem is None:
         return True
     opted_in = allow_unconfined or os.environ.get(UNCONFINED_ENV, "") not in ("", "0")
     if mode == "auto" and opted_in:
         return False
+    fix = ("install bubblewrap (Debian/Ubuntu: `apt-get install bubblewrap`)" if bwrap is None
+           else "let bwrap create user namespaces (e.g. sysctl kernel.unprivileged_userns_clone=1"
+                " or user.max_user_namespaces > 0; in a container, allow unshare/clone)")
     raise SandboxUnavailable(
-        f"cannot sandbox untrusted code: {problem}. Install bubblewrap (Debian/Ubuntu: "
-        f"`apt-get install bubblewrap`), or accept the weaker unconfined mode (rlimits, "
-        f"timeouts and a cleared environment only) with allow_unconfined=True or "
-        f"{UNCONFINED_ENV}=1.")
+        f"cannot sandbox untrusted code: {problem}. Fix: {fix}, or accept the weaker unconfined "
+        f"mode (rlimits, timeouts and a cleared environment only) with allow_unconfined=True "
+        f"or {UNCONFINED_ENV}=1.")
 
 
 def run_python(source: str, stdin: str = "", timeout_s: float = 10.0, memory_mb: int = 512,

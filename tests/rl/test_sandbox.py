@@ -174,6 +174,9 @@ def test_missing_bwrap_names_the_fix(monkeypatch):
     assert not run_python("print(1)", python=python).confined
     with pytest.raises(SandboxUnavailable):
         run_python("print(1)", mode="bwrap")
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name, path=None: "/bin/false")
+    with pytest.raises(SandboxUnavailable, match="bwrap exited 1.*user namespaces"):
+        run_python("print(1)", mode="bwrap")  # installed but unable to run: a different fix
 
 
 def test_limits_are_validated():

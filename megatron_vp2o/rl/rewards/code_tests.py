@@ -9,7 +9,9 @@ has none. meta["tests"] is either
   * a str, or a list of str: assert-based test source appended to the program; a test passes if
     the combined program exits 0.
 Optional meta keys: "timeout_s" (per test, default 5) and "memory_mb" (default 512). Every test is
-a separate sandboxed run (`run_many`), so one crashing test does not hide the others.
+a separate sandboxed run (`run_many`), so one crashing test does not hide the others. The
+`score_batch` deadline of a sample should cover its tests: about len(tests) * timeout_s /
+sandbox.max_concurrent() when the batch saturates the sandbox slots.
 """
 
 import re
