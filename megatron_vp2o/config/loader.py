@@ -69,6 +69,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path} must be an integer (got {value!r})")
         return value
     if tp is float:
+        value = _yaml11_float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path} must be a number (got {value!r})")
         return float(value)
@@ -77,6 +78,16 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path} must be a string (got {value!r})")
         return value
     raise ConfigError(f"{path}: unsupported field type {_type_name(tp)}")
+
+
+def _yaml11_float(value: Any) -> Any:
+    """PyYAML (YAML 1.1) reads ``1e-3`` (no dot) as a string; accept it where a number is expected."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def build(cls: type, data: dict | None, path: str = "") -> Any:
