@@ -10,11 +10,12 @@ step u_i(W_i) = normalize(W_i W_i^T stopgrad(u_i)), acting on fc2's weight W_i o
 Experts outside the active set get a zero gradient.
 
 Why sparse: each row of w has at most m + 1 non-zeros, so the attraction gathers m + 1 gradients
-per expert ([E, m+1] indices and weights) instead of an E x E x P product; cost is O(E (m+1) P) and
-peak extra memory one [E, P] buffer. The split into `attraction_weights` + `mix_gathered` lets the
-expert-parallel code fetch only the needed neighbour gradients and mix them locally. The repulsion
-gradient is closed-form (no autograd graph); `repulsion_grad_from_z` takes z = W W^T v already
-summed over the expert-TP group, so every other term is local to the F shard.
+per expert ([E, m+1] indices and weights) instead of an E x E x P product; cost is O(E (m+1) P)
+in one fused `embedding_bag` pass with no extra buffer. The split into `attraction_weights` +
+`mix_gathered` lets the expert-parallel code fetch only the needed neighbour gradients and mix
+them locally. The repulsion gradient is closed-form (no autograd graph); `repulsion_grad_from_z`
+takes z = W W^T v already summed over the expert-TP group, so every other term is local to the
+F shard.
 
 `svgd_direction` is textbook SVGD (Liu & Wang 2016, eq. 8) with an RBF kernel and the median
 heuristic: the reference the transport reduces to with all-ones masks, 1/n weights and an RBF
@@ -33,6 +34,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.nn.functional import embedding_bag
 
 from .kernels import cross_kernel, kernel_temperature
 from .prototypes import power_step_partial
@@ -76,14 +78,21 @@ def mix_gathered(neigh_grads_EM1P: torch.Tensor, w_EM1: torch.Tensor) -> torch.T
 def gather_mix(
     grads_EP: torch.Tensor, idx_EM1: torch.Tensor, w_EM1: torch.Tensor
 ) -> torch.Tensor:
-    """a_i = sum_m w[i, m] g[idx[i, m]] with one [E, P] gather per slot (no [E, M1, P] buffer)."""
-    w_EM1 = w_EM1.to(grads_EP.dtype)
-    num_params = grads_EP.shape[-1]
-    out_EP = torch.zeros_like(grads_EP)
-    for slot in range(idx_EM1.shape[-1]):
-        idx_EP = idx_EM1[..., slot : slot + 1].expand(*idx_EM1.shape[:-1], num_params)
-        out_EP = out_EP + w_EM1[..., slot : slot + 1] * torch.gather(grads_EP, -2, idx_EP)
-    return out_EP
+    """a_i = sum_m w[i, m] g[idx[i, m]]: one fused pass (`embedding_bag` with per-slot weights).
+
+    Reads (m+1) rows and writes one per expert, with no [E, M1, P] buffer. Leading batch dims
+    (layers) are flattened with per-layer index offsets.
+    """
+    num_experts, num_params = grads_EP.shape[-2:]
+    slots = idx_EM1.shape[-1]
+    num_layers = math.prod(grads_EP.shape[:-2])
+    offsets_L11 = torch.arange(num_layers, device=idx_EM1.device).view(-1, 1, 1) * num_experts
+    flat_idx = (idx_EM1.reshape(num_layers, num_experts, slots) + offsets_L11).reshape(-1, slots)
+    flat_w = w_EM1.reshape(-1, slots).to(grads_EP.dtype)
+    mixed = embedding_bag(
+        flat_idx, grads_EP.reshape(-1, num_params), per_sample_weights=flat_w, mode="sum"
+    )
+    return mixed.view(grads_EP.shape)
 
 
 def attraction(
