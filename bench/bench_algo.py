@@ -8,7 +8,8 @@ Why: the Stein machinery must stay a small fraction of a training step (the pape
 33B scale); this shows which op dominates and how each scales. CPU only; on GPU the same ops are
 bandwidth-bound mat-vecs and gathers.
 
-Usage: python bench/bench_algo.py [--quick] [--threads N]   (--quick finishes in < 60 s)
+Usage: python bench/bench_algo.py [--quick] [--threads N]   (--quick finishes in < 60 s;
+one thread by default, since spinning thread pools distort timings on a shared machine)
 
 Shape legend: E experts, D hidden, F expert ffn, P = D * F params per expert, T tokens, K top-k,
 M neighbours (m = coact_topm); spec 2.4-2.10 for the ops.
@@ -32,7 +33,8 @@ OPS = ("power_iter", "kernel", "coact+masks", "attraction", "repulsion", "ortho_
 
 
 def timeit(fn, repeats: int) -> float:
-    """Best-of-``repeats`` wall time in ms after one warm-up (best-of resists CPU contention)."""
+    """Best-of-``repeats`` wall time in ms after two warm-ups (best-of resists CPU contention)."""
+    fn()
     fn()
     best = float("inf")
     for _ in range(repeats):
@@ -118,21 +120,21 @@ def attraction_scaling(args, experts, topms, params: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, < 60 s")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: stable timings on a shared machine)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     start = time.perf_counter()
     args.top_k = 8
     if args.quick:
-        args.tokens, args.repeats = 1024, 3
+        args.tokens, args.repeats = 1024, 10
         sweep(args, "E", (8, 32, 128), dict(E=32, D=512, F=128))
         sweep(args, "D", (512, 1024, 2048, 4096), dict(E=16, D=512, F=64))
         sweep(args, "F", (64, 128, 256, 512), dict(E=16, D=512, F=128))
         attraction_scaling(args, (8, 32, 128), (1, 4, 8), params=16384)
     else:
-        args.tokens, args.repeats = 4096, 5
+        args.tokens, args.repeats = 4096, 10
         sweep(args, "E", (8, 16, 32, 64, 128), dict(E=32, D=1024, F=256))
         sweep(args, "D", (512, 1024, 2048, 4096), dict(E=32, D=1024, F=256))
         sweep(args, "F", (128, 256, 512, 1024), dict(E=32, D=1024, F=256))

@@ -8,6 +8,7 @@ Modules, in the order the method uses them (spec section in brackets):
 - `specialization` orthogonality and routing-variance losses (2.9)
 - `trust_region`   anchor budget, behaviour drift, tempered ESS, refresh rule, decisions (2.10-2.12)
 - `grpo`           advantage estimators, policy losses and aggregations (2.2, 2.3)
+- `diagnostics`    router entropy, utilisation, overlaps, kernel mass, transport norms (2.13)
 - `config`         typed configs with validation (3); `registry` the name -> function helper
 Every function takes tensors and static Python scalars and returns tensors (or (loss, metrics)):
 no host syncs, no data-dependent Python control flow, static shapes, batched over experts.
@@ -16,14 +17,14 @@ Shape legend: E experts, D hidden, F expert ffn, P flattened params, T tokens, K
 B sequences, G group, N particles/sequences, M neighbours.
 """
 
-from . import coactivation, config, grpo, kernels, prototypes, registry, specialization, stein
-from . import trust_region
+from . import coactivation, config, diagnostics, grpo, kernels, prototypes, registry
+from . import specialization, stein, trust_region
 from .config import GRPOConfig, PolicyLossConfig, SpecializationConfig, SteinConfig
 from .config import TrustRegionConfig
 from .registry import Registry
 
 __all__ = [
-    "coactivation", "config", "grpo", "kernels", "prototypes", "registry", "specialization",
+    "coactivation", "config", "diagnostics", "grpo", "kernels", "prototypes", "registry", "specialization",
     "stein", "trust_region", "GRPOConfig", "PolicyLossConfig", "SpecializationConfig",
     "SteinConfig", "TrustRegionConfig", "Registry",
 ]

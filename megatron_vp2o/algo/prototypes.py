@@ -37,11 +37,14 @@ def power_step_partial(weight_EDF: torch.Tensor, protos_ED: torch.Tensor) -> tor
     """Unnormalised power step z_e = W_e (W_e^T u_e) for the local F shard (spec 2.4).
 
     Under expert-TP the caller sums z over the TP group before `normalize`. Leading batch dims
-    (e.g. layers) are allowed: weight [..., E, D, F], protos [..., E, D] -> z [..., E, D].
+    (e.g. layers) are allowed: weight [..., E, D, F], protos [..., E, D] -> z [..., E, D]. The
+    mat-vecs run in the weight's dtype (no upcast copy of W); z comes back in the wider of the two
+    dtypes, so an fp32 prototype buffer keeps fp32 vector math under bf16 weights.
     """
+    out_dtype = torch.promote_types(weight_EDF.dtype, protos_ED.dtype)
     u_ED1 = protos_ED.to(weight_EDF.dtype).unsqueeze(-1)
     y_EF1 = torch.matmul(weight_EDF.transpose(-1, -2), u_ED1)
-    return torch.matmul(weight_EDF, y_EF1).squeeze(-1)
+    return torch.matmul(weight_EDF, y_EF1).squeeze(-1).to(out_dtype)
 
 
 def normalize(z_ED: torch.Tensor, fallback_ED: torch.Tensor | None = None) -> torch.Tensor:
@@ -60,9 +63,9 @@ def power_iteration(
 
     Converges to the top left singular vector of each W_e at rate (s2/s1)^2 per step; ``steps`` is a
     static Python int (a fixed unrolled loop, safe for graph capture). Returns protos in the
-    dtype of ``protos_ED``.
+    dtype of ``protos_ED``; vector math runs in the wider of the weight and prototype dtypes.
     """
-    u_ED = protos_ED.to(weight_EDF.dtype)
+    u_ED = protos_ED.to(torch.promote_types(weight_EDF.dtype, protos_ED.dtype))
     for _ in range(steps):
         u_ED = normalize(power_step_partial(weight_EDF, u_ED), fallback_ED=u_ED)
     return u_ED.to(protos_ED.dtype)
@@ -92,12 +95,14 @@ def start_vectors(
 def init_prototypes(weight_EDF: torch.Tensor, steps: int = 30, seed: int = 0) -> torch.Tensor:
     """Prototypes at init: ``steps`` (default 30, spec 2.4) power steps from `start_vectors`.
 
+    Returns float32 (or float64 for float64 weights), the dtype of the prototype buffer.
+
     Only for a whole (un-sharded) W; under expert-TP the caller runs the same loop with an
     all-reduce between `power_step_partial` and `normalize`.
     """
     start_ED = start_vectors(
         weight_EDF.shape[-3], weight_EDF.shape[-2], seed=seed,
-        device=weight_EDF.device, dtype=weight_EDF.dtype,
+        device=weight_EDF.device, dtype=torch.promote_types(weight_EDF.dtype, torch.float32),
     )
     start_ED = start_ED.expand(weight_EDF.shape[:-1])
     return power_iteration(weight_EDF, start_ED, steps)

@@ -80,19 +80,20 @@ def gather_mix(
 ) -> torch.Tensor:
     """a_i = sum_m w[i, m] g[idx[i, m]]: one fused pass (`embedding_bag` with per-slot weights).
 
-    Reads (m+1) rows and writes one per expert, with no [E, M1, P] buffer. Leading batch dims
-    (layers) are flattened with per-layer index offsets.
+    Reads m+1 rows and writes one per output row, with no [E, M1, P] buffer. Leading batch dims
+    (layers) are flattened with per-layer index offsets. The output has idx's rows: [..., R, P]
+    for idx [..., R, M1] (R = E for the attraction; tokens for routing barycenters).
     """
-    num_experts, num_params = grads_EP.shape[-2:]
+    num_rows, num_params = grads_EP.shape[-2:]
     slots = idx_EM1.shape[-1]
     num_layers = math.prod(grads_EP.shape[:-2])
-    offsets_L11 = torch.arange(num_layers, device=idx_EM1.device).view(-1, 1, 1) * num_experts
-    flat_idx = (idx_EM1.reshape(num_layers, num_experts, slots) + offsets_L11).reshape(-1, slots)
+    offsets_L11 = torch.arange(num_layers, device=idx_EM1.device).view(-1, 1, 1) * num_rows
+    flat_idx = (idx_EM1.reshape(num_layers, -1, slots) + offsets_L11).reshape(-1, slots)
     flat_w = w_EM1.reshape(-1, slots).to(grads_EP.dtype)
     mixed = embedding_bag(
         flat_idx, grads_EP.reshape(-1, num_params), per_sample_weights=flat_w, mode="sum"
     )
-    return mixed.view(grads_EP.shape)
+    return mixed.view(*idx_EM1.shape[:-1], num_params)
 
 
 def attraction(
@@ -150,9 +151,10 @@ def repulsion_grad_from_z(
     gamma_XD = torch.matmul(repulsion_weights(inactive_XE, dtype) * dk_XE, protos_ED)
     g_z_XD = (gamma_XD - u_XD * (u_XD * gamma_XD).sum(-1, keepdim=True)) / z_norm_X1
     wt_g_XF = torch.matmul(g_z_XD.to(weight_XDF.dtype).unsqueeze(-2), weight_XDF).squeeze(-2)
-    return g_z_XD.unsqueeze(-1) * y_XF.unsqueeze(-2) + v_XD.unsqueeze(-1) * wt_g_XF.to(
-        dtype
-    ).unsqueeze(-2)
+    # Both rank-one terms in one batched matmul: [g_z, v] [X, D, 2] @ [y; W^T g_z] [X, 2, F].
+    left_XD2 = torch.stack([g_z_XD, v_XD], dim=-1)
+    right_X2F = torch.stack([y_XF, wt_g_XF.to(dtype)], dim=-2)
+    return torch.matmul(left_XD2, right_X2F)
 
 
 def repulsion_grad(

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import torch
 
+from .stein import gather_mix
+
 ACCEPT, BACKTRACK, REJECT, REFRESH = 0, 1, 2, 3
 DECISION_NAMES = ("accept", "backtrack", "reject", "refresh")
 ON_VIOLATION = ("backtrack", "reject", "refresh")
@@ -56,21 +58,15 @@ def barycenters(
 ) -> torch.Tensor:
     """b(t) = sum_{e in topk(t)} g[t, e] s_e u_e (spec 2.10): [..., T, D].
 
-    Inputs: top-k indices and gates [..., T, K], prototypes [..., E, D], signs [..., E].
-
-    Gates are renormalised over the top-k unless ``renormalize=False``; ``signs_E`` defaults to +1.
+    Inputs: top-k indices and gates [..., T, K], prototypes [..., E, D], signs [..., E] (default
+    +1). Gates are renormalised over the top-k unless ``renormalize=False``.
     """
-    num_tokens, top_k = topk_idx_TK.shape[-2:]
-    dim = protos_ED.shape[-1]
     if signs_E is not None:
         protos_ED = protos_ED * signs_E.to(protos_ED.dtype).unsqueeze(-1)
-    idx = topk_idx_TK.long().reshape(*topk_idx_TK.shape[:-2], num_tokens * top_k, 1)
-    protos_TKD = torch.gather(protos_ED, -2, idx.expand(*idx.shape[:-1], dim))
-    protos_TKD = protos_TKD.reshape(*topk_idx_TK.shape, dim)
     gates_TK = gates_TK.to(protos_ED.dtype)
     if renormalize:
         gates_TK = gates_TK / gates_TK.sum(-1, keepdim=True).clamp_min(1e-20)
-    return (gates_TK.unsqueeze(-1) * protos_TKD).sum(-2)
+    return gather_mix(protos_ED, topk_idx_TK.long(), gates_TK)
 
 
 def anchor_distance_sum(

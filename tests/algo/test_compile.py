@@ -7,11 +7,13 @@ import inspect
 import pytest
 import torch
 
-from megatron_vp2o.algo import coactivation, grpo, kernels, prototypes, specialization, stein
+from megatron_vp2o.algo import coactivation, diagnostics, grpo, kernels, prototypes, specialization
+from megatron_vp2o.algo import stein
 from megatron_vp2o.algo import trust_region
 
 E, D, F, T, K, P, B, L = 6, 8, 5, 10, 2, 7, 4, 3
-MODULES = (coactivation, grpo, kernels, prototypes, specialization, stein, trust_region)
+MODULES = (coactivation, diagnostics, grpo, kernels, prototypes, specialization, stein,
+           trust_region)
 # Helpers that take or return only Python scalars: nothing to capture.
 NOT_TENSOR_FUNCTIONS = {"kernel_temperature", "backtrack_scales"}
 
@@ -103,6 +105,12 @@ CASES = {
                     (X["logp"], X["logp_old"], X["adv"], X["mask_bt"])),
     "grpo_clip_loss": (grpo.grpo_clip_loss, (X["logp"], X["logp_old"], X["adv"], X["mask_bt"])),
     "vp2o_loss": (grpo.vp2o_loss, (X["logp"], X["logp_old"], X["adv"], X["mask_bt"])),
+    "router_entropy": (diagnostics.router_entropy, (X["probs"], X["mask"])),
+    "utilisation": (diagnostics.utilisation, (X["counts"].diagonal(),)),
+    "prototype_overlap": (diagnostics.prototype_overlap, (X["protos"],)),
+    "coactivation_overlap": (diagnostics.coactivation_overlap, (X["coact"],)),
+    "kernel_mass": (diagnostics.kernel_mass, (X["kernel"],)),
+    "transport_norms": (diagnostics.transport_norms, (X["grads"], -X["grads"], X["grads"], 0.1)),
 }
 
 

@@ -105,3 +105,13 @@ def test_align_signs():
     protos_ED = P.normalize(torch.randn(5, 7))
     signs_E1 = torch.tensor([1.0, -1.0, -1.0, 1.0, -1.0]).unsqueeze(-1)
     assert torch.equal(P.align_signs(protos_ED * signs_E1, protos_ED), protos_ED)
+
+
+def test_bf16_weights_keep_fp32_prototypes():
+    weight_EDF, _ = _planted(4, 32, 16, [2.0, 1.0, 0.5])
+    protos_ED = P.init_prototypes(weight_EDF.to(torch.bfloat16), steps=30)
+    assert protos_ED.dtype == torch.float32
+    top_ED = torch.linalg.svd(weight_EDF).U[..., 0]
+    assert (_abs_cos(protos_ED.double(), top_ED) > 1 - 1e-3).all()
+    z_ED = P.power_step_partial(weight_EDF.to(torch.bfloat16), protos_ED)
+    assert z_ED.dtype == torch.float32

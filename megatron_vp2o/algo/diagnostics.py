@@ -1,0 +1,88 @@
+"""Per-layer diagnostics of the expert particle system (spec 2.13).
+
+What: the statistics the paper says it lacked, as 0-dim device tensors for logging: router
+entropy, expert utilisation (tokens per expert as a fraction, its max/mean load factor and the
+number of dead experts), expert overlap (mean off-diagonal |c_ij| of prototypes and mean
+off-diagonal C), kernel mass (mean off-diagonal k_ij) and the norms of the attraction and
+repulsion parts of the transported gradient. The budgets (D_anc, D_beh, ESS) come from
+`trust_region`; refresh and step-decision counts are kept by the RL loop.
+Why pure: they are reduced over ranks by the caller like every other statistic, and computing
+them never syncs the host (the logger reads them once per step).
+
+Departures: none in the math; the names are ours (spec 2.13 lists the quantities only).
+
+Shape legend: T tokens, E experts, D hidden, P flattened expert params.
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+
+def _off_diagonal_mean(matrix_EE: torch.Tensor) -> torch.Tensor:
+    """Mean of the off-diagonal entries of [..., E, E] (0 when E == 1)."""
+    num_experts = matrix_EE.shape[-1]
+    eye_EE = torch.eye(num_experts, dtype=torch.bool, device=matrix_EE.device)
+    total = torch.where(eye_EE, 0.0, matrix_EE).sum((-1, -2))
+    return total / max(num_experts * (num_experts - 1), 1)
+
+
+def router_entropy(
+    probs_TE: torch.Tensor,
+    token_mask_T: torch.Tensor | None = None,
+    normalizer: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """mean_t H(p[t, :]) = -mean_t sum_e p log p over valid tokens (or / ``normalizer``)."""
+    probs_TE = probs_TE.to(torch.promote_types(probs_TE.dtype, torch.float32))
+    entropy_T = -torch.special.xlogy(probs_TE, probs_TE).sum(-1)
+    if token_mask_T is None:
+        token_mask_T = torch.ones_like(entropy_T, dtype=torch.bool)
+    valid_T = token_mask_T.to(torch.bool)
+    count = valid_T.sum() if normalizer is None else normalizer
+    denom = torch.as_tensor(count, device=entropy_T.device).to(entropy_T.dtype).clamp_min(1.0)
+    return torch.where(valid_T, entropy_T, 0.0).sum() / denom
+
+
+def utilisation(tokens_E: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Share of routed tokens per expert [E], load factor max/mean, and the dead-expert count."""
+    tokens_E = tokens_E.to(torch.float32)
+    total = tokens_E.sum(-1, keepdim=True).clamp_min(1.0)
+    share_E = tokens_E / total
+    return {
+        "share": share_E,
+        "load_factor": share_E.amax(-1) * tokens_E.shape[-1],
+        "dead_experts": (tokens_E == 0).sum(-1),
+    }
+
+
+def prototype_overlap(protos_ED: torch.Tensor) -> torch.Tensor:
+    """Mean off-diagonal |u_i . u_j| (0: orthogonal prototypes, 1: collapsed)."""
+    return _off_diagonal_mean(torch.matmul(protos_ED, protos_ED.transpose(-1, -2)).abs())
+
+
+def coactivation_overlap(coact_EE: torch.Tensor) -> torch.Tensor:
+    """Mean off-diagonal C_ij (co-activation rate of an average expert pair)."""
+    return _off_diagonal_mean(coact_EE)
+
+
+def kernel_mass(kernel_EE: torch.Tensor) -> torch.Tensor:
+    """Mean off-diagonal k_ij (how strongly experts look alike to the kernel)."""
+    return _off_diagonal_mean(kernel_EE)
+
+
+def transport_norms(
+    grads_EP: torch.Tensor,
+    attracted_EP: torch.Tensor,
+    repulsion_EP: torch.Tensor | None = None,
+    repulsion_coef: float = 0.0,
+) -> Dict[str, torch.Tensor]:
+    """L2 norms over the layer of the raw gradient, the attraction shift a - g and alpha dR/dW."""
+    norms = {
+        "grad_norm": torch.linalg.vector_norm(grads_EP),
+        "attraction_shift_norm": torch.linalg.vector_norm(attracted_EP - grads_EP),
+    }
+    if repulsion_EP is not None:
+        norms["repulsion_norm"] = repulsion_coef * torch.linalg.vector_norm(repulsion_EP)
+    return norms
