@@ -69,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_vp2o.config import ConfigError
 
     args = _parser().parse_args(argv)
+    if args.command != "make-data":
+        from megatron_vp2o import platform
+
+        platform.activate()  # once, at start-up: CUDA, or the CPU layer when CUDA is absent
     handlers = {"sft": cmd_sft, "make-data": cmd_make_data}
     try:
         return handlers[args.command](args)

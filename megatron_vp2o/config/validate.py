@@ -37,15 +37,15 @@ def check_layout(cfg, world_size: int) -> Layout:
     """Validate ``cfg.parallel`` / ``cfg.model`` / ``cfg.train`` for ``world_size`` ranks."""
     par, model, train = cfg.parallel, cfg.model, cfg.train
     tp, pp, ep, cp, etp = par.tp, par.pp, par.ep, par.cp, par.expert_tp
+    _need(model.num_experts % ep == 0,
+          f"model.num_experts={model.num_experts} is not divisible by parallel.ep={ep}; "
+          f"choose parallel.ep among {[d for d in range(1, model.num_experts + 1) if model.num_experts % d == 0]}")
     _need(world_size % (tp * pp * cp) == 0,
           f"world size {world_size} is not divisible by parallel.tp x parallel.pp x parallel.cp = {tp * pp * cp}; "
           f"launch a multiple of {tp * pp * cp} ranks or change the parallel sizes")
     _need(world_size % (etp * ep * pp) == 0,
           f"world size {world_size} is not divisible by parallel.etp x parallel.ep x parallel.pp = {etp * ep * pp}; "
           "change parallel.ep or parallel.etp")
-    _need(model.num_experts % ep == 0,
-          f"model.num_experts={model.num_experts} is not divisible by parallel.ep={ep}; "
-          f"choose parallel.ep among {[d for d in range(1, model.num_experts + 1) if model.num_experts % d == 0]}")
     _need(model.num_layers % pp == 0,
           f"model.num_layers={model.num_layers} is not divisible by parallel.pp={pp}")
     _need(model.num_attention_heads % tp == 0 and model.num_query_groups % tp == 0,

@@ -194,10 +194,20 @@ def _uneven_reduce_scatter_factory(original):
     return reduce_scatter_along_first_dim
 
 
+def _quiet_expected_warnings() -> None:
+    """Warnings that are expected on CPU (no TE/apex fallbacks; the mode's non-leaf ``.grad`` reads)."""
+    import warnings
+
+    for pattern in (".*Transformer Engine and Apex are not installed.*", ".*Apex is not installed.*",
+                    ".*grad attribute of a Tensor that is not a leaf.*", ".*is deprecated. Please use `torch.distributed.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def install() -> None:
     """Apply every redirect listed in the module docstring (idempotent)."""
     if _state["installed"]:
         return
+    _quiet_expected_warnings()
     _patch_torch_cuda()
     _patch_megatron()
     mode = CudaToCpuMode()

@@ -15,8 +15,8 @@ def _repo_root(monkeypatch, request):
 def test_tiny_config_and_overrides():
     cfg = load_config(TINY, ["train.steps=7", "parallel.ep=2", "model.router.score_function=sigmoid", "train.lr=1e-3"])
     assert (cfg.train.steps, cfg.parallel.ep, cfg.model.router.score_function, cfg.train.lr) == (7, 2, "sigmoid", 1e-3)
-    layout = check_layout(cfg, 4)
-    assert (layout.dp, layout.edp, layout.ep) == (4, 2, 2)
+    layout = check_layout(cfg, 2)
+    assert (layout.dp, layout.edp, layout.ep, layout.num_micro_batches) == (2, 1, 2, 1)
 
 
 @pytest.mark.parametrize("override, words", [
@@ -41,7 +41,7 @@ def test_bad_values_name_the_field(override, words):
     (["parallel.tp=2"], 3, ["world size 3", "parallel.tp"]),
     (["parallel.tp=2", "parallel.sequence_parallel=false"], 2, ["sequence_parallel"]),
     (["train.global_batch_size=20"], 2, ["train.global_batch_size", "micro_batch_size"]),
-    (["parallel.pp=4"], 4, ["model.num_layers", "parallel.pp"]),
+    (["parallel.pp=3"], 3, ["model.num_layers", "parallel.pp"]),
 ])
 def test_impossible_layouts(override, world, words):
     cfg = load_config(TINY, override)

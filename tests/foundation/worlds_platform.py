@@ -21,7 +21,10 @@ def redirects(payload):
     from megatron_vp2o.distributed.init import init_process_group
     from megatron_vp2o.platform import cpu
 
+    from megatron.core import parallel_state
+
     init_process_group()
+    parallel_state.initialize_model_parallel()
     rank, world = dist.get_rank(), dist.get_world_size()
     group = dist.new_group(list(range(world)))
     out = {}
