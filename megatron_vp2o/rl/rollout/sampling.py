@@ -1,0 +1,102 @@
+"""Sampling for rollouts: the config, the filtered distribution, and the behaviour log-prob.
+
+One function, :func:`sampling_logprobs`, defines the distribution a rollout token is drawn from, and
+both the generator (behaviour log-prob mu) and the learner (``teacher_forced_logprobs``) call it, so
+the importance ratio pi/mu compares like with like:
+
+    z = logits / T;  z[v] = -inf for v outside top-k(z) or outside the top-p nucleus of softmax(z)
+    log mu(v) = log_softmax(z)[v]            (the distribution actually sampled from)
+
+Departures from the textbook: (1) padded vocabulary rows (ids >= vocab_size) are -inf before anything;
+(2) T == 0 means greedy decoding (argmax of the raw logits); its sampling distribution is a point
+mass, so we log log_softmax(raw logits) instead (temperature 1, no filter) -- greedy rollouts are for
+evaluation, not for importance-weighted RL; (3) top-p keeps the smallest prefix of the sorted
+distribution whose mass reaches p (always at least one token), computed after top-k, as in HF.
+
+Shape legend: B sequences, V vocabulary (padded), T response tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0  # softmax temperature T (0: greedy argmax)
+    top_p: float = 1.0  # nucleus mass in (0, 1] (1: off)
+    top_k: int = 0  # keep the k most likely tokens (0: off)
+    max_new_tokens: int = 64  # response length limit per sequence
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)  # ids that end a sequence (kept in the response)
+    seed: int = 0  # base seed of the sampling generator (offset by the data-parallel rank)
+
+    def __post_init__(self):
+        self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+        if not self.temperature >= 0.0:
+            raise ValueError(f"sampling.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"sampling.top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"sampling.stop_token_ids must be non-negative token ids, got {self.stop_token_ids}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def mask_padded_vocab(logits_XV: torch.Tensor, vocab_size: int | None) -> torch.Tensor:
+    """-inf on padded vocabulary entries (megatron pads V to a multiple of 8 x tp)."""
+    if vocab_size is None or vocab_size >= logits_XV.shape[-1]:
+        return logits_XV
+    logits_XV = logits_XV.clone()
+    logits_XV[..., vocab_size:] = float("-inf")
+    return logits_XV
+
+
+def filter_logits(logits_XV: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """Tempered logits with top-k / top-p exclusions set to -inf (identity filter when greedy)."""
+    logits_XV = logits_XV.float()
+    if cfg.greedy:
+        return logits_XV
+    z_XV = logits_XV / cfg.temperature
+    if cfg.top_k and cfg.top_k < z_XV.shape[-1]:
+        _, keep_XK = z_XV.topk(cfg.top_k, dim=-1)
+        keep_XV = torch.zeros_like(z_XV, dtype=torch.bool).scatter_(-1, keep_XK, True)
+        z_XV = z_XV.masked_fill(~keep_XV, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_XV, order_XV = z_XV.sort(dim=-1, descending=True)
+        probs_XV = sorted_XV.softmax(-1)
+        mass_before_XV = probs_XV.cumsum(-1) - probs_XV  # mass strictly before each token
+        drop_sorted_XV = mass_before_XV >= cfg.top_p
+        drop_sorted_XV[..., 0] = False
+        drop_XV = torch.zeros_like(drop_sorted_XV).scatter_(-1, order_XV, drop_sorted_XV)
+        z_XV = z_XV.masked_fill(drop_XV, float("-inf"))
+    return z_XV
+
+
+def sampling_logprobs(logits_XV: torch.Tensor, cfg: SamplingConfig, vocab_size: int | None = None) -> torch.Tensor:
+    """log mu over the vocabulary: log_softmax of the filtered, tempered logits (see module doc)."""
+    return torch.log_softmax(filter_logits(mask_padded_vocab(logits_XV, vocab_size), cfg), dim=-1)
+
+
+def token_logprobs(logits_XV: torch.Tensor, tokens_X: torch.Tensor, cfg: SamplingConfig,
+                   vocab_size: int | None = None) -> torch.Tensor:
+    """log mu(token) for each row: ``sampling_logprobs(...)`` gathered at ``tokens_X``."""
+    return sampling_logprobs(logits_XV, cfg, vocab_size).gather(-1, tokens_X.unsqueeze(-1)).squeeze(-1)
+
+
+def sample(logits_BV: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None,
+           vocab_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row; returns ``(tokens_B, logp_B)`` with logp as defined in the module doc."""
+    logp_BV = sampling_logprobs(logits_BV, cfg, vocab_size)
+    if cfg.greedy:
+        tokens_B = logp_BV.argmax(-1)
+    else:
+        tokens_B = torch.multinomial(logp_BV.exp(), 1, generator=generator).squeeze(-1)
+    return tokens_B, logp_BV.gather(-1, tokens_B.unsqueeze(-1)).squeeze(-1)
