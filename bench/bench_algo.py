@@ -2,8 +2,8 @@
 
 What: wall time of each op against the number of experts E, the model width D and the expert
 size F (fc2 weight [D, F]; P = D * F flattened params per expert), plus the attraction scaling
-table: the sparse gather-and-mix costs O(E (m + 1) P), so its time per expert is flat in E and
-grows with m, while a dense E x E mix grows with E.
+table at a fixed layer size E * P: the sparse gather-and-mix costs O((m + 1) E P), flat in E and
+linear in m + 1, while a dense E x E mix costs O(E * E P) and grows with E.
 Why: the Stein machinery must stay a small fraction of a training step (the paper reports 5-8% at
 33B scale); this shows which op dominates and how each scales. CPU only; on GPU the same ops are
 bandwidth-bound mat-vecs and gathers.
@@ -95,26 +95,30 @@ def sweep(args, key: str, values, base: dict) -> None:
     print_table(f"ms per op vs {key} ({fixed}, T={args.tokens}, K=m={args.top_k})", key, rows)
 
 
-def attraction_scaling(args, experts, topms, params: int) -> None:
-    """Sparse (gather m + 1) vs dense (E x E matmul) attraction, microseconds per expert."""
-    print(f"\nattraction: us per expert, P={params} params per expert "
-          "(sparse = O(E (m+1) P), dense = O(E^2 P))")
+def attraction_scaling(args, experts, topms, layer_params: int) -> None:
+    """Sparse (gather m + 1) vs dense (E x E matmul) attraction at a fixed layer size E * P.
+
+    Fixing E * P (finer-grained experts as E grows) keeps the data in the same memory tier, so
+    the table shows the algorithmic scaling: sparse is O(E (m+1) P) = O((m+1) E P), flat in E and
+    linear in m + 1; dense is O(E^2 P) = O(E * E P), linear in E.
+    """
+    print(f"\nattraction: ms per layer at fixed E * P = {layer_params} "
+          "(sparse = O((m+1) E P): flat in E; dense E x E = O(E * E P): grows with E)")
     print("|      E |" + "".join(f"  sparse m={m:<3}|" for m in topms) + "  dense E x E |")
     print("|-------:|" + "-------------:|" * (len(topms) + 1))
     for num_experts in experts:
-        grads_EP = torch.randn(num_experts, params)
+        grads_EP = torch.randn(num_experts, layer_params // num_experts)
         protos_ED = prototypes.normalize(torch.randn(num_experts, 64))
         kernel_EE = kernels.prototype_kernel(protos_ED, 1.0)
         coact_EE = coactivation.coactivation_matrix(torch.rand(num_experts, num_experts), 1.0)
         cells = []
         for m in topms:
             coactive_EE, _ = coactivation.neighbour_masks(coact_EE, m)
-            ms = timeit(lambda: stein.attraction(grads_EP, kernel_EE, coactive_EE, m),
-                        args.repeats)
-            cells.append(ms * 1e3 / num_experts)
+            cells.append(timeit(lambda: stein.attraction(grads_EP, kernel_EE, coactive_EE, m),
+                                args.repeats))
         dense_w_EE = torch.softmax(torch.randn(num_experts, num_experts), -1)
-        cells.append(timeit(lambda: dense_w_EE @ grads_EP, args.repeats) * 1e3 / num_experts)
-        print(f"| {num_experts:>6} |" + "".join(f" {c:>12.1f} |" for c in cells))
+        cells.append(timeit(lambda: dense_w_EE @ grads_EP, args.repeats))
+        print(f"| {num_experts:>6} |" + "".join(f" {c:>12.2f} |" for c in cells))
 
 
 def main() -> None:
@@ -132,13 +136,13 @@ def main() -> None:
         sweep(args, "E", (8, 32, 128), dict(E=32, D=512, F=128))
         sweep(args, "D", (512, 1024, 2048, 4096), dict(E=16, D=512, F=64))
         sweep(args, "F", (64, 128, 256, 512), dict(E=16, D=512, F=128))
-        attraction_scaling(args, (8, 32, 128), (1, 4, 8), params=16384)
+        attraction_scaling(args, (8, 32, 128), (1, 4, 8, 16), layer_params=1 << 21)
     else:
         args.tokens, args.repeats = 4096, 10
         sweep(args, "E", (8, 16, 32, 64, 128), dict(E=32, D=1024, F=256))
         sweep(args, "D", (512, 1024, 2048, 4096), dict(E=32, D=1024, F=256))
         sweep(args, "F", (128, 256, 512, 1024), dict(E=32, D=1024, F=256))
-        attraction_scaling(args, (8, 16, 32, 64, 128), (1, 2, 4, 8, 16), params=262144)
+        attraction_scaling(args, (8, 16, 32, 64, 128), (1, 2, 4, 8, 16), layer_params=1 << 23)
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"total {time.perf_counter() - start:.1f} s")
 
