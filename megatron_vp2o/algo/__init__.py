@@ -24,7 +24,7 @@ from .config import TrustRegionConfig
 from .registry import Registry
 
 __all__ = [
-    "coactivation", "config", "diagnostics", "grpo", "kernels", "prototypes", "registry", "specialization",
-    "stein", "trust_region", "GRPOConfig", "PolicyLossConfig", "SpecializationConfig",
-    "SteinConfig", "TrustRegionConfig", "Registry",
+    "coactivation", "config", "diagnostics", "grpo", "kernels", "prototypes", "registry",
+    "specialization", "stein", "trust_region", "GRPOConfig", "PolicyLossConfig",
+    "SpecializationConfig", "SteinConfig", "TrustRegionConfig", "Registry",
 ]

@@ -104,22 +104,24 @@ def _masked_mean(values_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor
 
 
 def policy_loss(
-    logp_BT: torch.Tensor,
-    logp_old_BT: torch.Tensor,
+    logp: torch.Tensor,
+    logp_old: torch.Tensor,
     advantages: torch.Tensor,
-    mask_BT: torch.Tensor,
+    mask: torch.Tensor,
     clip_eps: float | None = None,
     kl_coef: float = 0.0,
-    logp_ref_BT: torch.Tensor | None = None,
+    logp_ref: torch.Tensor | None = None,
     aggregation: str = "seq_mean_token_mean",
     normalizer: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Loss = -agg_t [min(rho A, clip(rho, 1 +- eps) A) - kl_coef k3(pi_ref, pi)] (spec 2.3).
 
-    ``advantages`` is [B] (one per sequence) or [B, T]; ``clip_eps=None`` disables clipping.
-    Metrics (0-dim tensors, local token means): pg_loss, kl_ref, clip_frac, ratio_mean, ratio_max,
-    behaviour_kl (k3 of KL(mu || pi)).
+    Shapes: logp, logp_old, logp_ref, mask [B, T]; ``advantages`` [B] (one per sequence) or
+    [B, T]. ``clip_eps=None`` disables clipping. ``normalizer`` is the global denominator of the
+    aggregation (see `aggregation_count`). Metrics (0-dim tensors, local token means): pg_loss,
+    kl_ref, clip_frac, ratio_mean, ratio_max, behaviour_kl (k3 of KL(mu || pi)).
     """
+    logp_BT, logp_old_BT, mask_BT = logp, logp_old, mask
     mask_BT = mask_BT.to(torch.bool)
     adv_BT = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
     logratio_BT = torch.where(mask_BT, logp_BT - logp_old_BT, 0.0)
@@ -131,11 +133,11 @@ def policy_loss(
         clipped_BT = clipped_surrogate_BT < surrogate_BT
         surrogate_BT = torch.minimum(surrogate_BT, clipped_surrogate_BT)
     kl_BT = torch.zeros_like(surrogate_BT)
-    if logp_ref_BT is not None:
-        ref_logratio_BT = torch.where(mask_BT, logp_ref_BT - logp_BT, 0.0)
+    if logp_ref is not None:
+        ref_logratio_BT = torch.where(mask_BT, logp_ref - logp_BT, 0.0)
         kl_BT = torch.expm1(ref_logratio_BT) - ref_logratio_BT
     elif kl_coef != 0.0:
-        raise ValueError("policy_loss: kl_coef != 0 needs logp_ref_BT")
+        raise ValueError("policy_loss: kl_coef != 0 needs logp_ref")
     aggregate = AGGREGATIONS.get(aggregation)
     pg_loss = aggregate(-surrogate_BT, mask_BT, normalizer)
     loss = pg_loss

@@ -101,7 +101,7 @@ CASES = {
     "seq_mean_token_mean": (grpo.seq_mean_token_mean, (X["logp"], X["mask_bt"])),
     "token_mean": (grpo.token_mean, (X["logp"], X["mask_bt"], 7)),
     "aggregation_count": (grpo.aggregation_count, (X["mask_bt"], "seq_mean_token_mean")),
-    "policy_loss": (lambda *a: grpo.policy_loss(*a, clip_eps=0.2, kl_coef=0.1, logp_ref_BT=a[1]),
+    "policy_loss": (lambda *a: grpo.policy_loss(*a, clip_eps=0.2, kl_coef=0.1, logp_ref=a[1]),
                     (X["logp"], X["logp_old"], X["adv"], X["mask_bt"])),
     "grpo_clip_loss": (grpo.grpo_clip_loss, (X["logp"], X["logp_old"], X["adv"], X["mask_bt"])),
     "vp2o_loss": (grpo.vp2o_loss, (X["logp"], X["logp_old"], X["adv"], X["mask_bt"])),

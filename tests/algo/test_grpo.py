@@ -76,7 +76,7 @@ def test_kl_penalty_hand_computed():
     logp_BT, logp_old_BT, adv_B, mask_BT = _batch()
     logp_ref_BT = logp_BT + math.log(2.0)  # k3 = 2 - log 2 - 1 per token
     loss, metrics = grpo.policy_loss(logp_BT, logp_old_BT, adv_B, mask_BT, kl_coef=0.1,
-                                     logp_ref_BT=logp_ref_BT)
+                                     logp_ref=logp_ref_BT)
     assert loss.item() == pytest.approx(0.3 + 0.1 * (1 - math.log(2)), abs=1e-12)
     assert metrics["kl_ref"].item() == pytest.approx(1 - math.log(2))
     with pytest.raises(ValueError, match="logp_ref"):
