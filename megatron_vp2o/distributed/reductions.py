@@ -1,0 +1,132 @@
+"""Every cross-rank reduction VP2O needs, with the process groups passed in (STYLE principle 4).
+
+What (spec 2.4, 2.5, 2.8, 2.10-2.12):
+- co-activation counts: summed over the ranks that hold other tokens of the same layer: data x
+  context parallel, and tensor parallel when sequence parallel splits the tokens (spec 2.5);
+- prototypes: power step z = W (W^T u) on the local F shard, all-reduced over expert-TP, normalised,
+  then all-gathered over EP so every rank holds all E prototypes of its layers (spec 2.4);
+- full expert gradients: with the distributed optimizer the expert gradient buckets hold only this
+  rank's reduce-scattered shard; `gather_expert_grads` all-gathers them over the expert-DP group
+  (the same layout megatron uses for its parameter all-gather), so the Stein hook sees full grads;
+- scalars for decisions (D_anc, D_beh, ESS, non-finite flags): summed over the whole world, which
+  includes every pipeline stage, so accept/backtrack/reject/refresh is one identical decision.
+Why here: `algo` stays pure; this is the only module that knows which group sums what.
+
+Shape legend: E experts, X local experts, D hidden, F expert ffn shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from megatron_vp2o.algo.prototypes import normalize, power_step_partial, start_vectors
+
+
+@dataclass
+class VP2OGroups:
+    """Process groups of one rank (None = a group of one)."""
+
+    tokens: list  # groups whose ranks hold other tokens of the same layers (dp x cp, tp if SP)
+    expert_tp: object  # expert-TP group (fc2 split along F)
+    expert_ep: object  # expert-parallel group (experts split across it)
+    expert_dp: object  # expert data-parallel group (replicas of the same experts)
+    world: object = None  # every rank (all pipeline stages)
+
+    @classmethod
+    def from_parallel_state(cls, sequence_parallel: bool) -> "VP2OGroups":
+        from megatron.core import parallel_state as ps
+
+        tokens = [ps.get_data_parallel_group(with_context_parallel=True)]
+        if sequence_parallel:
+            tokens.append(ps.get_tensor_model_parallel_group())
+        return cls(tokens, ps.get_expert_tensor_parallel_group(), ps.get_expert_model_parallel_group(),
+                   ps.get_expert_data_parallel_group(), None)
+
+
+def _size(group) -> int:
+    return dist.get_world_size(group) if dist.is_initialized() else 1
+
+
+def all_reduce_(tensor: torch.Tensor, group) -> torch.Tensor:
+    """In-place sum over ``group`` (skipped for a group of one)."""
+    if _size(group) > 1:
+        dist.all_reduce(tensor, group=group)
+    return tensor
+
+
+def reduce_counts_(counts_EE: torch.Tensor, groups: VP2OGroups) -> torch.Tensor:
+    """Co-activation counts summed over every token-holding group (spec 2.5), in place."""
+    for group in groups.tokens:
+        all_reduce_(counts_EE, group)
+    return counts_EE
+
+
+def gather_experts(local_XD: torch.Tensor, ep_group) -> torch.Tensor:
+    """[X, D] per EP rank -> [E, D] in global expert order."""
+    if _size(ep_group) == 1:
+        return local_XD.clone()
+    out = local_XD.new_empty(_size(ep_group) * local_XD.shape[0], *local_XD.shape[1:])
+    dist.all_gather_into_tensor(out, local_XD.contiguous(), group=ep_group)
+    return out
+
+
+def power_refresh(weight_XDF: torch.Tensor, protos_XD: torch.Tensor, steps: int,
+                  groups: VP2OGroups) -> torch.Tensor:
+    """``steps`` warm-started power steps with the expert-TP all-reduce of z (spec 2.4): [X, D]."""
+    u_XD = protos_XD.to(weight_XDF.dtype)
+    for _ in range(steps):
+        z_XD = all_reduce_(power_step_partial(weight_XDF, u_XD), groups.expert_tp)
+        u_XD = normalize(z_XD, fallback_ED=u_XD)
+    return u_XD.to(protos_XD.dtype)
+
+
+def refresh_prototypes(layers, groups: VP2OGroups, steps: int, from_start: bool = False) -> None:
+    """Update every layer's ``protos_XD`` in place and all-gather ``protos_ED`` over EP.
+
+    ``from_start``: initialise from the deterministic start vector (30 steps at init, spec 2.4).
+    """
+    with torch.no_grad():
+        for layer in layers:
+            weight_XDF = layer.accessor.fc2_weight_XDF().float()
+            start_XD = layer.protos_XD
+            if from_start:
+                start_XD = start_vectors(layer.num_local_experts, weight_XDF.shape[1],
+                                         device=weight_XDF.device)
+            layer.protos_XD.copy_(power_refresh(weight_XDF, start_XD, steps, groups))
+            layer.protos_ED.copy_(gather_experts(layer.protos_XD, groups.expert_ep))
+
+
+def gather_expert_grads(ddp_model) -> int:
+    """Make every expert gradient bucket hold the full reduced gradient; returns bytes gathered.
+
+    With the distributed optimizer megatron reduce-scatters each bucket's ``grad_data`` over the
+    bucket group's (expert-)DP group, leaving only this rank's shard reduced. We all-gather the
+    shards back into place (the inverse of megatron's ``shard_buffer`` split). With all-reduce
+    (no distributed optimizer) the buffers are already full: nothing to do.
+    """
+    from megatron.core.distributed.param_and_grad_buffer import shard_buffer
+
+    moved = 0
+    for group in ddp_model.expert_parallel_bucket_groups:
+        if not group.ddp_config.use_distributed_optimizer:
+            continue
+        size = group.intra_distributed_optimizer_instance_size
+        if size == 1:
+            continue
+        rank, pg = group.intra_distributed_optimizer_instance_rank, group.intra_distributed_optimizer_instance_group
+        for bucket in group.buckets:
+            shard = shard_buffer(bucket.grad_data, size)[rank].clone()
+            dist.all_gather_into_tensor(bucket.grad_data, shard, group=pg)
+            moved += shard.numel() * shard.element_size() * (size - 1)
+    return moved
+
+
+def world_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a small statistics vector over every rank (all pipeline stages), out of place."""
+    out = values.clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(out)
+    return out

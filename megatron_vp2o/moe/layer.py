@@ -1,0 +1,203 @@
+"""`VP2OMoELayer`: megatron-core's MoELayer plus the per-expert state and captures VP2O needs.
+
+What (spec 2.4, 2.5, 2.9, 2.10): a subclass of ``MoELayer`` chosen through the layer spec
+(``build_trainable(cfg, moe_layer_cls=VP2OMoELayer)``) that keeps
+- ``protos_XD`` persistent buffer: the unit prototypes of the X local experts (checkpointed as a
+  ShardedTensor split over EP, so it reshards); ``protos_ED`` non-persistent: all E prototypes of
+  the layer after the EP all-gather (`distributed.reductions.refresh_prototypes`);
+- ``counts_EE`` non-persistent: raw co-activation pair counts summed over micro-batches (forward
+  only accumulates; the Stein hook reduces them over ranks);
+- captures of each training micro-batch: top-k indices and top-k gates [T, K] (barycenters),
+  with T in megatron's sequence-major order [S*B];
+- the specialisation losses (spec 2.9), attached to the output with megatron's
+  ``MoEAuxLossAutoScaler`` and logged through ``save_to_aux_losses_tracker``.
+
+Stages overridden (megatron 0.16.1 ``route -> preprocess -> dispatch -> routed_experts_compute ->
+combine -> postprocess``): ``route`` (the router's own forward, unrolled to also keep the logits
+for the full softmax p and to capture top-k/gates), ``postprocess`` (losses). With
+``ortho_coef > 0`` also ``preprocess``, ``routed_experts_compute`` and ``combine``:
+
+Raw (un-gated) expert outputs, gathered per token (spec 2.9, 4). megatron applies the gate inside
+the expert (act(fc1 x) * p before fc2). With ortho on we run the experts with p = 1 (raw rows x)
+and gate afterwards (x * p; fc2 has no bias, so the product is the same function, rounded
+differently). To know which top-k slot a dispatched row is, the token's K expert ids ride along
+as K extra columns of the hidden states through the dispatch (any dispatcher, TP/SP/EP); the
+expert side derives slot(row) and the combine is run K + 1 times (the gated output and, per slot
+k, the raw rows of slot k; combine is linear, so TP reduce-scatters and EP all-to-alls are
+reused unchanged) -> x[t, k, :]. Cost: K extra combines; ids are exact in bf16 for E <= 256.
+With ortho_coef = 0 the expert path is megatron's own, bit for bit.
+
+Loss normalisation (STYLE 9): with ``calculate_per_token_loss`` megatron divides every gradient by
+the global LM token count N after the DP reduction; `set_loss_normalizers` gives each layer
+N / (K T_glob) and N / T_glob (T_glob: routed tokens over micro-batches and ranks), so the
+gradient is that of coef * global_sum / global_count. Without it, local counts are used.
+
+Shape legend: S sequence, B micro-batch, T = S*B tokens, K top-k, E experts, X local experts,
+D hidden, N rows after dispatch.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.transformer.moe import moe_utils
+from megatron.core.transformer.moe.moe_layer import MoELayer
+
+from megatron_vp2o.algo import specialization
+from megatron_vp2o.algo.coactivation import coactivation_counts
+from megatron_vp2o.algo.config import SpecializationConfig
+from megatron_vp2o.moe.experts import ExpertAccessor
+
+
+class VP2OMoELayer(MoELayer):
+    """MoELayer with prototypes, co-activation counts, routing captures and specialisation losses."""
+
+    #: Loss weights; `vp2o_moe_layer` makes a subclass with other values; settable per instance.
+    spec_cfg: SpecializationConfig = SpecializationConfig()
+
+    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
+        super().__init__(config, submodules, layer_number, pg_collection)
+        num_experts, hidden = config.num_moe_experts, config.hidden_size
+        self.top_k = config.moe_router_topk
+        self.spec_cfg = type(self).spec_cfg
+        self.register_buffer("protos_XD", torch.zeros(self.num_local_experts, hidden), persistent=True)
+        self.register_buffer("protos_ED", torch.zeros(num_experts, hidden), persistent=False)
+        self.register_buffer("counts_EE", torch.zeros(num_experts, num_experts), persistent=False)
+        self.accessor = ExpertAccessor(self.experts, hidden)
+        self.capture = False  # keep per-micro-batch top-k/gates (the VP2O step turns it on)
+        self.captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.loss_norm: tuple[float, float] | None = None  # (N/(K T_glob), N/T_glob)
+        self.loss_log = torch.zeros(4)  # detached [ortho, var, entropy sum, tokens] of this step
+        self._route = None
+
+    # --- per-step bookkeeping ------------------------------------------------------------------
+    def reset_step_stats(self) -> None:
+        self.counts_EE.zero_()
+        self.captured = []
+        self.loss_log = torch.zeros(4, device=self.counts_EE.device)
+
+    @property
+    def expert_offset(self) -> int:
+        return self.local_expert_indices[0]
+
+    @property
+    def ortho_on(self) -> bool:
+        return self.spec_cfg.ortho_coef > 0
+
+    # --- stages --------------------------------------------------------------------------------
+    def route(self, hidden_states, padding_mask=None):
+        """The router's forward (same ops), keeping logits, top-k ids and gates of this batch."""
+        router = self.router
+        router._maintain_float32_expert_bias()
+        logits = router.gating(router.apply_input_jitter(hidden_states))
+        probs_TE, routing_map_TE = router.routing(logits, padding_mask=padding_mask)
+        topk_TK = torch.sort(torch.topk(routing_map_TE.float(), self.top_k, dim=-1).indices, -1).values
+        gates_TK = torch.gather(probs_TE, 1, topk_TK)
+        if self.training:
+            with torch.no_grad():
+                self.counts_EE += coactivation_counts(topk_TK, self.config.num_moe_experts)
+                logp_TE = torch.log_softmax(logits.view(topk_TK.shape[0], -1).float(), dim=-1)
+                self.loss_log[2] += -(logp_TE.exp() * logp_TE).sum()
+                self.loss_log[3] += topk_TK.shape[0]
+            if self.capture:
+                self.captured.append((topk_TK.detach(), gates_TK.detach()))
+        self._route = {"logits": logits.view(-1, self.config.num_moe_experts), "topk": topk_TK}
+        return probs_TE, routing_map_TE
+
+    def preprocess(self, hidden_states, probs, routing_map):
+        if self.ortho_on:  # the token's K expert ids travel with it (module docstring)
+            codes = self._route["topk"].to(hidden_states.dtype).view(*hidden_states.shape[:-1], -1)
+            hidden_states = torch.cat([hidden_states, codes], dim=-1)
+        return super().preprocess(hidden_states, probs, routing_map)
+
+    def routed_experts_compute(self, hidden_states, probs):
+        if not self.ortho_on:
+            return super().routed_experts_compute(hidden_states, probs)
+        disp = self.token_dispatcher
+        rows_ND, tokens_per_expert, probs_N = disp.dispatch_postprocess(hidden_states, probs)
+        hidden = self.config.hidden_size
+        x_ND, codes_NK = rows_ND[:, :hidden], rows_ND[:, hidden:]
+        raw_ND, bias = self.experts(x_ND, tokens_per_expert, torch.ones_like(probs_N))
+        assert bias is None, "VP2O ortho capture needs bias-free experts"
+        counts_X = torch.as_tensor(tokens_per_expert, device=x_ND.device).long()
+        expert_N = torch.repeat_interleave(
+            torch.tensor(self.local_expert_indices, device=x_ND.device), counts_X)
+        slot_N = (codes_NK.round().long() == expert_N.unsqueeze(-1)).float().argmax(-1)
+        pad_NK = raw_ND.new_zeros(raw_ND.shape[0], codes_NK.shape[1])
+        gated = torch.cat([raw_ND * probs_N.unsqueeze(-1).to(raw_ND.dtype), pad_NK], -1)
+        self._route["slots"] = [
+            disp.combine_preprocess(torch.cat([torch.where((slot_N == k).unsqueeze(-1), raw_ND, 0.0),
+                                               pad_NK], -1))
+            for k in range(self.top_k)
+        ]
+        return disp.combine_preprocess(gated), None
+
+    def combine(self, output):
+        if self.ortho_on:
+            slots = self._route["slots"]
+            self._route["slots"] = [self.token_dispatcher.token_combine(s) for s in slots]
+        return super().combine(output)
+
+    def postprocess(self, output, shared_expert_output):
+        hidden = self.config.hidden_size
+        raw_TKD = None
+        if self.ortho_on:
+            disp = self.token_dispatcher
+            slots = [disp.combine_postprocess(s)[..., :hidden] for s in self._route["slots"]]
+            raw_TKD = torch.stack([s.reshape(-1, hidden) for s in slots], dim=1)
+            output = disp.combine_postprocess(output)[..., :hidden].contiguous()
+            if shared_expert_output is not None:
+                output = output + shared_expert_output
+        else:
+            output = super().postprocess(output, shared_expert_output)
+        aux = self._specialisation_loss(raw_TKD)
+        self._route = None
+        if aux is not None and self.training and torch.is_grad_enabled():
+            output = moe_utils.MoEAuxLossAutoScaler.apply(output, aux)
+        return output
+
+    # --- losses (spec 2.9) ---------------------------------------------------------------------
+    def _specialisation_loss(self, raw_TKD):
+        cfg, terms = self.spec_cfg, []
+        if raw_TKD is not None:
+            total, count = specialization.orthogonality_loss_sum(raw_TKD)
+            terms.append((0, "vp2o_ortho", cfg.ortho_coef, total, count))
+        if cfg.var_coef > 0:
+            probs_TE = torch.softmax(self._route["logits"].float(), dim=-1)
+            total, count = specialization.routing_variance_loss_sum(probs_TE)
+            terms.append((1, "vp2o_var", cfg.var_coef, total, count))
+        aux = None
+        for slot, name, coef, total, count in terms:
+            scale = (1.0 / count) if self.loss_norm is None else self.loss_norm[slot]
+            loss = total * scale
+            if self.training:
+                self.loss_log = self.loss_log.to(loss.device)
+                self.loss_log[slot] += loss.detach()
+            moe_utils.save_to_aux_losses_tracker(name, loss.detach(), self.layer_number,
+                                                 self.config.num_layers)
+            aux = coef * loss if aux is None else aux + coef * loss
+        return aux
+
+    # --- checkpointing -------------------------------------------------------------------------
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Prototypes as one [E, D] tensor per layer, sharded along E over the EP group."""
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        key = f"{prefix}protos_XD"
+        ep_rank, ep_size = ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size()
+        replica = (0, ps.get_expert_tensor_parallel_rank(), ps.get_expert_data_parallel_rank())
+        state[key] = ShardedTensor.from_rank_offsets(
+            key, self.protos_XD, *sharded_offsets, (len(sharded_offsets), ep_rank, ep_size),
+            replica_id=replica)
+        return state
+
+
+def vp2o_moe_layer(spec_cfg: SpecializationConfig) -> type:
+    """A `VP2OMoELayer` subclass carrying ``spec_cfg`` (what a layer spec's ``module`` needs)."""
+    return type("VP2OMoELayer", (VP2OMoELayer,), {"spec_cfg": spec_cfg})
+
+
+def vp2o_layers(model) -> list[VP2OMoELayer]:
+    """The VP2O MoE layers of a (DDP-wrapped) model chunk, in layer order."""
+    module = model.module if hasattr(model, "module") else model
+    return [m for m in module.modules() if isinstance(m, VP2OMoELayer)]

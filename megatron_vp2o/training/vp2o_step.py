@@ -1,0 +1,217 @@
+"""One VP2O learner step on megatron-core: the function the RL trainer calls (spec 2.4-2.13).
+
+Phases, in order (each timed into ``timing/<phase>``):
+1. ``forward_backward`` -- megatron's ``get_forward_backward_func`` over the micro-batches; the
+   VP2O MoE layers accumulate co-activation counts, capture top-k/gates and add the
+   specialisation losses (normalised globally: `set_loss_normalizers`);
+2. ``stein`` -- the gradient transport in the DDP grad buffers (`distributed.stein_hook`);
+3. ``optimizer`` -- snapshot (trust region + freeze), ``optimizer.step()``, restore of the
+   experts outside the active set (spec 2.8 `freeze_inactive`), prototype refresh (spec 2.4);
+4. ``trust_region`` -- D_anc against the anchor (spec 2.10) with accept / backtrack (1/2, 1/4,
+   1/8) / reject / refresh, one decision on every rank; the refresh rule (spec 2.12) with the
+   caller's behaviour statistics (D_beh, ESS from `algo.trust_region`).
+Returns metrics (spec 2.13) as Python numbers (one host read at the end).
+
+``anchors``: per local VP2O layer (anchor prototypes [E, D], anchor top-k [T, K], gates [T, K])
+with this rank's tokens in forward order; None skips the anchor budget.
+
+Shape legend: E experts, D hidden, T tokens of this rank (all micro-batches), K top-k.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_vp2o.algo import trust_region as tr
+from megatron_vp2o.distributed.reductions import VP2OGroups, all_reduce_, refresh_prototypes
+from megatron_vp2o.distributed.stein_hook import apply_stein
+from megatron_vp2o.distributed.trust_region import ParamSnapshot, anchor_statistic
+from megatron_vp2o.moe.layer import vp2o_layers
+from megatron_vp2o.training.step import lm_forward_step, reduce_report
+
+
+@dataclass
+class VP2OState:
+    """Learner-side VP2O state kept between steps."""
+
+    cfg: object  # megatron_vp2o.config.VP2OConfig
+    groups: VP2OGroups
+    layers: list
+    steps_since_refresh: int = 0
+    counters: dict = field(default_factory=lambda: {name: 0 for name in tr.DECISION_NAMES})
+
+
+def init_vp2o(trainable, cfg, sequence_parallel: bool, init_prototypes: bool = True) -> VP2OState:
+    """Find the VP2O layers, build the groups, initialise prototypes (30 power steps, spec 2.4)."""
+    groups = VP2OGroups.from_parallel_state(sequence_parallel)
+    layers = vp2o_layers(trainable.model)
+    for layer in layers:
+        layer.spec_cfg = cfg.specialization
+    if init_prototypes:
+        refresh_prototypes(layers, groups, cfg.stein.init_power_iters, from_start=True)
+    else:  # loaded from a checkpoint: only the EP all-gather
+        refresh_prototypes(layers, groups, 0)
+    return VP2OState(cfg, groups, layers)
+
+
+def global_token_counts(micro_batches) -> tuple[float, float]:
+    """(LM loss tokens N, routed tokens T per layer) over micro-batches and DP x CP ranks."""
+    counts = torch.zeros(2, dtype=torch.float64)
+    for mb in micro_batches:
+        counts += torch.tensor([float(mb.loss_mask.sum()), float(mb.tokens.numel())], dtype=torch.float64)
+    all_reduce_(counts, ps.get_data_parallel_group(with_context_parallel=True))
+    return float(counts[0]), float(counts[1])
+
+
+def set_loss_normalizers(layers, lm_tokens: float, routed_tokens: float) -> None:
+    """Per-layer (N / (K T), N / T): the gradient of coef * global_sum / global_count (STYLE 9)."""
+    for layer in layers:
+        layer.loss_norm = (lm_tokens / (layer.top_k * routed_tokens), lm_tokens / routed_tokens)
+
+
+def _forward_backward(trainable, micro_batches, forward_step) -> list:
+    for m in trainable.models:
+        m.zero_grad_buffer()
+    trainable.optimizer.zero_grad()
+    mb = micro_batches[0]
+    return get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(micro_batches), model=trainable.models,
+        num_microbatches=len(micro_batches), seq_length=mb.tokens.shape[1],
+        micro_batch_size=mb.tokens.shape[0], forward_only=False)
+
+
+def _freeze_mask(layers):
+    """mask_of(param): elements of experts outside the active set (spec 2.8), else None."""
+    def mask_of(param):
+        for layer in layers:
+            off, n = layer.expert_offset, layer.num_local_experts
+            mask = layer.accessor.element_mask(param, ~layer.active_E[off:off + n])
+            if mask is not None:
+                return mask
+        return None
+    return mask_of
+
+
+def _trust_region(state, snap, after, old_protos, anchors) -> tuple[int, float, int]:
+    """Anchor budget loop (spec 2.10): returns (decision, D_anc, backtracks)."""
+    cfg = state.cfg.trust_region
+    scales = cfg.backtrack_scales
+    d_anc = anchor_statistic(state.layers, anchors)
+    attempt = 0
+    decision = int(tr.decide(d_anc <= cfg.anchor_delta, attempt, cfg.on_violation, len(scales)))
+    while decision == tr.BACKTRACK:
+        snap.scale_update(after, scales[attempt])
+        for layer, old in zip(state.layers, old_protos):
+            layer.protos_XD.copy_(old)
+        refresh_prototypes(state.layers, state.groups, state.cfg.stein.power_iters)
+        d_anc = anchor_statistic(state.layers, anchors)
+        attempt += 1
+        ok = d_anc <= cfg.anchor_delta
+        decision = int(tr.decide(ok, attempt, cfg.on_violation, len(scales)))
+        if decision == tr.ACCEPT:
+            return tr.BACKTRACK, float(d_anc), attempt
+    if decision == tr.REJECT:
+        snap.restore()
+        for layer, old in zip(state.layers, old_protos):
+            layer.protos_XD.copy_(old)
+        refresh_prototypes(state.layers, state.groups, 0)
+    return decision, float(d_anc), attempt
+
+
+def capture_anchors(trainable, micro_batches, state: VP2OState, forward_step=lm_forward_step) -> list:
+    """Anchor inputs from a forward-only pass of the current model (what actors log at a refresh):
+    per layer (prototypes [E, D], top-k [T, K], gates [T, K])."""
+    for layer in state.layers:
+        layer.reset_step_stats()
+        layer.capture = True
+    mb = micro_batches[0]
+    with torch.no_grad():
+        get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(micro_batches), model=trainable.models,
+            num_microbatches=len(micro_batches), seq_length=mb.tokens.shape[1],
+            micro_batch_size=mb.tokens.shape[0], forward_only=True)
+    anchors = [(layer.protos_ED.clone(), torch.cat([c[0] for c in layer.captured]),
+                torch.cat([c[1] for c in layer.captured])) for layer in state.layers]
+    for layer in state.layers:
+        layer.reset_step_stats()
+    return anchors
+
+
+def vp2o_train_step(trainable, micro_batches, state: VP2OState, forward_step=lm_forward_step,
+                    anchors=None, behaviour=None, probe=None) -> dict:
+    """One learner step (module docstring). ``behaviour``: optional {"drift", "ess"} tensors;
+    ``probe(stage, state)`` is called at "pre_stein" and "post_stein" (tests)."""
+    cfg, layers, timing = state.cfg, state.layers, {}
+    t0 = time.perf_counter()
+    lm_tokens, routed_tokens = global_token_counts(micro_batches)
+    set_loss_normalizers(layers, lm_tokens, routed_tokens)
+    for layer in layers:
+        layer.reset_step_stats()
+        layer.capture = anchors is not None
+    losses = _forward_backward(trainable, micro_batches, forward_step)
+    t1 = time.perf_counter()
+    if probe is not None:
+        probe("pre_stein", state)
+    metrics = apply_stein(trainable.model, layers, state.groups, cfg.stein, routed_tokens) \
+        if cfg.stein.enabled else {}
+    if probe is not None:
+        probe("post_stein", state)
+    t2 = time.perf_counter()
+    snap = ParamSnapshot(trainable.model, trainable.optimizer) \
+        if cfg.trust_region.enabled or cfg.stein.freeze_inactive else None
+    old_protos = [layer.protos_XD.clone() for layer in layers]
+    update_ok, grad_norm, _ = trainable.optimizer.step()
+    if cfg.stein.enabled and cfg.stein.freeze_inactive:
+        snap.restore(_freeze_mask(layers))
+    refresh_prototypes(layers, state.groups, cfg.stein.power_iters)
+    t3 = time.perf_counter()
+    decision, d_anc, backtracks = tr.ACCEPT, float("nan"), 0
+    if cfg.trust_region.enabled and anchors is not None:
+        decision, d_anc, backtracks = _trust_region(state, snap, snap.capture_after(), old_protos, anchors)
+    trainable.scheduler.step(increment=1)
+    t4 = time.perf_counter()
+    return _report(state, losses, metrics, decision, d_anc, backtracks, grad_norm, update_ok, behaviour,
+                   {"forward_backward": t1 - t0, "stein": t2 - t1, "optimizer": t3 - t2,
+                    "trust_region": t4 - t3})
+
+
+def _report(state, losses, metrics, decision, d_anc, backtracks, grad_norm, update_ok, behaviour, timing):
+    cfg = state.cfg.trust_region
+    state.counters[tr.DECISION_NAMES[decision]] += 1
+    state.steps_since_refresh += 1
+    drift = behaviour["drift"] if behaviour else torch.zeros(())
+    ess = behaviour["ess"] if behaviour else torch.ones(())
+    refresh = bool(tr.refresh_needed(drift, ess, bool(tr.forces_refresh(torch.tensor(decision))),
+                                     state.steps_since_refresh, drift_delta=cfg.drift_delta,
+                                     ess_min=cfg.ess_min, max_steps_per_refresh=cfg.max_steps_per_refresh))
+    if refresh:
+        state.steps_since_refresh = 0
+    loss_sum, count = reduce_report(losses).tolist()
+    out = {"loss": loss_sum / max(count, 1.0), "tokens": int(count), "decision": tr.DECISION_NAMES[decision],
+           "d_anc": d_anc, "backtracks": backtracks, "refresh": refresh, "update_ok": bool(update_ok),
+           "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+           "d_beh": float(drift), "ess": float(ess)}
+    out |= {f"count/{k}": v for k, v in state.counters.items()}
+    for layer in state.layers:
+        n = layer.layer_number
+        tokens_E = torch.diagonal(layer.counts_EE)
+        out[f"moe/utilisation/layer{n}"] = tokens_E.tolist()
+        out[f"moe/proto_overlap/layer{n}"] = float(_offdiag_abs_mean(layer.protos_ED @ layer.protos_ED.T))
+        out[f"moe/coact_overlap/layer{n}"] = float(_offdiag_abs_mean(layer.counts_EE)
+                                                     / max(float(tokens_E.sum()), 1.0))
+        out[f"loss/ortho/layer{n}"], out[f"loss/var/layer{n}"] = layer.loss_log[:2].tolist()
+        out[f"moe/router_entropy/layer{n}"] = float(layer.loss_log[2] / layer.loss_log[3].clamp_min(1.0)) \
+            if layer.loss_log.numel() > 3 else float("nan")
+    out |= {k: (float(v) if torch.is_tensor(v) else v) for k, v in metrics.items()}
+    out |= {f"timing/{k}": v for k, v in timing.items()}
+    return out
+
+
+def _offdiag_abs_mean(m_EE: torch.Tensor) -> torch.Tensor:
+    e = m_EE.shape[0]
+    return (m_EE.abs().sum() - m_EE.diagonal().abs().sum()) / max(e * e - e, 1)
