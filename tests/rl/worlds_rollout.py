@@ -60,9 +60,12 @@ def cache_parity(model, prompt_ids, sampling) -> dict:
     r = eng.generate(prompt_ids, sampling)
     with torch.no_grad():
         tf = teacher_forced_logprobs(model, r)
+        tf_r3 = teacher_forced_logprobs(model, r, replay=True)
     dlogit = 0.0 if tf.logits_BTV is None else (tf.logits_BTV - eng.last_logits_BTV).abs().max().item()
     return {"max_logit_diff": _world_max(dlogit), "max_logp_diff": _world_max((tf.logp_BT - r.logp_BT).abs().max().item()),
-            "topk_agreement": _same_sets(tf.topk_idx_LBSK, r.topk_idx_LBSK),
+            "topk_agreement": 1.0 - _world_max(1.0 - _same_sets(tf.topk_idx_LBSK, r.topk_idx_LBSK)),
+            "r3_agreement": 1.0 - _world_max(1.0 - _same_sets(tf_r3.topk_idx_LBSK, r.topk_idx_LBSK)),
+            "r3_logp_diff": _world_max((tf_r3.logp_BT - r.logp_BT).abs().max().item()),
             "gate_diff": (tf.gates_LBSK - r.gates_LBSK).abs().max().item(),
             "routing_shape": tuple(r.topk_idx_LBSK.shape), "layers": r.moe_layers, "rollouts": r}
 
