@@ -177,8 +177,8 @@ def behaviour_ess(
 
 
 def refresh_needed(
-    drift: torch.Tensor,
-    ess: torch.Tensor,
+    drift: torch.Tensor | float,
+    ess: torch.Tensor | float,
     anchor_failed: torch.Tensor | bool,
     steps_since_refresh: torch.Tensor | int,
     *,
@@ -190,6 +190,8 @@ def refresh_needed(
 
     A NaN drift or ESS counts as a violation (forces a refresh).
     """
+    drift = torch.as_tensor(drift)
+    ess = torch.as_tensor(ess, device=drift.device)
     steps = torch.as_tensor(steps_since_refresh, device=drift.device)
     failed = torch.as_tensor(anchor_failed, device=drift.device).to(torch.bool)
     drift_ok, ess_ok = drift <= drift_delta, ess >= ess_min  # NaN statistics fail these

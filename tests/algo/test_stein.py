@@ -49,6 +49,15 @@ def test_sparse_attraction_equals_dense_reference(topm):
     assert torch.allclose(stein.mix_gathered(grads_EP[idx_EM1], w_EM1), expected_EP)
 
 
+def test_gather_mix_for_a_subset_of_rows():
+    # Expert parallel: local rows 4..7 mix rows of the full (exchanged) gradient table.
+    _, kernel_EE, coactive_EE, _ = _layer(topm=3)
+    grads_EP = torch.randn(8, 11, dtype=torch.float64)
+    idx_EM1, w_EM1 = stein.attraction_weights(kernel_EE, coactive_EE, 3)
+    local_XP = stein.gather_mix(grads_EP, idx_EM1[4:], w_EM1[4:])
+    assert torch.allclose(local_XP, _dense_attraction(grads_EP, kernel_EE, coactive_EE)[4:])
+
+
 def test_attraction_batched_over_layers():
     layers = [_layer(topm=2) for _ in range(3)]
     grads_LEP = torch.randn(3, 8, 5, dtype=torch.float64)

@@ -107,6 +107,9 @@ def test_refresh_rule(drift, ess, failed, steps, expected):
                             torch.tensor(steps), drift_delta=0.02, ess_min=0.5,
                             max_steps_per_refresh=8)
     assert out.dtype == torch.bool and bool(out) is expected
+    plain = TR.refresh_needed(drift, ess, failed, steps, drift_delta=0.02, ess_min=0.5,
+                              max_steps_per_refresh=8)
+    assert plain.dtype == torch.bool and bool(plain) is expected
 
 
 def test_decisions_and_backtracking():
