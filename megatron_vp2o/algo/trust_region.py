@@ -148,11 +148,12 @@ def tempered_ess(
     """Normalised ESS in (0, 1] of w_n = exp(kappa log rho_n) (spec 2.11).
 
     ESS/n = exp(2 logsumexp(log w) - logsumexp(2 log w)) / n over valid entries; 1 if none valid.
+    Leading dims are independent batches (one ESS each).
     """
     log_w_N = kappa * logratio_seq_N.to(torch.promote_types(logratio_seq_N.dtype, torch.float32))
     valid_N = _valid(mask_N, log_w_N)
     log_w_N = torch.where(valid_N, log_w_N, float("-inf"))
-    count = valid_N.sum().to(log_w_N.dtype)
+    count = valid_N.sum(-1).to(log_w_N.dtype)
     shifted_N = log_w_N - log_w_N.amax(-1, keepdim=True).clamp_min(-1e30)  # the max cancels
     log_ess = 2.0 * torch.logsumexp(shifted_N, -1) - torch.logsumexp(2.0 * shifted_N, -1)
     ess = torch.exp(log_ess) / count.clamp_min(1.0)

@@ -126,3 +126,11 @@ def test_decisions_and_backtracking():
     with pytest.raises(ValueError, match="on_violation"):
         TR.decide(bad, 0, "retry")
     assert math.isclose(sum(TR.backtrack_scales(5)), 1 - 2**-5)
+
+
+def test_ess_batched_rows_are_independent():
+    logratio_LN = torch.randn(3, 9, dtype=torch.float64)
+    mask_LN = torch.rand(3, 9) > 0.3
+    batched_L = TR.tempered_ess(logratio_LN, 0.5, mask_LN)
+    for row in range(3):
+        assert torch.allclose(batched_L[row], TR.tempered_ess(logratio_LN[row], 0.5, mask_LN[row]))
