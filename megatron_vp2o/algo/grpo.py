@@ -72,6 +72,7 @@ def seq_mean_token_mean(
     values_BT: torch.Tensor, mask_BT: torch.Tensor, normalizer=None
 ) -> torch.Tensor:
     """1/B sum_b (1/|o_b|) sum_t v[b, t]; B = sequences with a valid token, or ``normalizer``."""
+    mask_BT = mask_BT.to(torch.bool)
     tokens_B = mask_BT.sum(-1).to(values_BT.dtype)
     seq_mean_B = torch.where(mask_BT, values_BT, 0.0).sum(-1) / tokens_B.clamp_min(1.0)
     return seq_mean_B.sum() / _denominator(mask_BT, "seq_mean_token_mean", normalizer, values_BT)
@@ -80,6 +81,7 @@ def seq_mean_token_mean(
 @AGGREGATIONS.register("token_mean")
 def token_mean(values_BT: torch.Tensor, mask_BT: torch.Tensor, normalizer=None) -> torch.Tensor:
     """sum_{b, t} v[b, t] / (number of valid tokens, or ``normalizer``)."""
+    mask_BT = mask_BT.to(torch.bool)
     total = torch.where(mask_BT, values_BT, 0.0).sum()
     return total / _denominator(mask_BT, "token_mean", normalizer, values_BT)
 
