@@ -85,13 +85,19 @@ def _gather_stages(idx_LBSK: torch.Tensor, gates_LBSK: torch.Tensor, layers: lis
 
 @contextlib.contextmanager
 def inference_mode(model):
-    """eval + no_grad, and sequence parallelism off outside the MoE layers (restored on exit)."""
+    """eval + no_grad, and sequence parallelism off outside the MoE layers (restored on exit).
+
+    On CPU the platform layer's device-rewriting ``TorchFunctionMode`` is suspended while decoding: it
+    costs ~40% of a tiny model's step, and no call on the decoding path needs it (KV buffers and router
+    weights use ``torch.cuda.current_device()``, which the platform answers with the CPU without the mode).
+    """
     was_training, sp = model.training, model.config.sequence_parallel
     model.eval()
     if sp:
         set_model_to_sequence_parallel(model, False, exclude_modules=[BaseMoELayer])
+    no_mode = torch._C.DisableTorchFunction() if not torch.cuda.is_available() else contextlib.nullcontext()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), no_mode:
             yield
     finally:
         if sp:
