@@ -2,6 +2,7 @@
 
     vp2o sft   --config C --out DIR [section.field=value ...]   supervised warm-up / SFT
     vp2o make-data digit-sum --out FILE [--n N --seed S]        the tiny recipe's SFT data
+    vp2o convert hf-to-mcore|mcore-to-hf ...                    checkpoint conversion (cli/convert.py)
 
 Runs the same as a single process or under ``torchrun --nproc-per-node N --no-python vp2o ...``.
 Config errors are reported as one line naming the field and the fix (exit code 2) before any
@@ -13,6 +14,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+
+from megatron_vp2o.cli import convert
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--out", required=True)
     data.add_argument("--n", type=int, default=4096)
     data.add_argument("--seed", type=int, default=0)
+    convert.add_parser(sub)
     return p
 
 
@@ -73,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         from megatron_vp2o import platform
 
         platform.activate()  # once, at start-up: CUDA, or the CPU layer when CUDA is absent
-    handlers = {"sft": cmd_sft, "make-data": cmd_make_data}
+    handlers = {"sft": cmd_sft, "make-data": cmd_make_data, "convert": convert.run}
     try:
         return handlers[args.command](args)
     except ConfigError as exc:
