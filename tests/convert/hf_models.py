@@ -23,27 +23,27 @@ def _randomize(model, seed: int) -> None:
             p.copy_(1 + noise if "norm" in name else noise)
 
 
-def make_qwen3(out: Path, seed: int = 0, **overrides) -> Path:
+def _save(model, out: Path, seed: int, dtype) -> Path:
+    _randomize(model, seed)
+    model.to(dtype).save_pretrained(str(out))
+    return out
+
+
+def make_qwen3(out: Path, seed: int = 0, dtype=torch.float32, **overrides) -> Path:
     """Qwen3-MoE: GQA 4/2 with explicit head_dim 16 != 32/4, q/k norms, 4 experts, norm_topk_prob as given."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-    cfg = Qwen3MoeConfig(**dict(TINY, intermediate_size=64, moe_intermediate_size=16, head_dim=16, num_experts=4,
-                                norm_topk_prob=True), **overrides)
-    model = Qwen3MoeForCausalLM(cfg)
-    _randomize(model, seed)
-    model.save_pretrained(str(out))
-    return out
+    cfg = Qwen3MoeConfig(**{**TINY, "intermediate_size": 64, "moe_intermediate_size": 16, "head_dim": 16,
+                            "num_experts": 4, "norm_topk_prob": True, **overrides})
+    return _save(Qwen3MoeForCausalLM(cfg), out, seed, dtype)
 
 
-def make_mixtral(out: Path, seed: int = 1, **overrides) -> Path:
+def make_mixtral(out: Path, seed: int = 1, dtype=torch.float32, **overrides) -> Path:
     """Mixtral: GQA 4/2, head_dim 8, 4 experts, renormalised top-2."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    cfg = MixtralConfig(**dict(TINY, intermediate_size=16, num_local_experts=4), **overrides)
-    model = MixtralForCausalLM(cfg)
-    _randomize(model, seed)
-    model.save_pretrained(str(out))
-    return out
+    cfg = MixtralConfig(**{**TINY, "intermediate_size": 16, "num_local_experts": 4, **overrides})
+    return _save(MixtralForCausalLM(cfg), out, seed, dtype)
 
 
 def read_all(directory: Path) -> dict[str, torch.Tensor]:
