@@ -15,13 +15,19 @@ with one layout (TP/PP/EP) loads under another. Optimizer state is saved reshard
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 from pathlib import Path
 
+import random
+
+import numpy as np
+import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 
@@ -70,7 +76,7 @@ def save_checkpoint(root: str | Path, step: int, trainable, meta: dict, extra: d
         tmp.mkdir()
     _barrier()
     model_sd = model_sharded_state_dict(trainable.models)
-    state = {"model": model_sd, "step": step, "extra": extra or {}}
+    state = {"model": model_sd, "step": step, "extra": extra or {}, "rng": _rng_object(capture_rng())}
     if with_optimizer:
         state["optimizer"] = trainable.optimizer.sharded_state_dict(model_sd, metadata=OPT_METADATA)
         state["scheduler"] = trainable.scheduler.state_dict()
@@ -99,3 +105,100 @@ def load_model(path: str | Path, models, strict: bool = True) -> dict:
     module = models[0].module if hasattr(models[0], "module") else models[0]
     module.load_state_dict(loaded["model"], strict=strict)
     return json.loads((found / "vp2o.json").read_text())
+
+
+def capture_rng() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+
+
+def restore_rng(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _rng_object(data) -> ShardedObject:
+    """Per-rank RNG states: one shard per global rank (exact resume needs the same world size)."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return ShardedObject("vp2o_rng_state", data, (world,), (rank,), replica_id=0)
+
+
+def _inner_optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """After a reshardable load, torch Adam's per-parameter ``step`` tensors are one shared tensor,
+    so each update would bump it once per parameter (notes: resumed losses drift). Clone them."""
+    for inner in _inner_optimizers(optimizer):
+        torch_opt = getattr(inner, "optimizer", None)
+        for param_state in getattr(torch_opt, "state", {}).values():
+            if torch.is_tensor(param_state.get("step")):
+                param_state["step"] = param_state["step"].detach().clone()
+
+
+@contextlib.contextmanager
+def _tolerate_missing_adam_step(optimizer):
+    """megatron-core 0.16's fully-reshardable loader skips torch Adam's ``step`` (restored separately
+    from the param groups) but then copies every state key, ``step`` included (KeyError). For the
+    duration of the load, hand the setter the step it already holds. Instance-level, load-only."""
+    patched = []
+    for inner in _inner_optimizers(optimizer):
+        original = getattr(inner, "_set_main_param_and_optimizer_states", None)
+        if original is None:
+            continue
+
+        def setter(model_param, tensors, _orig=original, _inner=inner):
+            if "step" not in tensors:
+                group, order = _inner.model_param_group_index_map[model_param]
+                main_param = _inner.optimizer.param_groups[group]["params"][order]
+                step = _inner.optimizer.state[main_param].get("step")
+                if step is not None:
+                    tensors = dict(tensors, step=step.detach().clone())
+            return _orig(model_param, tensors)
+
+        inner._set_main_param_and_optimizer_states = setter
+        patched.append(inner)
+    try:
+        yield
+    finally:
+        for inner in patched:
+            del inner._set_main_param_and_optimizer_states
+
+
+def load_checkpoint(path: str | Path, trainable, with_optimizer: bool = True, restore_rng_state: bool = True) -> dict:
+    """Load weights, optimizer, scheduler and RNG state to continue exactly; returns ``vp2o.json``
+    plus ``extra`` (what the caller saved). Optimizer state reshards across layouts; RNG state
+    is restored only when the world size matches."""
+    found = latest_checkpoint(path)
+    if found is None:
+        raise FileNotFoundError(f"no complete checkpoint at '{path}'; nothing to resume")
+    meta = json.loads((found / "vp2o.json").read_text())
+    model_sd = model_sharded_state_dict(trainable.models)
+    state = {"model": model_sd}
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    same_world = meta.get("world_size", world) == world
+    if restore_rng_state and same_world:
+        state["rng"] = _rng_object(None)
+    if with_optimizer:
+        for inner in _inner_optimizers(trainable.optimizer):
+            if hasattr(inner, "_init_optimizer_states_with_dummy_values"):
+                inner._init_optimizer_states_with_dummy_values()  # a fresh torch Adam has no state to map
+        state["optimizer"] = trainable.optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPT_METADATA)
+    loaded = dist_checkpointing.load(state, str(found))
+    module = trainable.models[0].module if hasattr(trainable.models[0], "module") else trainable.models[0]
+    module.load_state_dict(loaded["model"], strict=True)
+    if with_optimizer:
+        with _tolerate_missing_adam_step(trainable.optimizer):
+            trainable.optimizer.load_state_dict(loaded["optimizer"])
+        _unshare_adam_steps(trainable.optimizer)
+        trainable.scheduler.load_state_dict(loaded["scheduler"])
+    else:
+        trainable.optimizer.reload_model_params()
+    if "rng" in loaded:
+        restore_rng(loaded["rng"])
+    return dict(meta, step=loaded["step"], extra=loaded.get("extra", {}))

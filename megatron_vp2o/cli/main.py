@@ -24,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     sft = sub.add_parser("sft", help="supervised fine-tuning (warm-up) of the MoE GPT")
     sft.add_argument("--config", required=True, help="YAML config (see examples/configs/)")
     sft.add_argument("--out", required=True, help="output directory (metrics.jsonl, checkpoints/)")
+    sft.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     sft.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=40 parallel.ep=2")
     data = sub.add_parser("make-data", help="generate the built-in datasets")
     data.add_argument("name", choices=["digit-sum"])
@@ -53,7 +54,7 @@ def cmd_sft(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     try:
-        summary = run_sft(cfg, args.out)
+        summary = run_sft(cfg, args.out, resume=args.resume)
     finally:
         shutdown()
     if int(os.environ.get("RANK", "0")) == 0:
@@ -72,7 +73,12 @@ def cmd_make_data(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     from megatron_vp2o.config import ConfigError
 
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)  # overrides may come before or after options
+    if extra and (not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     if args.command != "make-data":
         from megatron_vp2o import platform
 

@@ -60,6 +60,7 @@ def build_trainable(cfg, moe_layer_cls=MoELayer, **transformer_overrides) -> Tra
         lr_warmup_steps=train.warmup_steps, lr_decay_steps=max(train.steps, train.warmup_steps + 1),
         lr_decay_style="cosine", start_wd=train.weight_decay, end_wd=train.weight_decay,
         wd_incr_steps=train.steps, wd_incr_style="constant",
+        override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=False,  # resume: the config wins
     )
     tconf.finalize_model_grads_func = finalize_model_grads
     tconf.grad_scale_func = optimizer.scale_loss

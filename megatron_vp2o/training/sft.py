@@ -12,7 +12,7 @@ from pathlib import Path
 
 from megatron.core import parallel_state as ps
 
-from megatron_vp2o.checkpoint import load_model, save_checkpoint
+from megatron_vp2o.checkpoint import latest_checkpoint, load_checkpoint, load_model, save_checkpoint
 from megatron_vp2o.config import ConfigError, check_layout, to_dict
 from megatron_vp2o.data.sft import SFTDataset, read_jsonl
 from megatron_vp2o.data.tokenizer import load_tokenizer
@@ -36,23 +36,31 @@ def check_inputs(cfg):
     return tok, read_jsonl(cfg.data.path)
 
 
-def run_sft(cfg, out_dir: str | Path) -> dict:
-    """Train; returns a summary dict (first/last loss, steps, seconds)."""
+def run_sft(cfg, out_dir: str | Path, resume: bool = False) -> dict:
+    """Train; returns a summary dict (first/last loss, steps, seconds).
+
+    ``resume``: continue from the newest complete checkpoint under the checkpoint directory
+    (weights, optimizer, schedule, RNG; the data position is the step), exactly.
+    """
     out_dir = Path(out_dir)
     tok, rows = check_inputs(cfg)
+    ckpt_root = Path(cfg.checkpoint.dir or out_dir / "checkpoints")
+    resume_from = latest_checkpoint(ckpt_root) if resume and ckpt_root.exists() else None
     layout = init_parallel(cfg)
     trainable = build_trainable(cfg)
-    if cfg.checkpoint.load:
+    start = 0
+    if resume_from is not None:
+        start = load_checkpoint(resume_from, trainable)["step"]
+    elif cfg.checkpoint.load:
         load_model(cfg.checkpoint.load, trainable.models)
         trainable.optimizer.reload_model_params()
     data = SFTDataset(rows, tok, cfg.model.seq_length, cfg.data.loss_on_prompt)
-    ckpt_root = Path(cfg.checkpoint.dir or out_dir / "checkpoints")
     meta = {"config": to_dict(cfg), "kind": "sft", "world_size": layout.world}
-    logger = MetricsLogger(out_dir, cfg.logging, to_dict(cfg))
-    bar = Progress(cfg.train.steps, "sft", cfg.logging.progress)
+    logger = MetricsLogger(out_dir, cfg.logging, to_dict(cfg), resume_step=start)
+    bar = Progress(cfg.train.steps, "sft", cfg.logging.progress, start=start)
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-    losses, t_start = [], time.perf_counter()
-    for step in range(1, cfg.train.steps + 1):
+    losses, t_start = [float("nan")], time.perf_counter()
+    for step in range(start + 1, cfg.train.steps + 1):
         t0 = time.perf_counter()
         batches = data.micro_batches(step - 1, cfg.train.global_batch_size, cfg.train.micro_batch_size,
                                      dp_rank, dp_size, cfg.train.seed)
@@ -68,7 +76,8 @@ def run_sft(cfg, out_dir: str | Path) -> dict:
     if cfg.checkpoint.save_final:
         save_checkpoint(ckpt_root, cfg.train.steps, trainable, meta)
     logger.close()
-    return {"steps": cfg.train.steps, "first_loss": losses[0], "last_loss": losses[-1],
+    losses = losses[1:] or [float("nan")]
+    return {"steps": cfg.train.steps, "resumed_from": start, "first_loss": losses[0], "last_loss": losses[-1],
             "min_loss": min(losses), "seconds": time.perf_counter() - t_start,
             "parameters": sum(p.numel() for p in trainable.module.parameters()),
             "layout": f"dp={layout.dp} tp={layout.tp} pp={layout.pp} ep={layout.ep}", "checkpoint": str(ckpt_root)}

@@ -102,6 +102,7 @@ def _trust_region(state, snap, after, old_protos, anchors) -> tuple[int, float, 
     cfg = state.cfg.trust_region
     scales = cfg.backtrack_scales
     d_anc = anchor_statistic(state.layers, anchors)
+    state.d_anc_trace = [float(d_anc)]
     attempt = 0
     decision = int(tr.decide(d_anc <= cfg.anchor_delta, attempt, cfg.on_violation, len(scales)))
     while decision == tr.BACKTRACK:
@@ -110,6 +111,7 @@ def _trust_region(state, snap, after, old_protos, anchors) -> tuple[int, float, 
             layer.protos_XD.copy_(old)
         refresh_prototypes(state.layers, state.groups, state.cfg.stein.power_iters)
         d_anc = anchor_statistic(state.layers, anchors)
+        state.d_anc_trace.append(float(d_anc))
         attempt += 1
         ok = d_anc <= cfg.anchor_delta
         decision = int(tr.decide(ok, attempt, cfg.on_violation, len(scales)))
@@ -197,6 +199,7 @@ def _report(state, losses, metrics, decision, d_anc, backtracks, grad_norm, upda
            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
            "d_beh": float(drift), "ess": float(ess)}
     out |= {f"count/{k}": v for k, v in state.counters.items()}
+    out["d_anc_trace"] = list(getattr(state, "d_anc_trace", []))
     for layer in state.layers:
         n = layer.layer_number
         tokens_E = torch.diagonal(layer.counts_EE)
