@@ -188,7 +188,7 @@ class VP2OMoELayer(MoELayer):
         replica = (0, ps.get_expert_tensor_parallel_rank(), ps.get_expert_data_parallel_rank())
         state[key] = ShardedTensor.from_rank_offsets(
             key, self.protos_XD, *sharded_offsets, (len(sharded_offsets), ep_rank, ep_size),
-            replica_id=replica)
+            replica_id=replica, prepend_axis_num=len(sharded_offsets))
         return state
 
 

@@ -14,8 +14,8 @@ import torch.distributed as dist
 
 from distributed.worlds_foundation import global_batch, my_micro_batches, tiny_config
 
-VP2O = dict(stein=dict(repulsion_coef=0.1), specialization=dict(ortho_coef=1e-2, var_coef=1e-2),
-            trust_region=dict(anchor_delta=0.1))
+VP2O = dict(stein=dict(repulsion_coef=0.01), specialization=dict(ortho_coef=1e-2, var_coef=1e-2),
+            trust_region=dict(anchor_delta=0.4))
 PLAIN = dict(stein=dict(repulsion_coef=0.0, coact_topm=0, freeze_inactive=False),
              specialization=dict(ortho_coef=0.0, var_coef=0.0), trust_region=dict(enabled=False))
 
@@ -121,7 +121,7 @@ class HookProbe:
         return rep_EP
 
 
-def reference(payload):
+def reference(payload) -> dict:
     """1 rank: initial checkpoint (30-step prototypes), plain-vs-VP2O(zero coefs) bitwise check."""
     from megatron_vp2o.checkpoint import save_checkpoint
     from megatron_vp2o.distributed.init import init_parallel
@@ -130,7 +130,6 @@ def reference(payload):
     from megatron_vp2o.training.vp2o_step import vp2o_train_step
 
     cfg = vp2o_config()
-    init_parallel(cfg)
     tr, _ = _build(cfg, init=True)
     save_checkpoint(payload["init"], 0, tr, {"kind": "test"}, with_optimizer=False)
     plain = build_trainable(cfg)
@@ -155,6 +154,7 @@ def layout_step(payload):
 
     cfg = vp2o_config(payload["parallel"])
     init_parallel(cfg)
+    extra = reference(payload) if payload.get("reference") else {}
     tr, state = _build(cfg, init=False, path=payload["init"])
     state.model = tr.model
     mbs = my_micro_batches(global_batch())
@@ -173,9 +173,10 @@ def layout_step(payload):
     diffs = torch.tensor([probe.diff])
     dist.all_reduce(diffs, op=dist.ReduceOp.MAX)
     return {"world": dist.get_world_size(), "loss": m1["loss"], "decision": m1["decision"],
-            "d_anc": m1["d_anc"], "backtracks": m1["backtracks"], "hook_diff": diffs.item(),
+            "d_anc": m1["d_anc"], "d_anc_trace": m1["d_anc_trace"], "backtracks": m1["backtracks"], "hook_diff": diffs.item(),
             "reject_decision": m2["decision"], "restore_exact": _world_min(exact),
-            "metrics": {k: v for k, v in m1.items() if k.startswith(("exchange", "stein", "timing"))}}
+            "metrics": {k: v for k, v in m1.items() if k.startswith(("exchange", "stein", "timing"))},
+            **extra}
 
 
 def compare(payload):

@@ -1,0 +1,70 @@
+"""Contract: one VP2O step (Stein + repulsion + specialisation losses + trust region) from the same
+weights gives the same parameters, prototypes and trust-region decision in every layout; the hook
+equals `algo.stein.stein_transport` on the gathered full gradients; a forced violation restores
+parameters and optimizer state exactly; with zero coefficients VP2O is plain megatron training."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness import run_world
+
+# name -> (ranks, parallel section)
+LAYOUTS = {
+    "1rank": (1, {}),
+    "dp2": (2, {}),
+    "ep2": (2, {"ep": 2}),
+    "ep4": (4, {"ep": 4}),
+    "dp2xep2": (4, {"ep": 2}),
+    "tp2_sp": (2, {"tp": 2}),
+    "pp2": (2, {"pp": 2}),
+    "dp2_nodistopt_overlap": (2, {"distributed_optimizer": False, "overlap_grad_reduce": True}),
+}
+
+
+@pytest.fixture(scope="module")
+def worlds(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vp2o")
+    init = str(root / "init")
+    results, paths = {}, {}
+    for name, (n, par) in LAYOUTS.items():  # "1rank" first: it writes the initial checkpoint
+        paths[name] = str(root / name)
+        results[name] = run_world(n, "distributed.worlds_vp2o:layout_step",
+                                  {"init": init, "out": paths[name], "parallel": par,
+                                   "reference": name == "1rank"})
+    reference = results["1rank"]
+    compared = run_world(1, "distributed.worlds_vp2o:compare", {"ref": paths["1rank"], "layouts": paths})
+    return reference, results, compared
+
+
+def test_zero_coefficients_is_plain_megatron_bitwise(worlds):
+    assert worlds[0]["bitwise_plain"]
+
+
+def test_reference_step_backtracks_then_accepts(worlds):
+    ref = worlds[1]["1rank"]
+    assert ref["decision"] == "backtrack" and ref["backtracks"] >= 1, ref["d_anc_trace"]
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_layout_matches_single_rank(worlds, name):
+    _, results, compared = worlds
+    ref, got = results["1rank"], results[name]
+    assert got["world"] == LAYOUTS[name][0]
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-5)
+    assert (got["decision"], got["backtracks"]) == (ref["decision"], ref["backtracks"])
+    assert got["d_anc"] == pytest.approx(ref["d_anc"], abs=1e-5)
+    assert compared[name]["max_param_diff"] < 1e-5, compared[name]
+    assert compared[name]["proto_diff"] < 1e-5, compared[name]
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_hook_equals_stein_transport_on_gathered_grads(worlds, name):
+    assert worlds[1][name]["hook_diff"] < 1e-7
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_forced_violation_restores_exactly_on_every_rank(worlds, name):
+    got = worlds[1][name]
+    assert got["reject_decision"] == "reject"
+    assert got["restore_exact"]
