@@ -68,3 +68,12 @@ def test_forced_violation_restores_exactly_on_every_rank(worlds, name):
     got = worlds[1][name]
     assert got["reject_decision"] == "reject"
     assert got["restore_exact"]
+
+
+def test_print_parity_numbers(worlds):
+    """Not a check: the per-layout numbers for the log (run with -s)."""
+    _, results, compared = worlds
+    for name in LAYOUTS:
+        r, c = results[name], compared[name]
+        print(f"{name}: param {c['max_param_diff']:.2e} proto {c['proto_diff']:.2e} hook {r['hook_diff']:.2e} "
+              f"decision {r['decision']}x{r['backtracks']} d_anc {r['d_anc']:.6f}")

@@ -59,7 +59,8 @@ def ortho_capture_checks() -> dict:
     original = layer._specialisation_loss
 
     def spy(raw_TKD):
-        captured["raw"] = raw_TKD
+        if raw_TKD is not None:
+            captured["raw"] = raw_TKD
         return original(raw_TKD)
 
     layer._specialisation_loss = spy
