@@ -6,6 +6,8 @@
   parameter's local shard from HF tensors read lazily, and saves a reshardable dist checkpoint
   through :func:`megatron_vp2o.checkpoint.save_checkpoint` into a temporary directory that is
   renamed to ``--out`` only after the optional verification passed.
+  VP2O prototypes (persistent per-expert buffers, not HF tensors) are recomputed from the
+  imported weights with 30 power steps, so VP2O training loads the checkpoint strictly.
 * :func:`verify_logits` loads the saved checkpoint into a fresh fp32 model and compares its
   logits on random tokens with transformers' model of the HF directory (max |diff| <= tol).
 * :func:`export_hf` loads a dist checkpoint (any saved layout) with TP=PP=EP=1 and streams HF
@@ -75,11 +77,32 @@ def start_world(cfg: Config):
     init_parallel(cfg)
 
 
-def build_model(cfg: Config):
+def build_model(cfg: Config, with_prototypes: bool = False):
+    """This rank's model stage; ``with_prototypes``: VP2O MoE layers (persistent ``protos_XD`` buffers)."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
     from megatron_vp2o.model.builder import build_gpt, transformer_config
 
+    layer_cls = MoELayer
+    if with_prototypes:
+        from megatron_vp2o.moe.layer import vp2o_moe_layer
+
+        layer_cls = vp2o_moe_layer(cfg.vp2o.specialization)
     tconf = transformer_config(cfg.model, cfg.parallel, perform_initialization=False)
-    return build_gpt(cfg.model, tconf)
+    return build_gpt(cfg.model, tconf, moe_layer_cls=layer_cls)
+
+
+@torch.no_grad()
+def recompute_prototypes(model, cfg: Config) -> int:
+    """VP2O prototypes from the imported expert weights (``init_power_iters`` = 30 power steps, the
+    same deterministic start as training's ``init_vp2o``); returns the number of layers set."""
+    from megatron_vp2o.distributed.reductions import VP2OGroups, refresh_prototypes
+    from megatron_vp2o.moe.layer import vp2o_layers
+
+    layers = vp2o_layers(model)
+    groups = VP2OGroups.from_parallel_state(cfg.parallel.use_sequence_parallel)
+    refresh_prototypes(layers, groups, cfg.vp2o.stein.init_power_iters, from_start=True)
+    return len(layers)
 
 
 def shards_of(model, cfg: Config) -> mapping.Shards:
@@ -129,8 +152,9 @@ def import_hf(hf_dir, out, tp=1, pp=1, ep=1, etp=None, dtype=None, verify=False,
     owner = _rank() == 0
     with io.atomic_dir(out, owner=owner) as tmp:
         _barrier()
-        model = build_model(cfg)
+        model = build_model(cfg, with_prototypes=True)
         summary["params_filled_rank0"] = fill_from_hf(model, cfg, arch, reader)
+        summary["prototype_layers"] = recompute_prototypes(model, cfg)
         meta = {"kind": "hf-import", "config": to_dict(cfg), "world_size": world,
                 "hf": {"arch": arch.model_type, "config": reader.config, "source": str(Path(hf_dir).resolve())}}
         save_checkpoint(tmp, 0, SimpleNamespace(models=[model]), meta, with_optimizer=False)

@@ -146,7 +146,7 @@ def hf_config_from_model(arch: Arch, m: ModelConfig, base: dict | None = None) -
         router_aux_loss_coef=m.router.aux_loss_coeff,
         dtype={"fp32": "float32", "bf16": "bfloat16"}[m.params_dtype],
     )
-    if "head_dim" in out and out["head_dim"] is None and head_dim * m.num_attention_heads == m.hidden_size:
+    if "head_dim" in (base or {}) and base["head_dim"] is None and head_dim * m.num_attention_heads == m.hidden_size:
         out["head_dim"] = None  # Mixtral's implicit default stays implicit
     out.pop("rope_theta", None)
     out.pop("torch_dtype", None)

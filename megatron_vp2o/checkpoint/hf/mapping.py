@@ -4,7 +4,7 @@
 its pipeline-local layer and local expert index). Import (:func:`mcore_from_hf`) builds the
 parameter's *local* tensor (this rank's PP stage, EP experts, TP/ETP shard) from HF tensors read
 on demand; export (:func:`hf_from_mcore`) turns a full (TP=PP=EP=1) parameter into its HF
-tensors. Only parameters are mapped: buffers (VP2O ``*.prototypes``, token counters) are never
+tensors. Only parameters are mapped: buffers (VP2O ``protos_XD`` prototypes, token counters) are never
 exported and never required on import; an unknown *parameter* raises, so nothing is dropped
 silently. Names covered (local and TE specs; SequentialMLP, GroupedMLP and TEGroupedMLP experts):
 
