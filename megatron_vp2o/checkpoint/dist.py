@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
 OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 
@@ -65,8 +65,11 @@ def model_sharded_state_dict(models) -> dict:
 
 
 def save_checkpoint(root: str | Path, step: int, trainable, meta: dict, extra: dict | None = None,
-                    with_optimizer: bool = True) -> Path:
-    """Collective: every rank calls it. Returns the final directory."""
+                    with_optimizer: bool = True, rank_state=None) -> Path:
+    """Collective: every rank calls it. Returns the final directory.
+
+    ``extra``: small common state (rank 0's); ``rank_state``: anything ``torch.save`` can write that
+    differs per rank (e.g. an RL rollout buffer), stored as ``rank<r>.pt`` inside the checkpoint."""
     root = Path(root)
     final, tmp = step_dir(root, step), Path(str(step_dir(root, step)) + ".tmp")
     if _rank0():
@@ -81,6 +84,9 @@ def save_checkpoint(root: str | Path, step: int, trainable, meta: dict, extra: d
         state["optimizer"] = trainable.optimizer.sharded_state_dict(model_sd, metadata=OPT_METADATA)
         state["scheduler"] = trainable.scheduler.state_dict()
     dist_checkpointing.save(state, str(tmp))
+    if rank_state is not None:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        torch.save(rank_state, tmp / f"rank{rank}.pt")
     _barrier()
     if _rank0():
         (tmp / "vp2o.json").write_text(json.dumps(dict(meta, step=step), indent=1, default=str))
@@ -94,17 +100,49 @@ def save_checkpoint(root: str | Path, step: int, trainable, meta: dict, extra: d
     return final
 
 
+# Model state that a checkpoint may lack: recomputed from the weights after loading (VP2O prototypes).
+OPTIONAL_KEY_PARTS = ("protos",)
+
+
+def _present(sharded: dict, found: Path) -> tuple[dict, list[str]]:
+    """Drop optional entries the checkpoint does not hold; a missing weight is an error."""
+    saved = set(dist_checkpointing.load_tensors_metadata(str(found)).keys())
+    keep, missing = {}, []
+    for name, item in sharded.items():
+        key = getattr(item, "key", None)
+        if not isinstance(item, ShardedTensor) or key in saved:
+            keep[name] = item
+        elif any(part in name for part in OPTIONAL_KEY_PARTS):
+            missing.append(name)
+        else:
+            raise FileNotFoundError(f"checkpoint '{found}' has no tensor '{key}' (model parameter '{name}'); "
+                                    "is it a checkpoint of this model config?")
+    return keep, missing
+
+
 def load_model(path: str | Path, models, strict: bool = True) -> dict:
-    """Load model weights (any saved layout) into ``models``; returns the checkpoint's metadata."""
+    """Load model weights (any saved layout) into ``models``; returns the checkpoint's metadata
+    (with ``missing_optional``: optional buffers the checkpoint lacked, e.g. VP2O prototypes)."""
     found = latest_checkpoint(path)
     if found is None:
         raise FileNotFoundError(f"no complete checkpoint at '{path}' (expected vp2o.json or a 'latest' marker); "
                                 "check checkpoint.load / --ckpt")
-    sharded = model_sharded_state_dict(models)
+    sharded, missing = _present(model_sharded_state_dict(models), found)
     loaded = dist_checkpointing.load({"model": sharded}, str(found))
     module = models[0].module if hasattr(models[0], "module") else models[0]
-    module.load_state_dict(loaded["model"], strict=strict)
-    return json.loads((found / "vp2o.json").read_text())
+    result = module.load_state_dict(loaded["model"], strict=False)
+    unexpected = [k for k in result.missing_keys if not any(p in k for p in OPTIONAL_KEY_PARTS) and "_extra_state" not in k]
+    if strict and (unexpected or result.unexpected_keys):
+        raise RuntimeError(f"loading '{found}': missing {unexpected}, unexpected {result.unexpected_keys}")
+    return dict(json.loads((found / "vp2o.json").read_text()), missing_optional=missing)
+
+
+def load_rank_state(path: str | Path):
+    """This rank's ``rank_state`` of :func:`save_checkpoint` (None if it saved none)."""
+    found = latest_checkpoint(path)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    file = None if found is None else found / f"rank{rank}.pt"
+    return torch.load(file, weights_only=False) if file is not None and file.is_file() else None
 
 
 def capture_rng() -> dict:

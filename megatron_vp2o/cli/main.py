@@ -1,6 +1,7 @@
 """``vp2o``: the command line of megatron-vp2o.
 
-    vp2o sft   --config C --out DIR [section.field=value ...]   supervised warm-up / SFT
+    vp2o sft   --config C --out DIR [--resume] [section.field=value ...]   supervised warm-up / SFT
+    vp2o train --config C --out DIR [--resume] [section.field=value ...]   RL (VP2O or GRPO)
     vp2o make-data digit-sum --out FILE [--n N --seed S]        the tiny recipe's SFT data
     vp2o convert hf-to-mcore|mcore-to-hf ...                    checkpoint conversion (cli/convert.py)
 
@@ -26,6 +27,11 @@ def _parser() -> argparse.ArgumentParser:
     sft.add_argument("--out", required=True, help="output directory (metrics.jsonl, checkpoints/)")
     sft.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     sft.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=40 parallel.ep=2")
+    train = sub.add_parser("train", help="RL: VP2O or the GRPO baseline (rl.algo)")
+    train.add_argument("--config", required=True, help="YAML config with an rl section (see examples/configs/)")
+    train.add_argument("--out", required=True, help="output directory (metrics.jsonl, checkpoints/)")
+    train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rl.algo=grpo rl.steps=10")
     data = sub.add_parser("make-data", help="generate the built-in datasets")
     data.add_argument("name", choices=["digit-sum"])
     data.add_argument("--out", required=True)
@@ -62,6 +68,21 @@ def cmd_sft(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from megatron_vp2o.config import load_config
+    from megatron_vp2o.distributed.init import shutdown
+    from megatron_vp2o.rl.trainer import run_rl
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        summary = run_rl(cfg, args.out, resume=args.resume)
+    finally:
+        shutdown()
+    if int(os.environ.get("RANK", "0")) == 0:
+        _summary_table(f"vp2o train ({cfg.rl.algo})", summary)
+    return 0
+
+
 def cmd_make_data(args) -> int:
     from megatron_vp2o.data.tiny import digit_sum_sft_rows, write_jsonl
 
@@ -83,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         from megatron_vp2o import platform
 
         platform.activate()  # once, at start-up: CUDA, or the CPU layer when CUDA is absent
-    handlers = {"sft": cmd_sft, "make-data": cmd_make_data, "convert": convert.run}
+    handlers = {"sft": cmd_sft, "train": cmd_train, "make-data": cmd_make_data, "convert": convert.run}
     try:
         return handlers[args.command](args)
     except ConfigError as exc:

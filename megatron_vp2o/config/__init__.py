@@ -17,6 +17,7 @@ from megatron_vp2o.config.schema import (
     TrainConfig,
 )
 from megatron_vp2o.config.validate import Layout, check_layout
+from megatron_vp2o.rl.config import RLConfig  # noqa: E402  (rl.config needs only config.loader)
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     vp2o: VP2OConfig = field(default_factory=VP2OConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:

@@ -135,6 +135,7 @@ class CheckpointConfig:
     every: int = 0  # save every n steps (0: only at the end)
     load: Optional[str] = None  # initial weights: a checkpoint directory (weights only)
     save_final: bool = True  # save after the last step
+    save_optimizer: bool = True  # include optimizer state (needed for exact resume; false: weights only)
 
     def __post_init__(self):
         check(self.every >= 0, "checkpoint.every", "be >= 0", self.every)

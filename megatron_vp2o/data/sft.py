@@ -49,10 +49,10 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def encode_example(tok, row: dict, seq_length: int, loss_on_prompt: bool) -> tuple[list[int], list[float]]:
-    prompt = tok.encode(row.get("prompt", "")) if "prompt" in row else []
+    prompt = tok.encode_prompt(row.get("prompt", ""))
     response = tok.encode(row["response"] if "response" in row else row["text"]) + [tok.eos_id]
-    ids = [tok.bos_id] + prompt + response
-    target_mask = [0.0] * (1 + len(prompt)) + [1.0] * len(response)
+    ids = prompt + response
+    target_mask = [0.0] * len(prompt) + [1.0] * len(response)
     if loss_on_prompt or "text" in row:
         target_mask = [0.0] + [1.0] * (len(ids) - 1)
     n = seq_length + 1

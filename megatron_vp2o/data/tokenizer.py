@@ -28,6 +28,10 @@ class CharTokenizer:
     def decode(self, ids) -> str:
         return "".join(chr(i + 29) for i in ids if 3 <= int(i) <= 97)
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """A sequence start: ``<bos>`` + text (SFT examples and RL prompts both begin this way)."""
+        return [self.bos_id] + self.encode(text)
+
 
 class HFTokenizer:
     """Wraps a local ``transformers`` tokenizer with the same small interface."""
@@ -47,6 +51,10 @@ class HFTokenizer:
 
     def decode(self, ids) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=True)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A sequence start with the tokenizer's own special tokens (BOS where it uses one)."""
+        return self.hf.encode(text, add_special_tokens=True)
 
 
 def load_tokenizer(spec: str):

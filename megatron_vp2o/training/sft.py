@@ -74,7 +74,7 @@ def run_sft(cfg, out_dir: str | Path, resume: bool = False) -> dict:
             save_checkpoint(ckpt_root, step, trainable, meta)
     bar.close()
     if cfg.checkpoint.save_final:
-        save_checkpoint(ckpt_root, cfg.train.steps, trainable, meta)
+        save_checkpoint(ckpt_root, cfg.train.steps, trainable, meta, with_optimizer=cfg.checkpoint.save_optimizer)
     logger.close()
     losses = losses[1:] or [float("nan")]
     return {"steps": cfg.train.steps, "resumed_from": start, "first_loss": losses[0], "last_loss": losses[-1],

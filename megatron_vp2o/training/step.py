@@ -60,8 +60,13 @@ def reduce_report(losses_reduced: list[dict], key: str = "lm loss") -> torch.Ten
     return total.cpu()
 
 
-def train_step(trainable, micro_batches: list, forward_step=lm_forward_step) -> dict:
-    """Forward/backward over ``micro_batches``, optimizer step, LR schedule; returns metrics."""
+def train_step(trainable, micro_batches: list, forward_step=lm_forward_step, guard=None,
+               report_keys: tuple[str, ...] = ()) -> dict:
+    """Forward/backward over ``micro_batches``, optimizer step, LR schedule; returns metrics.
+
+    ``guard(trainable) -> bool`` runs after the backward (gradients reduced); False skips the
+    optimizer step and the schedule (the weights do not change) and reports ``skipped``.
+    ``report_keys``: other ``[sum, count]`` entries of the loss function's report to average."""
     t0 = time.perf_counter()
     for m in trainable.models:
         m.zero_grad_buffer()
@@ -73,13 +78,21 @@ def train_step(trainable, micro_batches: list, forward_step=lm_forward_step) -> 
         micro_batch_size=mb.tokens.shape[0], forward_only=False,
     )
     t1 = time.perf_counter()
+    loss_sum, count = reduce_report(losses).tolist()
+    extra = {}
+    for key in report_keys:
+        total, n = reduce_report(losses, key).tolist()
+        extra[key] = total / max(n, 1.0)
+    if guard is not None and not guard(trainable):
+        trainable.optimizer.zero_grad()
+        return {"loss": loss_sum / max(count, 1.0), "skipped": True, "skip_reason": "non-finite loss or gradient",
+                "timing/forward_backward": t1 - t0}
     ok, grad_norm, _ = trainable.optimizer.step()
     trainable.scheduler.step(increment=1)
     t2 = time.perf_counter()
-    loss_sum, count = reduce_report(losses).tolist()
     return {
         "loss": loss_sum / max(count, 1.0), "tokens": int(count),
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
         "lr": trainable.optimizer.param_groups[0]["lr"], "update_ok": bool(ok),
-        "timing/forward_backward": t1 - t0, "timing/optimizer": t2 - t1,
+        "timing/forward_backward": t1 - t0, "timing/optimizer": t2 - t1, **extra,
     }

@@ -1,0 +1,61 @@
+"""Learner micro-batches built from a rollout buffer.
+
+A :class:`RLBatch` carries one micro-batch of teacher-forced sequences in megatron's GPTModel
+conventions (tokens, labels, the rollout's positions and attention mask) plus what the policy loss
+needs aligned to the same S columns: the behaviour log-probs ``logp_old_BS`` (0 off the response),
+the sequence advantages ``adv_B`` and, with a KL penalty, the reference log-probs.
+With sequence parallelism the columns are padded to a multiple of TP (padding is masked out).
+
+Shape legend: B sequences, S columns (prompt + response - 1), T response tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megatron_vp2o.rl.rollout.rollouts import Rollouts, attention_mask
+
+
+@dataclass
+class RLBatch:
+    tokens: torch.Tensor  # [B, S] input ids
+    labels: torch.Tensor  # [B, S] next tokens
+    positions: torch.Tensor  # [B, S] the rollout's positions
+    attention_mask: torch.Tensor  # [B, 1, S, S] bool, True = masked
+    loss_mask: torch.Tensor  # [B, S] 1.0 where the label is a generated response token
+    logp_old: torch.Tensor  # [B, S] behaviour log-probs at the loss columns
+    adv: torch.Tensor  # [B] advantages
+    logp_ref: torch.Tensor | None = None  # [B, S] reference log-probs (KL penalty)
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+
+def _to_columns(values_BT: torch.Tensor, rollouts: Rollouts, num_cols: int) -> torch.Tensor:
+    out_BS = torch.zeros(values_BT.shape[0], num_cols, dtype=torch.float32)
+    out_BS[:, rollouts.response_cols] = values_BT.float()
+    return out_BS
+
+
+def make_batches(rollouts: Rollouts, adv_B: torch.Tensor, micro_batch_size: int, pad_to: int = 1,
+                 logp_ref_BT: torch.Tensor | None = None) -> list[RLBatch]:
+    """Split the buffer into micro-batches (columns padded to a multiple of ``pad_to``)."""
+    tf = rollouts.training_input()
+    s = tf.tokens_BS.shape[1]
+    extra = (-s) % pad_to
+    tokens, labels, pos = tf.tokens_BS, tf.labels_BS, tf.positions_BS
+    mask, loss_mask = tf.attention_mask_B1SS, tf.loss_mask_BS
+    if extra:
+        pad = lambda t, v: torch.cat([t, t.new_full((t.shape[0], extra), v)], dim=1)  # noqa: E731
+        tokens, labels, loss_mask = pad(tokens, rollouts.pad_id), pad(labels, rollouts.pad_id), pad(loss_mask, 0)
+        pos = torch.cat([pos, pos[:, -1:] + torch.arange(1, extra + 1)], dim=1)
+        mask = attention_mask(rollouts.pads_B, s + extra, s + extra)
+    logp_old = _to_columns(rollouts.logp_BT, rollouts, s + extra)
+    logp_ref = _to_columns(logp_ref_BT, rollouts, s + extra) if logp_ref_BT is not None else None
+    out = []
+    for idx in torch.arange(tokens.shape[0]).split(micro_batch_size):
+        out.append(RLBatch(tokens[idx], labels[idx], pos[idx], mask[idx], loss_mask[idx], logp_old[idx],
+                           adv_B[idx].float(), None if logp_ref is None else logp_ref[idx]))
+    return out

@@ -1,0 +1,57 @@
+"""The ``rl`` config section: what the RL trainer (``vp2o train``) does each step.
+
+``algo``: ``vp2o`` (Stein transport, specialisation losses, geometric trust regions, event-driven
+actor refresh; spec 2) or ``grpo`` (the baseline: PPO clipping, actors refreshed every step, a
+fixed number of inner epochs; spec 2.3). The ``ablate`` switches turn single VP2O parts off.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from megatron_vp2o.algo.config import PolicyLossConfig
+from megatron_vp2o.config.loader import check
+from megatron_vp2o.rl.rollout.sampling import SamplingConfig
+
+
+@dataclass
+class AblationConfig:
+    stein: bool = True  # attraction (kernel-weighted neighbour gradients)
+    repulsion: bool = True  # repulsion gradient through the prototypes
+    specialization: bool = True  # orthogonality + routing-variance losses
+    anchor_budget: bool = True  # prototype-barycenter trust region (spec 2.10)
+    behaviour_budget: bool = True  # drift / ESS refresh triggers (spec 2.11)
+
+
+@dataclass
+class RLConfig:
+    algo: Literal["vp2o", "grpo"] = "vp2o"  # learner: VP2O or the GRPO-with-clipping baseline
+    prompts: str = "data/prompts/digit_sum_train.jsonl"  # prompt JSONL (prompt, task, answer/tests/meta)
+    eval_prompts: Optional[str] = "data/prompts/digit_sum_eval.jsonl"  # evaluated at start/end (null: off)
+    eval_every: int = 0  # also evaluate every n steps (0: only at start and end)
+    eval_samples: int = 8  # samples per eval prompt (for pass@1 and distinct correct answers)
+    steps: int = 30  # learner updates
+    prompts_per_step: int = 8  # prompts per rollout batch (all data-parallel ranks)
+    refresh: Optional[Literal["every_step", "event"]] = None  # actor refresh (None: event for vp2o, every_step for grpo)
+    inner_epochs: int = 1  # grpo: learner updates per rollout batch
+    micro_batch_size: int = 16  # sequences per learner micro-batch
+    reward_timeout_s: float = 10.0  # per-call reward timeout
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    policy_loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
+    ablate: AblationConfig = field(default_factory=AblationConfig)
+
+    def __post_init__(self):
+        for name in ("steps", "prompts_per_step", "inner_epochs", "micro_batch_size", "eval_samples"):
+            check(getattr(self, name) >= 1, f"rl.{name}", "be >= 1", getattr(self, name))
+        check(self.eval_every >= 0, "rl.eval_every", "be >= 0", self.eval_every)
+        check(self.reward_timeout_s > 0, "rl.reward_timeout_s", "be > 0", self.reward_timeout_s)
+
+    @property
+    def refresh_policy(self) -> str:
+        return self.refresh or ("event" if self.algo == "vp2o" else "every_step")
+
+    @property
+    def loss_name(self) -> str:
+        """grpo uses PPO clipping (grpo_clip); vp2o uses the configured loss (default: unclipped)."""
+        return "grpo_clip" if self.algo == "grpo" else self.policy_loss.policy_loss

@@ -1,0 +1,137 @@
+"""The learner's loss on megatron-core: policy-gradient forward step, behaviour statistics, updates.
+
+``policy_forward_step`` is a megatron ``forward_step_func``: it runs the model over an
+:class:`~megatron_vp2o.rl.batches.RLBatch` at the rollout's positions and returns the logits with a
+``loss_func`` that evaluates the registered policy loss (``algo.grpo.POLICY_LOSSES``) on the learner
+log-probs. Log-probs use the actors' definition (``rollout.sampling.sampling_logprobs``: tempered,
+top-k/top-p filtered), so rho = pi/mu compares like with like.
+
+Normalisation (STYLE 9): the loss function returns the *sum* of the aggregation's terms and its
+count (sequences for ``seq_mean_token_mean``, tokens for ``token_mean``); megatron sums both over
+micro-batches and data-parallel ranks and divides the gradient once by the global count, so the
+objective is the aggregation over the whole global batch.
+
+Shape legend: B sequences, S columns, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+from megatron_vp2o.algo import grpo
+from megatron_vp2o.algo import trust_region as tr
+from megatron_vp2o.rl.rollout.routing import rope_positions
+from megatron_vp2o.rl.rollout.sampling import token_logprobs
+
+
+def unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def learner_logprobs(logits_BSV: torch.Tensor, batch, sampling, vocab_size: int | None) -> torch.Tensor:
+    """log pi of the labels under the actors' sampling definition; 0 off the loss columns."""
+    full_BSV = gather_from_tensor_model_parallel_region(logits_BSV)
+    logp_BS = token_logprobs(full_BSV.float(), batch.labels, sampling, vocab_size)
+    return torch.where(batch.loss_mask > 0, logp_BS, torch.zeros_like(logp_BS))
+
+
+def policy_loss_func(batch, cfg, vocab_size, logits_BSV):
+    """(sum of per-sequence/per-token loss terms, their count, report) for megatron's schedule."""
+    logp_BS = learner_logprobs(logits_BSV, batch, cfg.sampling, vocab_size)
+    loss_fn = grpo.POLICY_LOSSES.get(cfg.loss_name)
+    pl = cfg.policy_loss
+    loss_sum, metrics = loss_fn(logp_BS, batch.logp_old, batch.adv, batch.loss_mask, clip_eps=pl.clip_eps,
+                                kl_coef=pl.kl_coef, logp_ref=batch.logp_ref, aggregation=pl.aggregation,
+                                normalizer=1.0)
+    count = grpo.aggregation_count(batch.loss_mask, pl.aggregation)
+    tokens = batch.loss_mask.sum()
+    report = {"lm loss": torch.stack([loss_sum.detach(), count.float()]),
+              "clip_frac": torch.stack([metrics["clip_frac"] * tokens, tokens]),
+              "ratio_mean": torch.stack([metrics["ratio_mean"] * tokens, tokens]),
+              "kl_ref": torch.stack([metrics["kl_ref"] * tokens, tokens])}
+    return loss_sum, count.to(torch.int), report
+
+
+def policy_forward_step(data_iterator, model, cfg=None, vocab_size=None):
+    batch = next(data_iterator)
+    with rope_positions(unwrap(model), batch.positions):
+        out = model(batch.tokens, batch.positions, batch.attention_mask)
+    return out, partial(policy_loss_func, batch, cfg, vocab_size)
+
+
+@torch.no_grad()
+def behaviour_stats(trainable, batches, cfg, vocab_size, ess_temper: float) -> dict:
+    """D_beh (k3 drift) and sequence-level tempered ESS of the current learner against the buffer's
+    behaviour log-probs (spec 2.11), over all data-parallel ranks: one forward-only pass."""
+    model = unwrap(trainable.model)
+    model.eval()
+    drift_sum, drift_n, seq_lr = torch.zeros(()), torch.zeros(()), []
+    last = ps.is_pipeline_last_stage(ignore_virtual=True)
+    for batch in batches:
+        with rope_positions(model, batch.positions):
+            out = _forward_only(trainable, batch)
+        if last:
+            logp = learner_logprobs(out, batch, cfg.sampling, vocab_size)
+            mask = batch.loss_mask
+            s, n = tr.behaviour_drift_sum(logp, batch.logp_old, mask)
+            drift_sum, drift_n = drift_sum + s, drift_n + n
+            seq_lr.append(tr.sequence_logratio(logp, batch.logp_old, mask))
+    model.train()
+    return _reduce_behaviour(drift_sum, drift_n, seq_lr, batches, ess_temper, last)
+
+
+def _forward_only(trainable, batch):
+    """Logits of one micro-batch through the pipeline (megatron's forward-only schedule)."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    captured = []
+
+    def step(data_iterator, model):
+        b = next(data_iterator)
+        out = model(b.tokens, b.positions, b.attention_mask)
+        return out, lambda o: (captured.append(o) or o.sum() * 0, {})
+
+    get_forward_backward_func()(forward_step_func=step, data_iterator=iter([batch]), model=trainable.models,
+                                num_microbatches=1, seq_length=batch.tokens.shape[1],
+                                micro_batch_size=batch.tokens.shape[0], forward_only=True)
+    return captured[0] if captured else None
+
+
+def _reduce_behaviour(drift_sum, drift_n, seq_lr, batches, kappa, last) -> dict:
+    """Sum the drift over ranks; gather every rank's sequence log-ratios for one global ESS.
+    Ranks that are not (last stage, tp 0) contribute zeros, so each sequence counts once."""
+    n_local = sum(len(b) for b in batches)
+    lr_N = torch.cat(seq_lr)[:n_local] if seq_lr else torch.zeros(n_local)
+    owner = last and ps.get_tensor_model_parallel_rank() == 0
+    stats = torch.stack([drift_sum, drift_n]) * float(owner)
+    dist.all_reduce(stats)
+    world = dist.get_world_size()
+    gathered = [torch.zeros_like(lr_N) for _ in range(world)]
+    dist.all_gather(gathered, lr_N * float(owner))
+    owners = torch.tensor([float(owner)])
+    owner_flags = [torch.zeros(1) for _ in range(world)]
+    dist.all_gather(owner_flags, owners)
+    all_lr = torch.cat([g for g, f in zip(gathered, owner_flags) if f.item() > 0])
+    drift = stats[0] / stats[1].clamp_min(1.0)
+    return {"drift": drift, "ess": tr.tempered_ess(all_lr, kappa)}
+
+
+def grads_finite(trainable) -> bool:
+    """One device-side flag over every local gradient, MAX-reduced over all ranks: the single
+    place where a non-finite loss or gradient is acted on (the step is then skipped)."""
+    bad = torch.zeros(1)
+    for param in unwrap(trainable.model).parameters():
+        grad = getattr(param, "main_grad", None)
+        if grad is None:
+            grad = param.grad
+        if grad is not None:
+            bad = torch.maximum(bad, (~torch.isfinite(grad)).any().float().reshape(1))
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bad.item() == 0

@@ -1,0 +1,191 @@
+"""Everything one RL run holds: checked inputs, the megatron stack, the actors' engine, VP2O state,
+sinks, checkpoints. :mod:`megatron_vp2o.rl.trainer` drives it; this module owns set-up and IO.
+
+Checks before any work starts (each error names the field and the fix): the layout, the tokenizer,
+the prompt set (exists, parses, non-empty), the policy checkpoint (``checkpoint.load``), group size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core.transformer.moe.moe_layer import MoELayer
+
+from megatron_vp2o.checkpoint import latest_checkpoint, load_checkpoint, load_model, save_checkpoint
+from megatron_vp2o.checkpoint.dist import load_rank_state
+from megatron_vp2o.config import ConfigError, check_layout, to_dict
+from megatron_vp2o.data.tokenizer import load_tokenizer
+from megatron_vp2o.distributed.init import init_parallel, world_size_from_env
+from megatron_vp2o.monitor import MetricsLogger, Progress
+from megatron_vp2o.rl.actor import act, reward_metrics
+from megatron_vp2o.rl.batches import make_batches
+from megatron_vp2o.rl.learner import grads_finite, policy_forward_step, unwrap
+from megatron_vp2o.rl.prompts import load_prompts
+from megatron_vp2o.training.setup import build_trainable
+from megatron_vp2o.training.step import train_step
+
+EVAL_SEED = 1_000_003
+
+
+def check_inputs(cfg):
+    check_layout(cfg, world_size_from_env())
+    rl = cfg.rl
+    if rl.algo == "vp2o" and cfg.vp2o.trust_region.ess_level != "sequence":
+        raise ConfigError("vp2o.trust_region.ess_level=token is not supported by `vp2o train`; use sequence")
+    tok = load_tokenizer(cfg.data.tokenizer)
+    prompts = _prompt_file(rl.prompts, "rl.prompts")
+    evals = _prompt_file(rl.eval_prompts, "rl.eval_prompts") if rl.eval_prompts else []
+    if cfg.checkpoint.load is None:
+        raise ConfigError("checkpoint.load must point at the initial policy checkpoint (e.g. the shipped "
+                          "checkpoints/tiny_policy, or a converted HF model: `vp2o convert hf-to-mcore`)")
+    if latest_checkpoint(cfg.checkpoint.load) is None:
+        raise ConfigError(f"checkpoint.load: no complete checkpoint at '{cfg.checkpoint.load}'")
+    return tok, prompts, evals
+
+
+def _prompt_file(path, field):
+    if not Path(path).is_file():
+        raise ConfigError(f"{field}: file '{path}' does not exist")
+    try:
+        records = load_prompts(path)
+    except ValueError as exc:
+        raise ConfigError(f"{field}: {exc}") from None
+    if not records:
+        raise ConfigError(f"{field}: '{path}' holds no prompts; add JSONL lines with 'prompt' and 'task'")
+    return records
+
+
+def vp2o_knobs(cfg):
+    """cfg.vp2o with the rl.ablate switches applied."""
+    ab, v = cfg.rl.ablate, cfg.vp2o
+    stein = dataclasses.replace(v.stein, coact_topm=v.stein.coact_topm if ab.stein else 0,
+                                repulsion_coef=v.stein.repulsion_coef if ab.repulsion else 0.0)
+    spec = v.specialization if ab.specialization else dataclasses.replace(v.specialization, ortho_coef=0.0,
+                                                                           var_coef=0.0)
+    return dataclasses.replace(v, stein=stein, specialization=spec)
+
+
+class Session:
+    @classmethod
+    def start(cls, cfg, out_dir: Path, resume: bool):
+        self = cls()
+        self.cfg, self.out_dir = cfg, out_dir
+        self.tokenizer, self.prompts, self.eval_prompts = check_inputs(cfg)
+        self.ckpt_root = Path(cfg.checkpoint.dir or out_dir / "checkpoints")
+        self.resume_from = latest_checkpoint(self.ckpt_root) if resume and self.ckpt_root.exists() else None
+        self.layout = init_parallel(cfg)
+        self._build()
+        return self
+
+    def _build(self):
+        cfg = self.cfg
+        self.vp2o_cfg = vp2o_knobs(cfg) if cfg.rl.algo == "vp2o" else None
+        layer_cls = MoELayer
+        if self.vp2o_cfg is not None:
+            from megatron_vp2o.moe.layer import vp2o_moe_layer
+
+            layer_cls = vp2o_moe_layer(self.vp2o_cfg.specialization)
+        self.trainable = build_trainable(cfg, moe_layer_cls=layer_cls)
+        self.vocab_size = self.tokenizer.vocab_size
+        self.pad_to = ps.get_tensor_model_parallel_world_size() if self.layout.sequence_parallel else 1
+        self.ess_temper = cfg.vp2o.trust_region.resolved_ess_temper()
+        self.loop_extra, self.vp2o = {}, None
+        if self.resume_from is not None:
+            meta = load_checkpoint(self.resume_from, self.trainable)
+            self.loop_extra = meta["extra"]
+        else:
+            load_model(cfg.checkpoint.load, self.trainable.models)
+            self.trainable.optimizer.reload_model_params()
+        if self.vp2o_cfg is not None:
+            from megatron_vp2o.training.vp2o_step import init_vp2o
+
+            self.vp2o = init_vp2o(self.trainable, self.vp2o_cfg, self.layout.sequence_parallel,
+                                  init_prototypes=self.resume_from is None)
+            self.vp2o.steps_since_refresh = self.loop_extra.get("vp2o_steps_since_refresh", 0)
+            self.vp2o.counters.update(self.loop_extra.get("vp2o_counters", {}))
+        from megatron_vp2o.rl.rollout import MegatronEngine
+
+        self.engine = MegatronEngine(unwrap(self.trainable.model), pad_id=self.tokenizer.pad_id,
+                                     vocab_size=self.vocab_size)
+        self.forward_step = partial(policy_forward_step, cfg=cfg.rl, vocab_size=self.vocab_size)
+        self.batches, self.last_reward_metrics = [], {}
+        start = self.loop_extra.get("step", 0)
+        self.logger = MetricsLogger(self.out_dir, cfg.logging, to_dict(cfg), resume_step=start)
+        self.progress = Progress(cfg.rl.steps, f"vp2o train ({cfg.rl.algo})", cfg.logging.progress, start=start)
+
+    def generation(self):
+        return nullcontext()
+
+    # ---- learner -------------------------------------------------------------------------
+    def capture_anchors(self):
+        from megatron_vp2o.training.vp2o_step import capture_anchors
+
+        return capture_anchors(self.trainable, self.batches, self.vp2o, forward_step=self.forward_step)
+
+    def vp2o_step(self, anchors):
+        from megatron_vp2o.training.vp2o_step import vp2o_train_step
+
+        out = vp2o_train_step(self.trainable, self.batches, self.vp2o, forward_step=self.forward_step,
+                              anchors=anchors, guard=grads_finite)
+        out.pop("d_anc_trace", None)
+        return {(k if "/" in k or k in ("loss", "skipped", "refresh", "decision") else f"vp2o/{k}"): v
+                for k, v in out.items()}
+
+    def grpo_step(self):
+        return train_step(self.trainable, self.batches, self.forward_step, guard=grads_finite,
+                          report_keys=("clip_frac", "ratio_mean", "kl_ref"))
+
+    # ---- evaluation, checkpoints, summary ----------------------------------------------------
+    def evaluate(self, prefix: str) -> dict:
+        if not self.eval_prompts:
+            return {}
+        dp = ps.get_data_parallel_world_size()
+        n = len(self.eval_prompts) - len(self.eval_prompts) % dp
+        batch = act(self.engine, self.tokenizer, self.eval_prompts, self.cfg, 0, self.cfg.train.seed + EVAL_SEED,
+                    per_step=n, group=self.cfg.rl.eval_samples)
+        return reward_metrics(batch, self.cfg.rl.eval_samples, prefix)
+
+    def save(self, state):
+        extra = {"step": state.step, "refreshes": state.refreshes, "steps_since_refresh": state.steps_since_refresh,
+                 "force_refresh": state.force_refresh, "skipped": state.skipped}
+        if self.vp2o is not None:
+            extra |= {"vp2o_steps_since_refresh": self.vp2o.steps_since_refresh, "vp2o_counters": dict(self.vp2o.counters)}
+        rank_state = {"buffer": state.buffer, "anchors": state.anchors, "last_reward_metrics": self.last_reward_metrics}
+        meta = {"config": to_dict(self.cfg), "kind": "rl", "world_size": self.layout.world}
+        save_checkpoint(self.ckpt_root, state.step, self.trainable, meta, extra=extra, rank_state=rank_state)
+
+    def restore_loop_state(self, state):
+        if self.resume_from is None:
+            return state
+        ex = self.loop_extra
+        state.step, state.refreshes, state.skipped = ex["step"], ex["refreshes"], ex["skipped"]
+        state.steps_since_refresh, state.force_refresh = ex["steps_since_refresh"], ex["force_refresh"]
+        saved = load_rank_state(self.resume_from) or {}
+        state.buffer, state.anchors = saved.get("buffer"), saved.get("anchors")
+        self.last_reward_metrics = saved.get("last_reward_metrics", {})
+        if state.buffer is not None:
+            self.batches = make_batches(state.buffer.rollouts, state.buffer.adv_B, self.cfg.rl.micro_batch_size,
+                                        self.pad_to)
+        return state
+
+    def close(self):
+        self.progress.close()
+        if self.cfg.checkpoint.save_final:
+            pass  # the final checkpoint is written by the loop when checkpoint.every divides rl.steps
+        self.logger.close()
+
+    def summary(self, first: dict, last: dict, state, seconds: float) -> dict:
+        out = {"algo": self.cfg.rl.algo, "steps": state.step, "refreshes": state.refreshes,
+               "skipped_steps": state.skipped, "seconds": seconds,
+               "layout": f"dp={self.layout.dp} tp={self.layout.tp} pp={self.layout.pp} ep={self.layout.ep}"}
+        for key in ("eval/mean", "eval/pass_at_1", "eval/distinct_correct"):
+            if key in first:
+                out[f"{key} (start)"] = first[key]
+            if key in last:
+                out[f"{key} (end)"] = last[key]
+        return out
