@@ -27,6 +27,7 @@ class AblationConfig:
 @dataclass
 class RLConfig:
     algo: Literal["vp2o", "grpo"] = "vp2o"  # learner: VP2O or the GRPO-with-clipping baseline
+    policy: Optional[str] = None  # initial policy checkpoint (megatron dist checkpoint; null: checkpoint.load)
     prompts: str = "data/prompts/digit_sum_train.jsonl"  # prompt JSONL (prompt, task, answer/tests/meta)
     eval_prompts: Optional[str] = "data/prompts/digit_sum_eval.jsonl"  # evaluated at start/end (null: off)
     eval_every: int = 0  # also evaluate every n steps (0: only at start and end)
@@ -46,6 +47,9 @@ class RLConfig:
             check(getattr(self, name) >= 1, f"rl.{name}", "be >= 1", getattr(self, name))
         check(self.eval_every >= 0, "rl.eval_every", "be >= 0", self.eval_every)
         check(self.reward_timeout_s > 0, "rl.reward_timeout_s", "be > 0", self.reward_timeout_s)
+
+    def policy_path(self, checkpoint_load: Optional[str]) -> Optional[str]:
+        return self.policy or checkpoint_load
 
     @property
     def refresh_policy(self) -> str:

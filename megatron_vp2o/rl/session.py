@@ -40,11 +40,13 @@ def check_inputs(cfg):
     tok = load_tokenizer(cfg.data.tokenizer)
     prompts = _prompt_file(rl.prompts, "rl.prompts")
     evals = _prompt_file(rl.eval_prompts, "rl.eval_prompts") if rl.eval_prompts else []
-    if cfg.checkpoint.load is None:
-        raise ConfigError("checkpoint.load must point at the initial policy checkpoint (e.g. the shipped "
+    policy = rl.policy_path(cfg.checkpoint.load)
+    if policy is None:
+        raise ConfigError("rl.policy must point at the initial policy checkpoint (e.g. the shipped "
                           "checkpoints/tiny_policy, or a converted HF model: `vp2o convert hf-to-mcore`)")
-    if latest_checkpoint(cfg.checkpoint.load) is None:
-        raise ConfigError(f"checkpoint.load: no complete checkpoint at '{cfg.checkpoint.load}'")
+    if latest_checkpoint(policy) is None:
+        raise ConfigError(f"rl.policy: no complete checkpoint at '{policy}' (a megatron dist checkpoint "
+                          "directory written by `vp2o sft` or `vp2o convert`)")
     return tok, prompts, evals
 
 
@@ -99,7 +101,7 @@ class Session:
             meta = load_checkpoint(self.resume_from, self.trainable)
             self.loop_extra = meta["extra"]
         else:
-            load_model(cfg.checkpoint.load, self.trainable.models)
+            load_model(cfg.rl.policy_path(cfg.checkpoint.load), self.trainable.models)
             self.trainable.optimizer.reload_model_params()
         if self.vp2o_cfg is not None:
             from megatron_vp2o.training.vp2o_step import init_vp2o
