@@ -145,9 +145,10 @@ def capture_anchors(trainable, micro_batches, state: VP2OState, forward_step=lm_
 
 
 def vp2o_train_step(trainable, micro_batches, state: VP2OState, forward_step=lm_forward_step,
-                    anchors=None, behaviour=None, probe=None) -> dict:
+                    anchors=None, behaviour=None, probe=None, guard=None) -> dict:
     """One learner step (module docstring). ``behaviour``: optional {"drift", "ess"} tensors;
-    ``probe(stage, state)`` is called at "pre_stein" and "post_stein" (tests)."""
+    ``probe(stage, state)`` is called at "pre_stein" and "post_stein" (tests); ``guard(trainable)``
+    runs after the backward: False (non-finite loss or gradients) skips the step, weights unchanged."""
     cfg, layers, timing = state.cfg, state.layers, {}
     t0 = time.perf_counter()
     lm_tokens, routed_tokens = global_token_counts(micro_batches)
@@ -157,6 +158,11 @@ def vp2o_train_step(trainable, micro_batches, state: VP2OState, forward_step=lm_
         layer.capture = anchors is not None
     losses = _forward_backward(trainable, micro_batches, forward_step)
     t1 = time.perf_counter()
+    if guard is not None and not guard(trainable):
+        trainable.optimizer.zero_grad()
+        loss_sum, count = reduce_report(losses).tolist()
+        return {"loss": loss_sum / max(count, 1.0), "skipped": True, "skip_reason": "non-finite loss or gradient",
+                "timing/forward_backward": t1 - t0}
     if probe is not None:
         probe("pre_stein", state)
     metrics = apply_stein(trainable.model, layers, state.groups, cfg.stein, routed_tokens) \
