@@ -1,5 +1,5 @@
 # The two commands of the README:
-#   make demo   the main job (tiny MoE on CPU)          make test   the test suite
+#   make demo   the main job: VP2O RL of the tiny MoE on CPU     make test   the test suite
 # Both create .venv and install what is missing. An existing torch is never replaced: with no
 # torch, torch==2.13.0 (a local CPU build on our machines) is installed first, and the installed
 # torch version is passed to every later pip call as a constraint.
@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vp2o-installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo compare test bench clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,11 @@ $(STAMP): setup.py
 install: $(STAMP)
 
 demo: install
-	$(VENV)/bin/vp2o sft --config examples/configs/tiny_cpu.yaml --out runs/demo $(ARGS)
+	rm -rf runs/demo
+	$(VENV)/bin/vp2o train --config examples/configs/tiny_cpu.yaml --out runs/demo $(ARGS)
+
+compare: install
+	$(PY) tools/compare_algos.py $(ARGS)
 
 test: install
 	$(PY) -m pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
