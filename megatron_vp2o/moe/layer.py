@@ -87,11 +87,21 @@ class VP2OMoELayer(MoELayer):
 
     # --- stages --------------------------------------------------------------------------------
     def route(self, hidden_states, padding_mask=None):
-        """The router's forward (same ops), keeping logits, top-k ids and gates of this batch."""
-        router = self.router
-        router._maintain_float32_expert_bias()
-        logits = router.gating(router.apply_input_jitter(hidden_states))
-        probs_TE, routing_map_TE = router.routing(logits, padding_mask=padding_mask)
+        """The router's own forward (so its hooks and routing replay run), keeping the gating
+        logits (for the full softmax), top-k ids and gates of this batch."""
+        router, stash = self.router, {}
+        gating = router.gating
+
+        def gating_and_keep(x):  # instance attribute for this call only: the logits p = softmax(.)
+            stash["logits"] = gating(x)
+            return stash["logits"]
+
+        router.gating = gating_and_keep
+        try:
+            probs_TE, routing_map_TE = router(hidden_states, padding_mask=padding_mask)
+        finally:
+            del router.gating
+        logits = stash["logits"]
         topk_TK = torch.sort(torch.topk(routing_map_TE.float(), self.top_k, dim=-1).indices, -1).values
         gates_TK = torch.gather(probs_TE, 1, topk_TK)
         if self.training:

@@ -28,6 +28,14 @@ class RLBatch:
     logp_old: torch.Tensor  # [B, S] behaviour log-probs at the loss columns
     adv: torch.Tensor  # [B] advantages
     logp_ref: torch.Tensor | None = None  # [B, S] reference log-probs (KL penalty)
+    aggregation: str = "seq_mean_token_mean"  # how the policy loss averages (sets loss_count)
+
+    @property
+    def loss_count(self) -> torch.Tensor:
+        """What megatron divides this micro-batch's loss sum by (sequences or tokens)."""
+        from megatron_vp2o.algo.grpo import aggregation_count
+
+        return aggregation_count(self.loss_mask, self.aggregation)
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
@@ -40,7 +48,7 @@ def _to_columns(values_BT: torch.Tensor, rollouts: Rollouts, num_cols: int) -> t
 
 
 def make_batches(rollouts: Rollouts, adv_B: torch.Tensor, micro_batch_size: int, pad_to: int = 1,
-                 logp_ref_BT: torch.Tensor | None = None) -> list[RLBatch]:
+                 logp_ref_BT: torch.Tensor | None = None, aggregation: str = "seq_mean_token_mean") -> list[RLBatch]:
     """Split the buffer into micro-batches (columns padded to a multiple of ``pad_to``)."""
     tf = rollouts.training_input()
     s = tf.tokens_BS.shape[1]
@@ -57,5 +65,5 @@ def make_batches(rollouts: Rollouts, adv_B: torch.Tensor, micro_batch_size: int,
     out = []
     for idx in torch.arange(tokens.shape[0]).split(micro_batch_size):
         out.append(RLBatch(tokens[idx], labels[idx], pos[idx], mask[idx], loss_mask[idx], logp_old[idx],
-                           adv_B[idx].float(), None if logp_ref is None else logp_ref[idx]))
+                           adv_B[idx].float(), None if logp_ref is None else logp_ref[idx], aggregation))
     return out

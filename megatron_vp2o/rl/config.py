@@ -33,6 +33,7 @@ class RLConfig:
     eval_every: int = 0  # also evaluate every n steps (0: only at start and end)
     eval_samples: int = 8  # samples per eval prompt (for pass@1 and distinct correct answers)
     steps: int = 30  # learner updates
+    lr: Optional[float] = None  # constant learning rate for RL (null: train.lr with its schedule)
     prompts_per_step: int = 8  # prompts per rollout batch (all data-parallel ranks)
     refresh: Optional[Literal["every_step", "event"]] = None  # actor refresh (None: event for vp2o, every_step for grpo)
     inner_epochs: int = 1  # grpo: learner updates per rollout batch
@@ -46,6 +47,7 @@ class RLConfig:
         for name in ("steps", "prompts_per_step", "inner_epochs", "micro_batch_size", "eval_samples"):
             check(getattr(self, name) >= 1, f"rl.{name}", "be >= 1", getattr(self, name))
         check(self.eval_every >= 0, "rl.eval_every", "be >= 0", self.eval_every)
+        check(self.lr is None or self.lr > 0, "rl.lr", "be > 0 or null", self.lr)
         check(self.reward_timeout_s > 0, "rl.reward_timeout_s", "be > 0", self.reward_timeout_s)
 
     def policy_path(self, checkpoint_load: Optional[str]) -> Optional[str]:

@@ -50,7 +50,7 @@ def policy_loss_func(batch, cfg, vocab_size, logits_BSV):
     loss_sum, metrics = loss_fn(logp_BS, batch.logp_old, batch.adv, batch.loss_mask, clip_eps=pl.clip_eps,
                                 kl_coef=pl.kl_coef, logp_ref=batch.logp_ref, aggregation=pl.aggregation,
                                 normalizer=1.0)
-    count = grpo.aggregation_count(batch.loss_mask, pl.aggregation)
+    count = batch.loss_count
     tokens = batch.loss_mask.sum()
     report = {"lm loss": torch.stack([loss_sum.detach(), count.float()]),
               "clip_frac": torch.stack([metrics["clip_frac"] * tokens, tokens]),

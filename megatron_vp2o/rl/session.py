@@ -72,6 +72,11 @@ def vp2o_knobs(cfg):
     return dataclasses.replace(v, stein=stein, specialization=spec)
 
 
+def _namespaced(out: dict, prefix: str) -> dict:
+    keep = ("loss", "skipped", "skip_reason")
+    return {(k if "/" in k or k in keep else f"{prefix}/{k}"): v for k, v in out.items()}
+
+
 class Session:
     @classmethod
     def start(cls, cfg, out_dir: Path, resume: bool):
@@ -92,7 +97,9 @@ class Session:
             from megatron_vp2o.moe.layer import vp2o_moe_layer
 
             layer_cls = vp2o_moe_layer(self.vp2o_cfg.specialization)
-        self.trainable = build_trainable(cfg, moe_layer_cls=layer_cls)
+        train_cfg = cfg if cfg.rl.lr is None else dataclasses.replace(cfg, train=dataclasses.replace(
+            cfg.train, lr=cfg.rl.lr, min_lr=cfg.rl.lr, warmup_steps=0, steps=cfg.rl.steps))
+        self.trainable = build_trainable(train_cfg, moe_layer_cls=layer_cls)
         self.vocab_size = self.tokenizer.vocab_size
         self.pad_to = ps.get_tensor_model_parallel_world_size() if self.layout.sequence_parallel else 1
         self.ess_temper = cfg.vp2o.trust_region.resolved_ess_temper()
@@ -129,18 +136,20 @@ class Session:
 
         return capture_anchors(self.trainable, self.batches, self.vp2o, forward_step=self.forward_step)
 
-    def vp2o_step(self, anchors):
+    def vp2o_step(self, anchors, behaviour):
         from megatron_vp2o.training.vp2o_step import vp2o_train_step
 
         out = vp2o_train_step(self.trainable, self.batches, self.vp2o, forward_step=self.forward_step,
-                              anchors=anchors, guard=grads_finite)
+                              anchors=anchors, behaviour=behaviour, guard=grads_finite)
         out.pop("d_anc_trace", None)
-        return {(k if "/" in k or k in ("loss", "skipped", "refresh", "decision") else f"vp2o/{k}"): v
-                for k, v in out.items()}
+        for key in ("d_beh", "ess"):  # reported by the logprobs phase as vp2o/drift, vp2o/ess
+            out.pop(key, None)
+        return _namespaced(out, "vp2o")
 
     def grpo_step(self):
-        return train_step(self.trainable, self.batches, self.forward_step, guard=grads_finite,
-                          report_keys=("clip_frac", "ratio_mean", "kl_ref"))
+        out = train_step(self.trainable, self.batches, self.forward_step, guard=grads_finite,
+                         report_keys=("clip_frac", "ratio_mean", "kl_ref"))
+        return _namespaced(out, "learner")
 
     # ---- evaluation, checkpoints, summary ----------------------------------------------------
     def evaluate(self, prefix: str) -> dict:
@@ -172,7 +181,7 @@ class Session:
         self.last_reward_metrics = saved.get("last_reward_metrics", {})
         if state.buffer is not None:
             self.batches = make_batches(state.buffer.rollouts, state.buffer.adv_B, self.cfg.rl.micro_batch_size,
-                                        self.pad_to)
+                                        self.pad_to, aggregation=self.cfg.rl.policy_loss.aggregation)
         return state
 
     def close(self):

@@ -37,6 +37,7 @@ class LoopState:
     force_refresh: bool = True
     skipped: int = 0
     buffer: ActorBatch | None = None
+    behaviour: dict | None = None
     anchors: list | None = None
     timing: dict = field(default_factory=dict)
 
@@ -56,18 +57,22 @@ def refresh(sess: Session, state: LoopState) -> dict:
         metrics = reward_metrics(batch, sess.cfg.rl.policy_loss.group_size)
     with phase(state, "advantages"):
         state.buffer, state.refreshes, state.steps_since_refresh = batch, state.refreshes + 1, 0
-        sess.batches = make_batches(batch.rollouts, batch.adv_B, sess.cfg.rl.micro_batch_size, sess.pad_to)
+        sess.batches = make_batches(batch.rollouts, batch.adv_B, sess.cfg.rl.micro_batch_size, sess.pad_to,
+                                   aggregation=sess.cfg.rl.policy_loss.aggregation)
         state.anchors = sess.capture_anchors() if sess.vp2o is not None else None
     return metrics
 
 
 def needs_refresh(sess: Session, state: LoopState) -> tuple[bool, dict]:
+    """The refresh rule (spec 2.12) on the current learner; also sets ``state.behaviour``."""
+    state.behaviour = None
     if state.buffer is None or state.force_refresh or sess.cfg.rl.refresh_policy == "every_step":
         return True, {}
     with phase(state, "logprobs"):
         stats = behaviour_stats(sess.trainable, sess.batches, sess.cfg.rl, sess.vocab_size, sess.ess_temper)
     tr = sess.cfg.vp2o.trust_region
     use = sess.cfg.rl.ablate.behaviour_budget
+    state.behaviour = stats if use else None
     need = (use and (float(stats["drift"]) > tr.drift_delta or float(stats["ess"]) < tr.ess_min)) \
         or state.steps_since_refresh >= tr.max_steps_per_refresh
     return need, {"vp2o/drift": float(stats["drift"]), "vp2o/ess": float(stats["ess"])}
@@ -79,11 +84,11 @@ def update(sess: Session, state: LoopState) -> dict:
         return {"skipped": True, "skip_reason": "non-finite advantages"}
     with phase(state, "update"):
         if sess.vp2o is not None:
-            out = sess.vp2o_step(state.anchors if sess.cfg.rl.ablate.anchor_budget else None)
+            out = sess.vp2o_step(state.anchors if sess.cfg.rl.ablate.anchor_budget else None, state.behaviour)
         else:
             out = sess.grpo_step()
     state.steps_since_refresh += 1
-    if out.get("refresh") or out.get("decision") in ("reject", "refresh"):
+    if out.get("vp2o/refresh") or out.get("vp2o/decision") in ("reject", "refresh"):
         state.force_refresh = True
     return out
 
@@ -102,7 +107,7 @@ def rl_step(sess: Session, state: LoopState) -> dict:
     out = update(sess, state)
     if out.get("skipped"):
         state.skipped += 1
-    metrics |= {k if "/" in k else f"learner/{k}": v for k, v in out.items()}
+    metrics |= out
     metrics |= {"loss": out.get("loss", float("nan")), "vp2o/refreshes": state.refreshes,
                 "vp2o/refreshed": need, "skipped_steps": state.skipped, **state.timing}
     return metrics

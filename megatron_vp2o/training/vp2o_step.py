@@ -60,10 +60,13 @@ def init_vp2o(trainable, cfg, sequence_parallel: bool, init_prototypes: bool = T
 
 
 def global_token_counts(micro_batches) -> tuple[float, float]:
-    """(LM loss tokens N, routed tokens T per layer) over micro-batches and DP x CP ranks."""
+    """(LM loss count N, routed tokens T per layer) over micro-batches and DP x CP ranks. N is the
+    count megatron divides the gradients by: loss tokens, or ``mb.loss_count`` when the batch says
+    otherwise (the RL policy loss averages over sequences)."""
     counts = torch.zeros(2, dtype=torch.float64)
     for mb in micro_batches:
-        counts += torch.tensor([float(mb.loss_mask.sum()), float(mb.tokens.numel())], dtype=torch.float64)
+        n = mb.loss_count if hasattr(mb, "loss_count") else mb.loss_mask.sum()
+        counts += torch.tensor([float(n), float(mb.tokens.numel())], dtype=torch.float64)
     all_reduce_(counts, ps.get_data_parallel_group(with_context_parallel=True))
     return float(counts[0]), float(counts[1])
 

@@ -29,7 +29,8 @@ def nonfinite_guards(payload):
     out["nan_adv_unchanged"] = all(torch.equal(before[k], v) for k, v in _params(sess).items())
     state.buffer.adv_B.copy_(good_adv)
     clean = sess.batches
-    bad = make_batches(state.buffer.rollouts, state.buffer.adv_B, cfg.rl.micro_batch_size, sess.pad_to)
+    bad = make_batches(state.buffer.rollouts, state.buffer.adv_B, cfg.rl.micro_batch_size, sess.pad_to,
+                       aggregation=cfg.rl.policy_loss.aggregation)
     bad[0].logp_old[bad[0].loss_mask > 0] = float("inf")  # ratio -> 0 * inf -> NaN loss and gradients
     sess.batches = bad
     out["nan_grad"] = update(sess, state)
