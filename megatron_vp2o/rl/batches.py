@@ -11,6 +11,7 @@ Shape legend: B sequences, S columns (prompt + response - 1), T response tokens.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +40,11 @@ class RLBatch:
 
     def __len__(self) -> int:
         return self.tokens.shape[0]
+
+    def to(self, device) -> "RLBatch":
+        moved = {f.name: (v.to(device) if torch.is_tensor(v) else v)
+                 for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
+        return RLBatch(**moved)
 
 
 def _to_columns(values_BT: torch.Tensor, rollouts: Rollouts, num_cols: int) -> torch.Tensor:

@@ -60,7 +60,7 @@ def policy_loss_func(batch, cfg, vocab_size, logits_BSV):
 
 
 def policy_forward_step(data_iterator, model, cfg=None, vocab_size=None):
-    batch = next(data_iterator)
+    batch = next(data_iterator).to(next(model.parameters()).device)
     with rope_positions(unwrap(model), batch.positions):
         out = model(batch.tokens, batch.positions, batch.attention_mask)
     return out, partial(policy_loss_func, batch, cfg, vocab_size)
@@ -72,17 +72,18 @@ def behaviour_stats(trainable, batches, cfg, vocab_size, ess_temper: float) -> d
     behaviour log-probs (spec 2.11), over all data-parallel ranks: one forward-only pass."""
     model = unwrap(trainable.model)
     model.eval()
-    drift_sum, drift_n, seq_lr = torch.zeros(()), torch.zeros(()), []
+    drift_sum, drift_n, seq_lr = torch.zeros(()), torch.zeros(()), []  # on the CPU: tiny, reduced below
     last = ps.is_pipeline_last_stage(ignore_virtual=True)
-    for batch in batches:
+    device = next(model.parameters()).device
+    for batch in (b.to(device) for b in batches):
         with rope_positions(model, batch.positions):
             out = _forward_only(trainable, batch)
         if last:
             logp = learner_logprobs(out, batch, cfg.sampling, vocab_size)
             mask = batch.loss_mask
             s, n = tr.behaviour_drift_sum(logp, batch.logp_old, mask)
-            drift_sum, drift_n = drift_sum + s, drift_n + n
-            seq_lr.append(tr.sequence_logratio(logp, batch.logp_old, mask))
+            drift_sum, drift_n = drift_sum + s.cpu(), drift_n + n.cpu()
+            seq_lr.append(tr.sequence_logratio(logp, batch.logp_old, mask).cpu())
     model.train()
     return _reduce_behaviour(drift_sum, drift_n, seq_lr, batches, ess_temper, last)
 

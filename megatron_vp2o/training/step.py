@@ -33,9 +33,13 @@ def lm_loss_func(loss_mask_BS: torch.Tensor, output_BS: torch.Tensor):
     return loss_sum, num_tokens, {"lm loss": torch.stack([loss_sum.detach(), num_tokens.float()])}
 
 
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 def lm_forward_step(data_iterator, model, device=None):
     batch = next(data_iterator)
-    tokens = batch.tokens.to(device) if device is not None else batch.tokens
+    tokens = batch.tokens.to(device or model_device(model))
     b, s = tokens.shape
     out = model(tokens, position_ids(b, s).to(tokens.device), causal_mask(s).to(tokens.device),
                 labels=batch.labels.to(tokens.device))
