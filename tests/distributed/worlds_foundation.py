@@ -52,8 +52,9 @@ def logits(trainable, ids_BS: torch.Tensor) -> torch.Tensor | None:
     model = trainable.module
     model.eval()
     with torch.no_grad():
-        out = model(ids_BS, position_ids(*ids_BS.shape), causal_mask(ids_BS.shape[1]))
-        out = gather_from_tensor_model_parallel_region(out)
+        dev = next(model.parameters()).device
+        out = model(ids_BS.to(dev), position_ids(*ids_BS.shape).to(dev), causal_mask(ids_BS.shape[1]).to(dev))
+        out = gather_from_tensor_model_parallel_region(out).cpu()
     model.train()
     return out
 
