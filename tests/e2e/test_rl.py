@@ -77,3 +77,13 @@ def test_nonfinite_steps_are_skipped_and_weights_unchanged(tmp_path, algo):
     assert res["nan_adv"]["skipped"] and res["nan_adv_unchanged"]
     assert res["nan_grad"]["skipped"] and res["nan_grad_unchanged"]
     assert not res["clean"].get("skipped") and res["clean_changed"] and res["finite_after"]
+
+
+@pytest.mark.parametrize("layout", ["parallel.ep=2", "parallel.tp=2", "parallel.pp=2"])
+def test_torchrun_two_ranks(tmp_path, layout):
+    """The same trainer under torchrun: a few VP2O steps with event refresh in each layout."""
+    proc = vp2o(["train", "--config", TINY, "--out", str(tmp_path), *QUICK, "rl.steps=3", layout], nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _rows(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all(r["skipped_steps"] == 0 for r in rows)

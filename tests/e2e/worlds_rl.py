@@ -31,7 +31,7 @@ def nonfinite_guards(payload):
     clean = sess.batches
     bad = make_batches(state.buffer.rollouts, state.buffer.adv_B, cfg.rl.micro_batch_size, sess.pad_to,
                        aggregation=cfg.rl.policy_loss.aggregation)
-    bad[0].logp_old[bad[0].loss_mask > 0] = float("inf")  # ratio -> 0 * inf -> NaN loss and gradients
+    bad[0].logp_old[bad[0].loss_mask > 0] = float("nan")  # NaN ratio -> NaN loss and gradients
     sess.batches = bad
     out["nan_grad"] = update(sess, state)
     out["nan_grad_unchanged"] = all(torch.equal(before[k], v) for k, v in _params(sess).items())
