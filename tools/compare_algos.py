@@ -43,6 +43,9 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def fmt(values: list[float]) -> str:
+    values = [v for v in values if v == v]  # drop NaN (e.g. prototype overlap of grpo runs)
+    if not values:
+        return "-"
     if len(values) < 2:
         return f"{values[0]:.3f}"
     return f"{statistics.mean(values):.3f} +- {statistics.stdev(values):.3f}"

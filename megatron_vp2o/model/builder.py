@@ -80,9 +80,14 @@ def build_gpt(model: ModelConfig, config: TransformerConfig, moe_layer_cls=MoELa
         pre_process = parallel_state.is_pipeline_first_stage()
     if post_process is None:
         post_process = parallel_state.is_pipeline_last_stage()
+    core_attention = None
+    if model.attention == "sdpa" and backend == "local":
+        from megatron_vp2o.model.attention import SDPAttention
+
+        core_attention = SDPAttention
     return GPTModel(
         config=config,
-        transformer_layer_spec=decoder_block_spec(config, backend, moe_layer_cls),
+        transformer_layer_spec=decoder_block_spec(config, backend, moe_layer_cls, core_attention=core_attention),
         vocab_size=padded_vocab_size(model.vocab_size, tp),
         max_sequence_length=model.seq_length,
         pre_process=pre_process, post_process=post_process,

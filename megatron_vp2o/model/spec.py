@@ -4,7 +4,8 @@ We start from ``get_gpt_decoder_block_spec`` (which handles ``moe_layer_freq`` a
 stage's slice of layers) and change only two things, through the spec (never by editing
 megatron-core):
 
-* ``local`` backend: the layer/final norms become :class:`~megatron_vp2o.model.norm.RMSNorm`
+* ``local`` backend: optionally torch SDPA as core attention (``model.attention: sdpa``,
+  :mod:`megatron_vp2o.model.attention`); the layer/final norms become :class:`~megatron_vp2o.model.norm.RMSNorm`
   (sequence-parallel capable) and q/k norms :class:`~megatron_vp2o.model.norm.QKRMSNorm`;
   ``te`` backend (GPU with Transformer Engine): TE's own norms and linears are kept.
 * the MoE module class is ``moe_layer_cls`` (megatron's ``MoELayer`` or the VP2O subclass).
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.identity_op import IdentityOp
@@ -22,6 +24,12 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
 from megatron_vp2o.model.norm import QKRMSNorm, RMSNorm
+
+# megatron's TransformerLayer passes pg_collection only to MoE classes it knows by identity and logs
+# "Unknown MLP type" for a subclass; the subclass then uses the default (mpu) groups, which are the
+# same groups. Drop that one message.
+logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(
+    lambda record: "Unknown MLP type" not in record.getMessage())
 
 
 def te_available() -> bool:
@@ -38,9 +46,11 @@ def _swap_moe(mlp_spec, moe_layer_cls):
     return mlp_spec
 
 
-def _local_layer(layer_spec: ModuleSpec, moe_layer_cls) -> ModuleSpec:
+def _local_layer(layer_spec: ModuleSpec, moe_layer_cls, core_attention=None) -> ModuleSpec:
     sub = copy.copy(layer_spec.submodules)
     attn_sub = copy.copy(sub.self_attention.submodules)
+    if core_attention is not None:
+        attn_sub.core_attention = core_attention
     for name in ("q_layernorm", "k_layernorm"):
         if getattr(attn_sub, name, IdentityOp) is not IdentityOp:
             setattr(attn_sub, name, QKRMSNorm)
@@ -56,8 +66,9 @@ def _te_layer(layer_spec: ModuleSpec, moe_layer_cls) -> ModuleSpec:
 
 
 def decoder_block_spec(config, backend: str = "local", moe_layer_cls=MoELayer,
-                       pp_rank: int | None = None) -> TransformerBlockSubmodules:
-    """Block spec for this pipeline stage (``pp_rank=None``: the calling rank's stage)."""
+                       pp_rank: int | None = None, core_attention=None) -> TransformerBlockSubmodules:
+    """Block spec for this pipeline stage (``pp_rank=None``: the calling rank's stage).
+    ``core_attention``: a local-backend replacement for megatron's DotProductAttention (e.g. SDPA)."""
     if backend not in ("local", "te"):
         raise ValueError(f"backend must be 'local' or 'te' (got {backend!r})")
     if backend == "te" and not te_available():
@@ -68,4 +79,4 @@ def decoder_block_spec(config, backend: str = "local", moe_layer_cls=MoELayer,
         return TransformerBlockSubmodules(
             layer_specs=[_te_layer(s, moe_layer_cls) for s in block.layer_specs], layer_norm=block.layer_norm)
     return TransformerBlockSubmodules(
-        layer_specs=[_local_layer(s, moe_layer_cls) for s in block.layer_specs], layer_norm=RMSNorm)
+        layer_specs=[_local_layer(s, moe_layer_cls, core_attention) for s in block.layer_specs], layer_norm=RMSNorm)
