@@ -57,7 +57,7 @@ class ModelConfig:
     router: RouterConfig = field(default_factory=RouterConfig)
     expert_impl: Literal["sequential", "grouped", "te_grouped"] = "sequential"  # expert weight layout
     dispatcher: Literal["allgather", "alltoall"] = "alltoall"  # token dispatcher
-    attention: Literal["local", "sdpa"] = "local"  # local backend core attention: megatron's or torch SDPA
+    attention: Literal["local", "sdpa"] = "sdpa"  # local backend core attention: megatron's or torch SDPA
     params_dtype: Literal["fp32", "bf16"] = "fp32"  # parameter / compute dtype
     init_method_std: float = 0.02  # weight init std
 
