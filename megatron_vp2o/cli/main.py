@@ -53,34 +53,31 @@ def _summary_table(title: str, summary: dict) -> None:
     Console().print(table)
 
 
-def cmd_sft(args) -> int:
+def _run_job(args, runner, title: str) -> int:
+    """Load the config, run ``runner(cfg, out, resume)``, shut the process groups down, print the summary."""
     from megatron_vp2o.config import load_config
     from megatron_vp2o.distributed.init import shutdown
-    from megatron_vp2o.training.sft import run_sft
 
     cfg = load_config(args.config, args.overrides)
     try:
-        summary = run_sft(cfg, args.out, resume=args.resume)
+        summary = runner(cfg, args.out, resume=args.resume)
     finally:
         shutdown()
     if int(os.environ.get("RANK", "0")) == 0:
-        _summary_table("vp2o sft", summary)
+        _summary_table(title.format(cfg=cfg), summary)
     return 0
+
+
+def cmd_sft(args) -> int:
+    from megatron_vp2o.training.sft import run_sft
+
+    return _run_job(args, run_sft, "vp2o sft")
 
 
 def cmd_train(args) -> int:
-    from megatron_vp2o.config import load_config
-    from megatron_vp2o.distributed.init import shutdown
     from megatron_vp2o.rl.trainer import run_rl
 
-    cfg = load_config(args.config, args.overrides)
-    try:
-        summary = run_rl(cfg, args.out, resume=args.resume)
-    finally:
-        shutdown()
-    if int(os.environ.get("RANK", "0")) == 0:
-        _summary_table(f"vp2o train ({cfg.rl.algo})", summary)
-    return 0
+    return _run_job(args, run_rl, "vp2o train ({cfg.rl.algo})")
 
 
 def cmd_make_data(args) -> int:
