@@ -87,3 +87,12 @@ def test_torchrun_two_ranks(tmp_path, layout):
     rows = _rows(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["skipped_steps"] == 0 for r in rows)
+
+
+def test_wandb_offline_and_tensorboard_sinks(tmp_path):
+    proc = vp2o(["train", "--config", TINY, "--out", str(tmp_path), *QUICK, "rl.steps=2", "logging.wandb=true",
+                 "logging.tensorboard=true"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(_rows(tmp_path)) == 2

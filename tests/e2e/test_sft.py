@@ -71,3 +71,15 @@ def test_malformed_data_line_names_file_and_line(tmp_path):
     data.write_text('{"prompt": "1=", "response": "0+1"}\n{"prompt": 3}\n')
     proc = vp2o(["sft", "--config", TINY, "--out", str(tmp_path / "out"), f"data.path={data}"])
     assert proc.returncode == 2 and f"{data}:2" in proc.stderr
+
+
+@pytest.mark.parametrize("variant", [["model.expert_impl=grouped", "model.params_dtype=bf16"],
+                                     ["model.dispatcher=allgather"], ["model.attention=local"]])
+def test_expert_layouts_and_dispatchers_train(tmp_path, variant):
+    """GroupedMLP (bf16; CPU grouped GEMM from the platform layer), the allgather dispatcher and
+    megatron's own core attention train as well as the defaults."""
+    proc = vp2o(["sft", "--config", TINY, "--out", str(tmp_path), "train.steps=15", "checkpoint.save_final=false",
+                 *FAST, *variant])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    curve = losses(tmp_path)
+    assert curve[-1] < 0.6 * curve[0], curve
