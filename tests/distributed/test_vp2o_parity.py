@@ -9,17 +9,10 @@ import pytest
 
 from harness import run_world
 
-# name -> (ranks, parallel section)
-LAYOUTS = {
-    "1rank": (1, {}),
-    "dp2": (2, {}),
-    "ep2": (2, {"ep": 2}),
-    "ep4": (4, {"ep": 4}),
-    "dp2xep2": (4, {"ep": 2}),
-    "tp2_sp": (2, {"tp": 2}),
-    "pp2": (2, {"pp": 2}),
-    "dp2_nodistopt_overlap": (2, {"distributed_optimizer": False, "overlap_grad_reduce": True}),
-}
+from distributed.test_parity import LAYOUTS as FOUNDATION_LAYOUTS
+
+# name -> (ranks, parallel section): the foundation's layouts (but tp2 x ep2), after a 1-rank run
+LAYOUTS = {"1rank": (1, {}), **{k: v for k, v in FOUNDATION_LAYOUTS.items() if k != "tp2xep2"}}
 
 
 @pytest.fixture(scope="module")
