@@ -42,6 +42,7 @@ class ActorBatch:
     canonical: list  # canonical correct answer per sequence (None if incorrect)
     failures: int  # reward calls recorded as failures
     refresh_index: int
+    logp_ref_BT: torch.Tensor | None = None  # frozen reference policy's log-probs (KL penalty), set by the learner
 
 
 def select_prompts(records: list[PromptRecord], refresh_index: int, per_step: int, seed: int) -> list[PromptRecord]:

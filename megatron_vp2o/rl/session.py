@@ -121,6 +121,7 @@ class Session:
 
         self.engine = MegatronEngine(unwrap(self.trainable.model), pad_id=self.tokenizer.pad_id,
                                      vocab_size=self.vocab_size)
+        self.ref_model = self._build_reference()
         self.forward_step = partial(policy_forward_step, cfg=cfg.rl, vocab_size=self.vocab_size)
         self.batches, self.last_reward_metrics = [], {}
         start = self.loop_extra.get("step", 0)
@@ -131,6 +132,32 @@ class Session:
         return nullcontext()
 
     # ---- learner -------------------------------------------------------------------------
+    def make_batches(self, batch):
+        return make_batches(batch.rollouts, batch.adv_B, self.cfg.rl.micro_batch_size, self.pad_to,
+                            logp_ref_BT=batch.logp_ref_BT, aggregation=self.cfg.rl.policy_loss.aggregation)
+
+    def _build_reference(self):
+        """A frozen copy of the initial policy (plain MoE layers) for the KL penalty, or None."""
+        if self.cfg.rl.policy_loss.kl_coef == 0.0:
+            return None
+        from megatron_vp2o.model import build_gpt, transformer_config
+
+        ref = build_gpt(self.cfg.model, transformer_config(self.cfg.model, self.cfg.parallel))
+        load_model(self.cfg.rl.policy_path(self.cfg.checkpoint.load), [ref])
+        ref.eval()
+        for param in ref.parameters():
+            param.requires_grad_(False)
+        return ref
+
+    @torch.no_grad()
+    def reference_logprobs(self, rollouts):
+        """log pi_ref of the buffer's response tokens (the actors' log-prob definition), or None."""
+        if self.ref_model is None:
+            return None
+        from megatron_vp2o.rl.rollout import teacher_forced_logprobs
+
+        return teacher_forced_logprobs(self.ref_model, rollouts).logp_BT.detach()
+
     def capture_anchors(self):
         from megatron_vp2o.training.vp2o_step import capture_anchors
 
@@ -180,8 +207,7 @@ class Session:
         state.buffer, state.anchors = saved.get("buffer"), saved.get("anchors")
         self.last_reward_metrics = saved.get("last_reward_metrics", {})
         if state.buffer is not None:
-            self.batches = make_batches(state.buffer.rollouts, state.buffer.adv_B, self.cfg.rl.micro_batch_size,
-                                        self.pad_to, aggregation=self.cfg.rl.policy_loss.aggregation)
+            self.batches = self.make_batches(state.buffer)
         return state
 
     def close(self):

@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 
 from megatron_vp2o.rl.actor import ActorBatch, act, reward_metrics
-from megatron_vp2o.rl.batches import make_batches
 from megatron_vp2o.rl.learner import behaviour_stats, policy_forward_step
 from megatron_vp2o.rl.session import Session
 
@@ -57,8 +56,8 @@ def refresh(sess: Session, state: LoopState) -> dict:
         metrics = reward_metrics(batch, sess.cfg.rl.policy_loss.group_size)
     with phase(state, "advantages"):
         state.buffer, state.refreshes, state.steps_since_refresh = batch, state.refreshes + 1, 0
-        sess.batches = make_batches(batch.rollouts, batch.adv_B, sess.cfg.rl.micro_batch_size, sess.pad_to,
-                                   aggregation=sess.cfg.rl.policy_loss.aggregation)
+        batch.logp_ref_BT = sess.reference_logprobs(batch.rollouts)
+        sess.batches = sess.make_batches(batch)
         state.anchors = sess.capture_anchors() if sess.vp2o is not None else None
     return metrics
 

@@ -11,8 +11,8 @@ from harness import run_world
 
 from distributed.test_parity import LAYOUTS as FOUNDATION_LAYOUTS
 
-# name -> (ranks, parallel section): the foundation's layouts (but tp2 x ep2), after a 1-rank run
-LAYOUTS = {"1rank": (1, {}), **{k: v for k, v in FOUNDATION_LAYOUTS.items() if k != "tp2xep2"}}
+# name -> (ranks, parallel section): the foundation's layouts, after the 1-rank run
+LAYOUTS = {"1rank": (1, {}), **FOUNDATION_LAYOUTS}
 
 
 @pytest.fixture(scope="module")
