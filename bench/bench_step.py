@@ -8,7 +8,7 @@ micro-batches after one warm-up step. Prints a phase table, the neighbour-exchan
 the local expert-gradient bytes (measured at EP=1, and what the static exchange would move at
 EP=2/4 for this step's neighbour sets), and ends with ``ratio vp2o/grpo <value>``.
 
-Usage: ``python bench/bench_step.py [--quick] [--steps N]`` (--quick: under a minute on 2 cores).
+Usage: ``python bench/bench_step.py [--quick] [--full] [--steps N]`` (--quick: under a minute on 2 cores).
 """
 
 from __future__ import annotations
@@ -17,33 +17,43 @@ import argparse
 import statistics
 import sys
 import time
+
+import torch
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 
-def build(quick: bool):
-    from distributed.worlds_foundation import global_batch, my_micro_batches
-    from distributed.worlds_vp2o import vp2o_config
+# The CPU bench model: the tiny recipe's MoE (examples/configs/tiny_cpu.yaml: D=128, 4 layers, E=8, K=2,
+# F=128) on an RL-sized batch (16 sequences x 64 tokens in 2 micro-batches); --full doubles the width.
+BENCH_MODEL = dict(num_layers=4, hidden_size=128, num_attention_heads=4, num_query_groups=2, num_experts=8,
+                   moe_router_topk=2, moe_ffn_hidden_size=128, ffn_hidden_size=256, vocab_size=128, seq_length=64)
+BATCH, MICRO = 16, 8
 
+
+def build(full: bool):
+    from megatron_vp2o.config import Config, build as build_cfg
+    from megatron_vp2o.data.sft import SFTBatch
     from megatron_vp2o.distributed.init import init_parallel
     from megatron_vp2o.moe import vp2o_moe_layer
     from megatron_vp2o.training.setup import build_trainable
     from megatron_vp2o.training.vp2o_step import init_vp2o
 
-    cfg = vp2o_config(vp2o=dict(stein=dict(repulsion_coef=0.01),
-                                specialization=dict(ortho_coef=1e-4, var_coef=1e-3),
-                                trust_region=dict(anchor_delta=2.0)))
-    if not quick:
-        cfg.model.hidden_size, cfg.model.moe_ffn_hidden_size = 64, 64
+    model = dict(BENCH_MODEL, **(dict(hidden_size=256, moe_ffn_hidden_size=256) if full else {}))
+    cfg = build_cfg(Config, {
+        "model": model, "train": dict(micro_batch_size=MICRO, global_batch_size=BATCH, lr=1e-3, warmup_steps=0),
+        "vp2o": dict(stein=dict(repulsion_coef=0.01), specialization=dict(ortho_coef=1e-4, var_coef=1e-3),
+                     trust_region=dict(anchor_delta=2.0))})
     init_parallel(cfg)
     vp2o = build_trainable(cfg, moe_layer_cls=vp2o_moe_layer(cfg.vp2o.specialization))
     plain = build_trainable(cfg)
     plain.module.load_state_dict(vp2o.module.state_dict(), strict=False)
     plain.optimizer.reload_model_params()
     state = init_vp2o(vp2o, cfg.vp2o, False)
-    return plain, vp2o, state, my_micro_batches(global_batch())
+    ids = torch.randint(3, 100, (BATCH, model["seq_length"] + 1), generator=torch.Generator().manual_seed(0))
+    mbs = [SFTBatch(c[:, :-1], c[:, 1:], torch.ones(c.shape[0], c.shape[1] - 1)) for c in ids.split(MICRO)]
+    return plain, vp2o, state, mbs
 
 
 def timed(fn, steps: int) -> tuple[list[float], dict]:
@@ -77,14 +87,15 @@ def exchange_table(state, row_bytes: int) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="3 timed steps (under a minute)")
+    parser.add_argument("--full", action="store_true", help="the bench model at twice the width")
     parser.add_argument("--steps", type=int, default=None)
     args = parser.parse_args()
     steps = args.steps or (3 if args.quick else 10)
     from megatron_vp2o.training.step import train_step
     from megatron_vp2o.training.vp2o_step import capture_anchors, vp2o_train_step
 
-    plain, vp2o, state, mbs = build(args.quick)
+    plain, vp2o, state, mbs = build(args.full)
     anchors = capture_anchors(vp2o, mbs, state)
     t_plain, _ = timed(lambda: train_step(plain, mbs), steps)
     t_vp2o, m = timed(lambda: vp2o_train_step(vp2o, mbs, state, anchors=anchors), steps)
