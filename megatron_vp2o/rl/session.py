@@ -212,8 +212,6 @@ class Session:
 
     def close(self):
         self.progress.close()
-        if self.cfg.checkpoint.save_final:
-            pass  # the final checkpoint is written by the loop when checkpoint.every divides rl.steps
         self.logger.close()
 
     def summary(self, first: dict, last: dict, state, seconds: float) -> dict:

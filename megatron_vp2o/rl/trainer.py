@@ -131,7 +131,8 @@ def run_rl(cfg, out_dir: str | Path, resume: bool = False) -> dict:
             metrics |= sess.evaluate("eval")
         sess.logger.log(state.step, metrics)
         sess.progress.update(f"reward {metrics.get('reward/mean', float('nan')):.3f}")
-        if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0:
+        periodic = cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0
+        if periodic or (cfg.checkpoint.save_final and state.step == cfg.rl.steps):
             sess.save(state)
     sess.close()
     return sess.summary(first_eval, metrics if cfg.rl.steps else {}, state, time.perf_counter() - t_start)
