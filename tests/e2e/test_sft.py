@@ -58,8 +58,12 @@ def test_torchrun_two_ranks_loss_falls(tmp_path, layout):
     (["train.stepz=3"], ["train.stepz", "steps"]),
 ])
 def test_bad_input_fails_before_writing(tmp_path, override, words):
-    out = tmp_path / "out"
-    proc = vp2o(["sft", "--config", TINY, "--out", str(out), *override])
+    assert_rejected(["sft", "--config", TINY], override, words, tmp_path / "out")
+
+
+def assert_rejected(command: list[str], override: list[str], words: list[str], out) -> None:
+    """The CLI exits 2 with a message containing ``words`` and writes nothing to ``out``."""
+    proc = vp2o([*command, "--out", str(out), *override])
     assert proc.returncode == 2, proc.stderr[-2000:]
     for word in words:
         assert word in proc.stderr
