@@ -59,9 +59,13 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
+def _module(models):
+    """The bare model chunk (unwrapped from DDP)."""
+    return models[0].module if hasattr(models[0], "module") else models[0]
+
+
 def model_sharded_state_dict(models) -> dict:
-    module = models[0].module if hasattr(models[0], "module") else models[0]
-    return module.sharded_state_dict(prefix="")
+    return _module(models).sharded_state_dict(prefix="")
 
 
 def save_checkpoint(root: str | Path, step: int, trainable, meta: dict, extra: dict | None = None,
@@ -129,8 +133,7 @@ def load_model(path: str | Path, models, strict: bool = True) -> dict:
                                 "check checkpoint.load / --ckpt")
     sharded, missing = _present(model_sharded_state_dict(models), found)
     loaded = dist_checkpointing.load({"model": sharded}, str(found))
-    module = models[0].module if hasattr(models[0], "module") else models[0]
-    result = module.load_state_dict(loaded["model"], strict=False)
+    result = _module(models).load_state_dict(loaded["model"], strict=False)
     unexpected = [k for k in result.missing_keys if not any(p in k for p in OPTIONAL_KEY_PARTS) and "_extra_state" not in k]
     if strict and (unexpected or result.unexpected_keys):
         raise RuntimeError(f"loading '{found}': missing {unexpected}, unexpected {result.unexpected_keys}")
@@ -228,8 +231,7 @@ def load_checkpoint(path: str | Path, trainable, with_optimizer: bool = True, re
                 inner._init_optimizer_states_with_dummy_values()  # a fresh torch Adam has no state to map
         state["optimizer"] = trainable.optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPT_METADATA)
     loaded = dist_checkpointing.load(state, str(found))
-    module = trainable.models[0].module if hasattr(trainable.models[0], "module") else trainable.models[0]
-    module.load_state_dict(loaded["model"], strict=True)
+    _module(trainable.models).load_state_dict(loaded["model"], strict=True)
     if with_optimizer:
         with _tolerate_missing_adam_step(trainable.optimizer):
             trainable.optimizer.load_state_dict(loaded["optimizer"])

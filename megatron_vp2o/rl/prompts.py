@@ -21,7 +21,7 @@ import argparse
 import dataclasses
 import json
 import random
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 
 _FIELDS = {"prompt", "task", "answer", "tests", "meta", "id"}

@@ -8,7 +8,6 @@ the prompt set (exists, parses, non-empty), the policy checkpoint (``checkpoint.
 from __future__ import annotations
 
 import dataclasses
-from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -127,9 +126,6 @@ class Session:
         start = self.loop_extra.get("step", 0)
         self.logger = MetricsLogger(self.out_dir, cfg.logging, to_dict(cfg), resume_step=start)
         self.progress = Progress(cfg.rl.steps, f"vp2o train ({cfg.rl.algo})", cfg.logging.progress, start=start)
-
-    def generation(self):
-        return nullcontext()
 
     # ---- learner -------------------------------------------------------------------------
     def make_batches(self, batch):

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from megatron_vp2o.rl.actor import ActorBatch, act, reward_metrics
-from megatron_vp2o.rl.learner import behaviour_stats, policy_forward_step
+from megatron_vp2o.rl.learner import behaviour_stats
 from megatron_vp2o.rl.session import Session
 
 
@@ -50,7 +50,7 @@ def phase(state: LoopState, name: str):
 
 def refresh(sess: Session, state: LoopState) -> dict:
     """Actors <- learner; new rollouts, rewards, advantages, anchor snapshot (spec 2.12)."""
-    with phase(state, "rollout"), sess.generation():
+    with phase(state, "rollout"):
         batch = act(sess.engine, sess.tokenizer, sess.prompts, sess.cfg, state.refreshes, sess.cfg.train.seed)
     with phase(state, "reward"):
         metrics = reward_metrics(batch, sess.cfg.rl.policy_loss.group_size)

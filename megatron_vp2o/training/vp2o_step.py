@@ -152,7 +152,7 @@ def vp2o_train_step(trainable, micro_batches, state: VP2OState, forward_step=lm_
     """One learner step (module docstring). ``behaviour``: optional {"drift", "ess"} tensors;
     ``probe(stage, state)`` is called at "pre_stein" and "post_stein" (tests); ``guard(trainable)``
     runs after the backward: False (non-finite loss or gradients) skips the step, weights unchanged."""
-    cfg, layers, timing = state.cfg, state.layers, {}
+    cfg, layers = state.cfg, state.layers
     t0 = time.perf_counter()
     lm_tokens, routed_tokens = global_token_counts(micro_batches)
     set_loss_normalizers(layers, lm_tokens, routed_tokens)

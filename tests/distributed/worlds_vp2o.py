@@ -124,7 +124,6 @@ class HookProbe:
 def reference(payload) -> dict:
     """1 rank: initial checkpoint (30-step prototypes), plain-vs-VP2O(zero coefs) bitwise check."""
     from megatron_vp2o.checkpoint import save_checkpoint
-    from megatron_vp2o.distributed.init import init_parallel
     from megatron_vp2o.training.setup import build_trainable
     from megatron_vp2o.training.step import train_step
     from megatron_vp2o.training.vp2o_step import vp2o_train_step
@@ -181,7 +180,6 @@ def layout_step(payload):
 
 def compare(payload):
     """1 rank: max |param diff| (prototypes included) of every layout against the reference."""
-    from megatron_vp2o.checkpoint import load_model
     from megatron_vp2o.distributed.init import init_parallel
 
     cfg = vp2o_config()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from distributed.worlds_foundation import global_batch, my_micro_batches, tiny_config
+from distributed.worlds_foundation import tiny_config
 
 
 def _layer_and_input(expert_impl: str, dtype: str = "fp32", ortho: float = 0.0):

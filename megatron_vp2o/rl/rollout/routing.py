@@ -114,7 +114,7 @@ def replay_rows(topk_idx_BSK: torch.Tensor, router: TopKRouter) -> torch.Tensor:
 
 def _check_hook(min_agreement: float | None, stats: list):
     def hook(router, args, output):
-        hidden_SBH, (_, routing_map_NE) = args[0], output
+        hidden_SBH = args[0]
         n = hidden_SBH.shape[0] * hidden_SBH.shape[1]
         target_NK = router.router_replay.target_topk_idx
         if target_NK.shape[0] != n:
