@@ -40,7 +40,7 @@ from megatron_vp2o.algo.coactivation import active_experts, coactivation_matrix,
 from megatron_vp2o.algo.config import SteinConfig
 from megatron_vp2o.algo.kernels import prototype_kernel
 from megatron_vp2o.algo.prototypes import power_step_partial
-from megatron_vp2o.algo.stein import attraction_weights, repulsion_grad_from_z
+from megatron_vp2o.algo.stein import attraction_weights, gather_mix, repulsion_grad_from_z
 from megatron_vp2o.distributed.reductions import VP2OGroups, _size, all_reduce_, gather_expert_grads
 from megatron_vp2o.distributed.reductions import reduce_counts_, world_sum
 
@@ -81,24 +81,26 @@ def exchange_neighbours(grads_XP: torch.Tensor, idx_EM1: torch.Tensor, ep_group)
     return recv_RXP.view(num_ranks * num_local, -1)
 
 
-def transport_rows(table_EP, grads_XP, idx_XM1, w_XM1, active_X, rep_XP, alpha: float, ok):
+def transport_rows(table_EP, grads_XP, idx_XM1, w_XM1, active_X, rep_XQ, alpha: float, ok):
     """grad_x = [x in A] (sum_m w[x, m] table[idx[x, m]] + alpha rep_x); identity unless ``ok``.
 
-    Pure tensor work (static shapes); the slot loop matches `algo.stein.gather_mix`'s order.
+    ``rep_XQ`` (or None) is the repulsion gradient of the trailing Q columns (fc2; Q <= P).
+    Returns (transported [X, P], norm of the applied attraction). Pure tensor work (static
+    shapes, no host syncs); the mix is `algo.stein.gather_mix` (one fused pass) with the weights
+    of experts outside the active set zeroed, so the output is written in two passes.
     """
-    num_params = table_EP.shape[-1]
-    w_XM1 = w_XM1.to(table_EP.dtype)
-    mix_XP = torch.zeros_like(grads_XP)
-    for slot in range(idx_XM1.shape[-1]):
-        idx_XP = idx_XM1[:, slot:slot + 1].expand(-1, num_params)
-        mix_XP = mix_XP + w_XM1[:, slot:slot + 1] * torch.gather(table_EP, 0, idx_XP)
-    out_XP = mix_XP if rep_XP is None or alpha == 0.0 else mix_XP + alpha * rep_XP
-    out_XP = torch.where(active_X.unsqueeze(-1), out_XP, 0.0)
-    return torch.where(ok, out_XP, grads_XP), mix_XP
+    keep_X1 = active_X.unsqueeze(-1)
+    mix_XP = gather_mix(table_EP, idx_XM1, w_XM1 * keep_X1.to(w_XM1.dtype))
+    attraction_norm = torch.linalg.vector_norm(mix_XP)
+    if rep_XQ is not None and alpha != 0.0:
+        cols = rep_XQ.shape[-1]
+        mix_XP[:, mix_XP.shape[-1] - cols:] += rep_XQ.to(mix_XP.dtype) * (alpha * keep_X1.to(mix_XP.dtype))
+    return torch.where(ok, mix_XP, grads_XP), attraction_norm
 
 
-def layer_repulsion(layer, masks, cfg: SteinConfig, groups: VP2OGroups, num_params: int):
-    """dR/dW of the local experts laid out as [X, P] (zeros outside fc2), or None if alpha = 0."""
+def layer_repulsion(layer, masks, cfg: SteinConfig, groups: VP2OGroups):
+    """dR/dW of the local experts laid out like the fc2 columns of the flat gradient [X, P2], or
+    None if alpha = 0."""
     if cfg.repulsion_coef == 0.0:
         return None
     acc, off, num_local = layer.accessor, layer.expert_offset, layer.num_local_experts
@@ -108,9 +110,7 @@ def layer_repulsion(layer, masks, cfg: SteinConfig, groups: VP2OGroups, num_para
     inactive_XE = masks[2][off:off + num_local]
     rep_XDF = repulsion_grad_from_z(weight_XDF, protos_ED, z_XD, inactive_XE, cfg.kernel_tau0,
                                     cfg.kernel, off)
-    rep_XP = weight_XDF.new_zeros(num_local, num_params)
-    rep_XP[:, acc.fc2_offset():] = acc.fc2_flat(rep_XDF)
-    return rep_XP
+    return acc.fc2_flat(rep_XDF)
 
 
 def apply_stein(ddp_model, layers, groups: VP2OGroups, cfg: SteinConfig, num_tokens) -> dict:
@@ -120,28 +120,29 @@ def apply_stein(ddp_model, layers, groups: VP2OGroups, cfg: SteinConfig, num_tok
     Also leaves ``layer.active_E`` for the freeze of inactive experts.
     """
     gathered = gather_expert_grads(ddp_model)
-    bad = torch.zeros(1)
-    for layer in layers:
-        bad += (~torch.isfinite(layer.accessor.grads_XP())).any().float()
+    grads = [layer.accessor.grads_XP().float() for layer in layers]
+    # One reduction per layer: a sum is non-finite iff some element is (or it overflows fp32, which
+    # also leaves the gradients alone).
+    bad = (~torch.isfinite(torch.stack([g.sum() for g in grads]))).sum(0, keepdim=True).float() \
+        if grads else torch.zeros(1)
     ok = world_sum(bad)[0] == 0
     metrics = {"stein/grad_gather_bytes": gathered, "stein/nonfinite": (~ok).float()}
-    for i, layer in enumerate(layers):
+    for layer, grads_XP in zip(layers, grads):
         metrics.update({f"{k}/layer{layer.layer_number}": v for k, v in
-                        _layer_step(layer, groups, cfg, num_tokens, ok).items()})
+                        _layer_step(layer, grads_XP, groups, cfg, num_tokens, ok).items()})
     return metrics
 
 
-def _layer_step(layer, groups, cfg, num_tokens, ok) -> dict:
+def _layer_step(layer, grads_XP, groups, cfg, num_tokens, ok) -> dict:
     counts_EE = reduce_counts_(layer.counts_EE, groups)
     masks = layer_masks(counts_EE, layer.protos_ED, num_tokens, cfg, layer.top_k)
     active_E, coactive_EE, _, kernel_EE, idx_EM1, w_EM1 = masks
     off, num_local = layer.expert_offset, layer.num_local_experts
-    grads_XP = layer.accessor.grads_XP().float()
     table_EP = exchange_neighbours(grads_XP, idx_EM1, groups.expert_ep)
-    rep_XP = layer_repulsion(layer, masks, cfg, groups, grads_XP.shape[1])
+    rep_XQ = layer_repulsion(layer, masks, cfg, groups)
     rows = slice(off, off + num_local)
-    out_XP, mix_XP = transport_rows(table_EP, grads_XP, idx_EM1[rows], w_EM1[rows], active_E[rows],
-                                    rep_XP, cfg.repulsion_coef, ok)
+    out_XP, attraction_norm = transport_rows(table_EP, grads_XP, idx_EM1[rows], w_EM1[rows], active_E[rows],
+                                            rep_XQ, cfg.repulsion_coef, ok)
     layer.accessor.write_grads_XP(out_XP)
     layer.active_E = active_E
     num_ranks = _size(groups.expert_ep)
@@ -150,8 +151,8 @@ def _layer_step(layer, groups, cfg, num_tokens, ok) -> dict:
     remote[rows] = False
     row_bytes = grads_XP.shape[1] * grads_XP.element_size()
     return exchange_metrics(row_bytes, num_ranks, num_local, remote) | {
-        "stein/attraction_norm": mix_XP.norm(),
-        "stein/repulsion_norm": (cfg.repulsion_coef * rep_XP).norm() if rep_XP is not None
+        "stein/attraction_norm": attraction_norm,
+        "stein/repulsion_norm": (cfg.repulsion_coef * rep_XQ).norm() if rep_XQ is not None
         else torch.zeros(()),
         "stein/kernel_mass": (kernel_EE.sum() - kernel_EE.diagonal().sum()) / max(
             kernel_EE.numel() - kernel_EE.shape[0], 1),

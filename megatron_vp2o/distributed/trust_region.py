@@ -66,68 +66,119 @@ def _states(optimizer) -> dict:
 
 
 class ParamSnapshot:
-    """Pre-step copy of parameters, main parameters and optimizer state of one rank."""
+    """Pre-step copy of parameters, main parameters and optimizer state of one rank.
 
-    def __init__(self, model, optimizer):
+    The copy lives in buffers allocated once (re-allocated only when the set of tensors changes,
+    e.g. after Adam's lazy state init on the first step) and is refreshed by `take` with one
+    ``torch._foreach_copy_``; ``params`` limits it to some model parameters (the freeze of
+    inactive experts alone needs only the expert parameters and their optimizer state).
+    """
+
+    def __init__(self, model, optimizer, params=None):
         self.model, self.optimizer = model, optimizer
-        self.params = [p for p in model.parameters()]
-        self.entries = main_param_entries(optimizer)
-        storages = {p.untyped_storage().data_ptr() for p in self.params}  # DDP: one param buffer
+        self.params = list(model.parameters()) if params is None else list(params)
+        wanted = {id(p) for p in self.params}
+        self.entries = [e for e in main_param_entries(optimizer) if id(e[0]) in wanted]
+        storages = {p.untyped_storage().data_ptr() for p in model.parameters()}  # DDP: one param buffer
         self.own_main = [e for e in self.entries if e[1].untyped_storage().data_ptr() not in storages]
-        self.before = self._capture()
+        self._key, self._buffers, self.before = None, [], None
 
-    def _capture(self) -> dict:
+    def _live(self) -> tuple[list, list, dict]:
+        """(tensors to copy, their (kind, ref) tags, non-tensor state values) as they are now."""
         states = _states(self.optimizer)
-        return {
-            "params": [p.detach().clone() for p in self.params],
-            "main": [e[1].detach().clone() for e in self.own_main],
-            "state": {id(e[1]): {k: v.clone() if torch.is_tensor(v) else v
-                                 for k, v in states[e[1]].items()}
-                      for e in self.entries if e[1] in states},
-        }
+        tensors = [p.detach() for p in self.params] + [e[1].detach() for e in self.own_main]
+        tags = [("param", i) for i in range(len(self.params))] + [("main", i) for i in range(len(self.own_main))]
+        scalars = {}
+        for e in self.entries:
+            state = states.get(e[1])
+            if state is None:
+                continue
+            for key, value in state.items():
+                if torch.is_tensor(value):
+                    tensors.append(value)
+                    tags.append(("state", id(e[1]), key))
+                else:
+                    scalars[(id(e[1]), key)] = value
+        return tensors, tags, scalars
+
+    def take(self) -> "ParamSnapshot":
+        """Copy the current values into the snapshot buffers (one fused copy)."""
+        tensors, tags, scalars = self._live()
+        key = [(t.shape, t.dtype, t.device) for t in tensors], tags
+        if key != self._key:
+            self._buffers = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
+            self._key = key
+        if tensors:
+            torch._foreach_copy_(self._buffers, tensors)
+        self.before = dict(zip(tags, self._buffers))
+        self.had_state = {id(e[1]) for e in self.entries if e[1] in _states(self.optimizer)}
+        self.scalars = scalars
+        return self
 
     def capture_after(self) -> dict:
-        return self._capture()
+        """Clones of the post-step parameters and main parameters (for `scale_update`)."""
+        return {"params": [p.detach().clone() for p in self.params],
+                "main": [e[1].detach().clone() for e in self.own_main]}
 
     def restore(self, mask_of=None) -> None:
-        """Put back the snapshot; with ``mask_of(model_param) -> bool mask | None`` only there."""
+        """Put back the snapshot; with ``mask_of(model_param) -> bool mask | None`` only there
+        (masked restores leave scalar state such as Adam's step count alone)."""
         with torch.no_grad():
-            for p, old in zip(self.params, self.before["params"]):
-                _put(p, old, mask_of(p) if mask_of else None, full=mask_of is None)
-            for e, old in zip(self.own_main, self.before["main"]):
-                _put(e[1], old, _main_mask(e, mask_of), full=mask_of is None)
+            if mask_of is None:
+                self._restore_all()
+                return
+            for i, p in enumerate(self.params):
+                _put_masked(p, self.before[("param", i)], mask_of(p))
+            for i, e in enumerate(self.own_main):
+                _put_masked(e[1], self.before[("main", i)], _main_mask(e, mask_of))
             states = _states(self.optimizer)
             for e in self.entries:
-                self._restore_state(states, e, mask_of)
+                if id(e[1]) not in self.had_state:
+                    continue
+                mask = _main_mask(e, mask_of)
+                for key, cur in states[e[1]].items():
+                    old = self.before.get(("state", id(e[1]), key))
+                    if old is not None and torch.is_tensor(cur) and cur.dim() > 0 and cur.shape == old.shape:
+                        _put_masked(cur, old, mask)
 
-    def _restore_state(self, states, entry, mask_of) -> None:
-        main = entry[1]
-        saved = self.before["state"].get(id(main))
-        if saved is None:
-            if mask_of is None:
+    def _restore_all(self) -> None:
+        states = _states(self.optimizer)
+        dst, src = [], []
+        for i, p in enumerate(self.params):
+            dst.append(p.detach())
+            src.append(self.before[("param", i)])
+        for i, e in enumerate(self.own_main):
+            dst.append(e[1].detach())
+            src.append(self.before[("main", i)])
+        for e in self.entries:
+            main = e[1]
+            if id(main) not in self.had_state:
                 states.pop(main, None)  # no state before the step (first step): reset it
-            return
-        mask = _main_mask(entry, mask_of)
-        for key, old in saved.items():
-            cur = states[main][key]
-            if torch.is_tensor(cur) and cur.shape == old.shape and cur.dim() > 0:
-                _put(cur, old, mask, full=mask_of is None)
-            elif mask_of is None:
-                states[main][key] = old.clone() if torch.is_tensor(old) else old
+                continue
+            state = states[main]
+            for key in list(state):
+                old = self.before.get(("state", id(main), key))
+                if old is None:
+                    state[key] = self.scalars.get((id(main), key), state[key])
+                elif torch.is_tensor(state[key]) and state[key].shape == old.shape:
+                    dst.append(state[key])
+                    src.append(old)
+                else:
+                    state[key] = old.clone()
+        if dst:
+            torch._foreach_copy_(dst, src)
 
     def scale_update(self, after: dict, scale: float) -> None:
         """Parameters <- before + scale (after - before) (spec 2.10 backtracking)."""
         with torch.no_grad():
-            for p, old, new in zip(self.params, self.before["params"], after["params"]):
-                p.copy_(tr.scaled_update(old, new, scale))
-            for e, old, new in zip(self.own_main, self.before["main"], after["main"]):
-                e[1].copy_(tr.scaled_update(old, new, scale))
+            for i, (p, new) in enumerate(zip(self.params, after["params"])):
+                p.copy_(tr.scaled_update(self.before[("param", i)], new, scale))
+            for i, (e, new) in enumerate(zip(self.own_main, after["main"])):
+                e[1].copy_(tr.scaled_update(self.before[("main", i)], new, scale))
 
 
-def _put(dst: torch.Tensor, old: torch.Tensor, mask, full: bool) -> None:
-    if full:
-        dst.copy_(old)
-    elif mask is not None:
+def _put_masked(dst: torch.Tensor, old: torch.Tensor, mask) -> None:
+    if mask is not None:
         dst.copy_(torch.where(mask.view(dst.shape), old, dst))
 
 

@@ -101,9 +101,9 @@ class ExpertAccessor:
         split = self.fc2_offset()
         for kind, cols in (("fc1", grads_XP[:, :split]), ("fc2", grads_XP[:, split:])):
             for p in (q for q in self.params if q.kind == kind):
-                rows = cols[list(p.ids)] if len(p.ids) < self.num_local else cols
+                rows = cols if len(p.ids) == self.num_local else cols[p.ids[0]:p.ids[-1] + 1]
                 grad = _grad_of(p.param)
-                grad.copy_(rows.reshape(grad.shape).to(grad.dtype))
+                grad.view(len(p.ids), -1).copy_(rows)
 
     # --- ownership -----------------------------------------------------------------------------
     def element_mask(self, param: torch.Tensor, keep_X: torch.Tensor) -> torch.Tensor | None:

@@ -7,6 +7,7 @@ Set ``VP2O_FORCE_CPU=1`` to use the CPU path on a machine that has a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -49,3 +50,12 @@ def current() -> Platform:
     if _active is None:
         raise RuntimeError("megatron_vp2o.platform.activate() must be called once at start-up")
     return _active
+
+
+def native():
+    """Context for VP2O's own tensor work (the Stein hook, snapshots, prototype refresh, trust region):
+    suspends the CPU layer's device-rewriting ``TorchFunctionMode`` (redirect 4), which none of that
+    code needs and which costs a Python call per op. A no-op with CUDA (no mode is installed)."""
+    if _active is None or not _active.cpu_layer:
+        return contextlib.nullcontext()
+    return torch._C.DisableTorchFunction()

@@ -32,6 +32,7 @@ from megatron_vp2o.distributed.reductions import VP2OGroups, all_reduce_, refres
 from megatron_vp2o.distributed.stein_hook import apply_stein
 from megatron_vp2o.distributed.trust_region import ParamSnapshot, anchor_statistic
 from megatron_vp2o.moe.layer import vp2o_layers
+from megatron_vp2o.platform import native
 from megatron_vp2o.training.step import lm_forward_step, reduce_report
 
 
@@ -44,6 +45,8 @@ class VP2OState:
     layers: list
     steps_since_refresh: int = 0
     counters: dict = field(default_factory=lambda: {name: 0 for name in tr.DECISION_NAMES})
+    snapshot: object = None  # the ParamSnapshot reused across steps (its buffers are allocated once)
+    snapshot_key: tuple = ()
 
 
 def init_vp2o(trainable, cfg, sequence_parallel: bool, init_prototypes: bool = True) -> VP2OState:
@@ -90,17 +93,40 @@ def _forward_backward(trainable, micro_batches, forward_step) -> list:
 
 def _freeze_mask(layers):
     """mask_of(param): elements of experts outside the active set (spec 2.8), else None."""
+    owner = {id(p.param): layer for layer in layers for p in layer.accessor.params}
+
     def mask_of(param):
-        for layer in layers:
-            off, n = layer.expert_offset, layer.num_local_experts
-            mask = layer.accessor.element_mask(param, ~layer.active_E[off:off + n])
-            if mask is not None:
-                return mask
-        return None
+        layer = owner.get(id(param))
+        if layer is None:
+            return None
+        off, n = layer.expert_offset, layer.num_local_experts
+        return layer.accessor.element_mask(param, ~layer.active_E[off:off + n])
     return mask_of
 
 
-def _trust_region(state, snap, after, old_protos, anchors) -> tuple[int, float, int]:
+def _snapshot(trainable, state) -> "ParamSnapshot | None":
+    """The pre-step snapshot: everything for the trust region, the expert parameters for the freeze."""
+    cfg = state.cfg
+    freeze = cfg.stein.enabled and cfg.stein.freeze_inactive
+    if not (cfg.trust_region.enabled or freeze):
+        return None
+    params = None if cfg.trust_region.enabled else [p.param for layer in state.layers for p in layer.accessor.params]
+    key = (id(trainable.optimizer), params is None)
+    if state.snapshot is None or state.snapshot_key != key:
+        state.snapshot, state.snapshot_key = ParamSnapshot(trainable.model, trainable.optimizer, params), key
+    return state.snapshot.take()
+
+
+def _freeze_inactive(state, snap) -> None:
+    """Restore the experts outside the active set (spec 2.8) -- one host read of the active masks;
+    nothing to do in the common step where every expert got tokens."""
+    layers = state.layers
+    if bool(torch.stack([layer.active_E for layer in layers]).all()):
+        return
+    snap.restore(_freeze_mask(layers))
+
+
+def _trust_region(state, snap, old_protos, anchors) -> tuple[int, float, int]:
     """Anchor budget loop (spec 2.10): returns (decision, D_anc, backtracks)."""
     cfg = state.cfg.trust_region
     scales = cfg.backtrack_scales
@@ -108,6 +134,7 @@ def _trust_region(state, snap, after, old_protos, anchors) -> tuple[int, float, 
     state.d_anc_trace = [float(d_anc)]
     attempt = 0
     decision = int(tr.decide(d_anc <= cfg.anchor_delta, attempt, cfg.on_violation, len(scales)))
+    after = snap.capture_after() if decision == tr.BACKTRACK else None
     while decision == tr.BACKTRACK:
         snap.scale_update(after, scales[attempt])
         for layer, old in zip(state.layers, old_protos):
@@ -168,22 +195,25 @@ def vp2o_train_step(trainable, micro_batches, state: VP2OState, forward_step=lm_
                 "timing/forward_backward": t1 - t0}
     if probe is not None:
         probe("pre_stein", state)
-    metrics = apply_stein(trainable.model, layers, state.groups, cfg.stein, routed_tokens) \
-        if cfg.stein.enabled else {}
+    with native():
+        metrics = apply_stein(trainable.model, layers, state.groups, cfg.stein, routed_tokens) \
+            if cfg.stein.enabled else {}
     if probe is not None:
         probe("post_stein", state)
     t2 = time.perf_counter()
-    snap = ParamSnapshot(trainable.model, trainable.optimizer) \
-        if cfg.trust_region.enabled or cfg.stein.freeze_inactive else None
-    old_protos = [layer.protos_XD.clone() for layer in layers]
+    with native():
+        snap = _snapshot(trainable, state)
+        old_protos = [layer.protos_XD.clone() for layer in layers]
     update_ok, grad_norm, _ = trainable.optimizer.step()
-    if cfg.stein.enabled and cfg.stein.freeze_inactive:
-        snap.restore(_freeze_mask(layers))
-    refresh_prototypes(layers, state.groups, cfg.stein.power_iters)
+    with native():
+        if cfg.stein.enabled and cfg.stein.freeze_inactive:
+            _freeze_inactive(state, snap)
+        refresh_prototypes(layers, state.groups, cfg.stein.power_iters)
     t3 = time.perf_counter()
     decision, d_anc, backtracks = tr.ACCEPT, float("nan"), 0
     if cfg.trust_region.enabled and anchors is not None:
-        decision, d_anc, backtracks = _trust_region(state, snap, snap.capture_after(), old_protos, anchors)
+        with native():
+            decision, d_anc, backtracks = _trust_region(state, snap, old_protos, anchors)
     trainable.scheduler.step(increment=1)
     t4 = time.perf_counter()
     return _report(state, losses, metrics, decision, d_anc, backtracks, grad_norm, update_ok, behaviour,
