@@ -46,15 +46,35 @@ def normalized(
 
 
 def orthogonality_per_token(expert_out_TKD: torch.Tensor) -> torch.Tensor:
-    """Per-token sum over ordered top-k pairs j != k of ||proj_{x_k} x_j||^2 -> [T] (spec 2.9)."""
+    """Per-token sum over ordered top-k pairs j != k of ||proj_{x_k} x_j||^2 -> [T] (spec 2.9).
+
+    = sum_{j<k} <x_j, x_k>^2 (s_j + s_k) with s_k = n_k / (n_k + eps)^2, n_k = ||x_k||^2. For
+    K <= 4 the K(K+1)/2 dot products are formed pairwise (no [T, K, K] batched matmul of tiny
+    matrices, ~2x faster forward + backward on CPU), else with one batched Gram matmul.
+    """
     x_TKD = expert_out_TKD.to(torch.promote_types(expert_out_TKD.dtype, torch.float32))
+    top_k = x_TKD.shape[-2]
+    if top_k <= _PAIRWISE_MAX_K:
+        xs = x_TKD.unbind(-2)
+        scale = []
+        for x_TD in xs:
+            sq_norm_T = (x_TD * x_TD).sum(-1)
+            scale.append(sq_norm_T / (sq_norm_T + ORTHO_EPS) ** 2)
+        total_T = x_TKD.new_zeros(x_TKD.shape[:-2])
+        for j in range(top_k):
+            for k in range(j + 1, top_k):
+                dot_T = (xs[j] * xs[k]).sum(-1)
+                total_T = total_T + dot_T * dot_T * (scale[j] + scale[k])
+        return total_T
     gram_TKK = torch.matmul(x_TKD, x_TKD.transpose(-1, -2))
     sq_norm_TK = torch.diagonal(gram_TKK, dim1=-2, dim2=-1)
     scale_TK = sq_norm_TK / (sq_norm_TK + ORTHO_EPS) ** 2
     pair_TKK = gram_TKK * gram_TKK * scale_TK.unsqueeze(-2)
-    top_k = x_TKD.shape[-2]
     off_diag_KK = ~torch.eye(top_k, dtype=torch.bool, device=x_TKD.device)
     return torch.where(off_diag_KK, pair_TKK, 0.0).sum((-1, -2))
+
+
+_PAIRWISE_MAX_K = 4
 
 
 def orthogonality_loss_sum(

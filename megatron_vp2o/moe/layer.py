@@ -18,14 +18,16 @@ for the full softmax p and to capture top-k/gates), ``postprocess`` (losses). Wi
 ``ortho_coef > 0`` also ``preprocess``, ``routed_experts_compute`` and ``combine``:
 
 Raw (un-gated) expert outputs, gathered per token (spec 2.9, 4). megatron applies the gate inside
-the expert (act(fc1 x) * p before fc2). With ortho on we run the experts with p = 1 (raw rows x)
-and gate afterwards (x * p; fc2 has no bias, so the product is the same function, rounded
-differently). To know which top-k slot a dispatched row is, the token's K expert ids ride along
-as K extra columns of the hidden states through the dispatch (any dispatcher, TP/SP/EP); the
-expert side derives slot(row) and the combine is run K + 1 times (the gated output and, per slot
-k, the raw rows of slot k; combine is linear, so TP reduce-scatters and EP all-to-alls are
-reused unchanged) -> x[t, k, :]. Cost: K extra combines; ids are exact in bf16 for E <= 256.
-With ortho_coef = 0 the expert path is megatron's own, bit for bit.
+the expert (act(fc1 x) * p before fc2). With ortho on, the dispatcher carries, in place of the
+gates, each (token, expert) pair's top-k slot code k + 1 (exact in any float dtype; every
+dispatcher moves the probs alongside the rows untouched); the experts run with p = 1 and the
+expert side sends each slot's raw rows through its own combine (combine is linear, so TP
+reduce-scatters and EP all-to-alls are reused unchanged): K combines instead of megatron's one,
+and no extra hidden columns. The token side gets x[t, k, :] and forms the layer output
+sum_k p[t, k] x[t, k] itself (fc2 has no bias, so it is megatron's function, rounded
+differently); the router's gradient flows through those gates. Rows with code 0 (capacity
+padding) belong to no slot. With ortho_coef = 0 the expert path is megatron's own, bit for bit.
+Needs the gate after the expert: ``moe_apply_probs_on_input`` and ``moe_latent_size`` refuse.
 
 Loss normalisation (STYLE 9): with ``calculate_per_token_loss`` megatron divides every gradient by
 the global LM token count N after the DP reduction; `set_loss_normalizers` gives each layer
@@ -43,6 +45,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
 from megatron_vp2o.algo import specialization
 from megatron_vp2o.algo.coactivation import coactivation_counts
@@ -112,51 +115,58 @@ class VP2OMoELayer(MoELayer):
                 self.loss_log[3] += topk_TK.shape[0]
             if self.capture:
                 self.captured.append((topk_TK.detach(), gates_TK.detach()))
-        self._route = {"logits": logits.view(-1, self.config.num_moe_experts), "topk": topk_TK}
+        self._route = {"logits": logits.view(-1, self.config.num_moe_experts), "topk": topk_TK, "gates": gates_TK}
         return probs_TE, routing_map_TE
 
     def preprocess(self, hidden_states, probs, routing_map):
-        if self.ortho_on:  # the token's K expert ids travel with it (module docstring)
-            codes = self._route["topk"].to(hidden_states.dtype).view(*hidden_states.shape[:-1], -1)
-            hidden_states = torch.cat([hidden_states, codes], dim=-1)
-        return super().preprocess(hidden_states, probs, routing_map)
+        if not self.ortho_on:
+            return super().preprocess(hidden_states, probs, routing_map)
+        cfg = self.config  # dispatch slot codes k+1 in place of the gates (module docstring)
+        if cfg.moe_apply_probs_on_input or getattr(cfg, "moe_latent_size", None) or cfg.moe_shared_expert_overlap:
+            raise ValueError("vp2o.specialization.ortho_coef > 0 needs the gate applied after the expert and a plain "
+                             "combine: set moe_apply_probs_on_input=false, moe_shared_expert_overlap=false and no "
+                             "moe_latent_size, or vp2o.specialization.ortho_coef=0")
+        topk_TK = self._route["topk"]
+        slots_TK = torch.arange(1, self.top_k + 1, device=probs.device, dtype=probs.dtype).expand_as(topk_TK)
+        codes_TE = torch.zeros_like(probs).scatter(1, topk_TK, slots_TK)
+        hidden_states, codes = super().preprocess(hidden_states, codes_TE, routing_map)
+        # alltoall: rows come back from token_combine in this (source-side permuted) order
+        self._route["one_combine"] = isinstance(self.token_dispatcher, MoEAlltoAllTokenDispatcher)
+        self._route["codes_R1"] = codes.detach().round().unsqueeze(-1)
+        return hidden_states, codes
 
     def routed_experts_compute(self, hidden_states, probs):
         if not self.ortho_on:
             return super().routed_experts_compute(hidden_states, probs)
         disp = self.token_dispatcher
-        rows_ND, tokens_per_expert, probs_N = disp.dispatch_postprocess(hidden_states, probs)
-        hidden = self.config.hidden_size
-        x_ND, codes_NK = rows_ND[:, :hidden], rows_ND[:, hidden:]
-        raw_ND, bias = self.experts(x_ND, tokens_per_expert, torch.ones_like(probs_N))
+        x_ND, tokens_per_expert, codes_N = disp.dispatch_postprocess(hidden_states, probs)
+        raw_ND, bias = self.experts(x_ND, tokens_per_expert, torch.ones_like(codes_N))
         assert bias is None, "VP2O ortho capture needs bias-free experts"
-        counts_X = torch.as_tensor(tokens_per_expert, device=x_ND.device).long()
-        expert_N = torch.repeat_interleave(
-            torch.tensor(self.local_expert_indices, device=x_ND.device), counts_X)
-        slot_N = (codes_NK.round().long() == expert_N.unsqueeze(-1)).float().argmax(-1)
-        pad_NK = raw_ND.new_zeros(raw_ND.shape[0], codes_NK.shape[1])
-        gated = torch.cat([raw_ND * probs_N.unsqueeze(-1).to(raw_ND.dtype), pad_NK], -1)
-        self._route["slots"] = [
-            disp.combine_preprocess(torch.cat([torch.where((slot_N == k).unsqueeze(-1), raw_ND, 0.0),
-                                               pad_NK], -1))
-            for k in range(self.top_k)
-        ]
-        return disp.combine_preprocess(gated), None
+        if self._route["one_combine"]:
+            return disp.combine_preprocess(raw_ND), None
+        code_N1 = codes_N.detach().round().unsqueeze(-1)  # 0: padding rows (no slot)
+        slots = [disp.combine_preprocess(raw_ND * (code_N1 == k + 1).to(raw_ND.dtype)) for k in range(self.top_k)]
+        self._route["slots"] = slots[1:]
+        return slots[0], None
 
     def combine(self, output):
-        if self.ortho_on:
-            slots = self._route["slots"]
-            self._route["slots"] = [self.token_dispatcher.token_combine(s) for s in slots]
+        if self.ortho_on and not self._route["one_combine"]:
+            self._route["slots"] = [self.token_dispatcher.token_combine(s) for s in self._route["slots"]]
         return super().combine(output)
 
     def postprocess(self, output, shared_expert_output):
-        hidden = self.config.hidden_size
         raw_TKD = None
-        if self.ortho_on:
+        if self.ortho_on:  # output = sum_k gate_k x_k, token side (fc2 has no bias: megatron's function)
             disp = self.token_dispatcher
-            slots = [disp.combine_postprocess(s)[..., :hidden] for s in self._route["slots"]]
-            raw_TKD = torch.stack([s.reshape(-1, hidden) for s in slots], dim=1)
-            output = disp.combine_postprocess(output)[..., :hidden].contiguous()
+            if self._route["one_combine"]:  # split the returned rows by slot, un-permute each
+                codes_R1 = self._route["codes_R1"]
+                rows = [output * (codes_R1 == k + 1).to(output.dtype) for k in range(self.top_k)]
+            else:
+                rows = [output, *self._route["slots"]]
+            slots = [disp.combine_postprocess(r) for r in rows]
+            raw_TKD = torch.stack([s.reshape(-1, s.shape[-1]) for s in slots], dim=1)
+            gates_TK1 = self._route["gates"].to(raw_TKD.dtype).unsqueeze(-1)
+            output = (raw_TKD * gates_TK1).sum(1).view(slots[0].shape)
             if shared_expert_output is not None:
                 output = output + shared_expert_output
         else:

@@ -22,10 +22,12 @@ def test_accessor_reads_and_writes_each_layout(checks, layout):
     assert got["shape"] == (8, 32, 32)
 
 
-def test_raw_outputs_are_gathered_per_token(checks):
-    got = checks["ortho"]
+@pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])
+def test_raw_outputs_are_gathered_per_token(checks, dispatcher):
+    got = checks[f"ortho/{dispatcher}"]
     assert got["raw_diff"] < 1e-5
     assert got["out_diff"] < 1e-5
+    assert got["grad_diff"] < 1e-5 and got["num_grads"][0] == got["num_grads"][1] > 3, got
     assert got["counts"] == got["expected_counts"]
 
 

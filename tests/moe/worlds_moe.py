@@ -10,12 +10,12 @@ import torch
 from distributed.worlds_foundation import tiny_config
 
 
-def _layer_and_input(expert_impl: str, dtype: str = "fp32", ortho: float = 0.0):
+def _layer_and_input(expert_impl: str, dtype: str = "fp32", ortho: float = 0.0, dispatcher: str = "alltoall"):
     from megatron_vp2o.algo.config import SpecializationConfig
     from megatron_vp2o.model import build_gpt, transformer_config
     from megatron_vp2o.moe import vp2o_layers, vp2o_moe_layer
 
-    cfg = tiny_config(model={"expert_impl": expert_impl, "params_dtype": dtype})
+    cfg = tiny_config(model={"expert_impl": expert_impl, "params_dtype": dtype, "dispatcher": dispatcher})
     tconf = transformer_config(cfg.model, cfg.parallel, calculate_per_token_loss=True)
     model = build_gpt(cfg.model, tconf, moe_layer_cls=vp2o_moe_layer(SpecializationConfig(ortho, 0.0)))
     layer = vp2o_layers(model)[0]
@@ -51,9 +51,10 @@ def accessor_checks(layout: str, dtype: str) -> dict:
             "shape": tuple(w_XDF.shape)}
 
 
-def ortho_capture_checks() -> dict:
-    """Raw per-token outputs through the dispatcher equal the experts applied to each token."""
-    layer, hidden = _layer_and_input("sequential", ortho=1.0)
+def ortho_capture_checks(dispatcher: str) -> dict:
+    """Raw per-token outputs through the dispatcher equal the experts applied to each token; the
+    layer output (gated sum formed token side) equals megatron's own expert path."""
+    layer, hidden = _layer_and_input("sequential", ortho=1.0, dispatcher=dispatcher)
     layer.train()
     captured = {}
     original = layer._specialisation_loss
@@ -76,9 +77,20 @@ def ortho_capture_checks() -> dict:
         manual = torch.stack([
             torch.stack([layer.experts.local_experts[int(e)](x_TD[t:t + 1], ones[:1])[0][0]
                          for e in topk_TK[t]]) for t in range(x_TD.shape[0])])
+    counts = float(layer.counts_EE.diagonal().sum())
+    grads = {}
+    for name, coef in (("ortho", 1e-30), ("plain", 0.0)):  # the ortho loss itself ~ 0: same gradients
+        layer.spec_cfg = type(layer.spec_cfg)(coef, 0.0)
+        layer.zero_grad()
+        x = hidden.clone().requires_grad_(True)
+        out, _ = layer(x)
+        (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        grads[name] = [x.grad] + [p.grad.clone() for p in layer.parameters() if p.grad is not None]
+    grad_diff = max((a - b).abs().max().item() for a, b in zip(grads["ortho"], grads["plain"]))
     return {"raw_diff": (captured["raw"] - manual).abs().max().item(),
-            "out_diff": (out_vp2o - out_plain).abs().max().item(),
-            "counts": float(layer.counts_EE.diagonal().sum()), "expected_counts": 2 * x_TD.shape[0] * layer.top_k}
+            "out_diff": (out_vp2o - out_plain).abs().max().item(), "grad_diff": grad_diff,
+            "num_grads": (len(grads["ortho"]), len(grads["plain"])),
+            "counts": counts, "expected_counts": 2 * x_TD.shape[0] * layer.top_k}
 
 
 def run_all(payload) -> dict:
@@ -87,5 +99,6 @@ def run_all(payload) -> dict:
     init_parallel(tiny_config())
     out = {"sequential": accessor_checks("sequential", "fp32"),
            "grouped": accessor_checks("grouped", "bf16"),
-           "ortho": ortho_capture_checks()}
+           "ortho/alltoall": ortho_capture_checks("alltoall"),
+           "ortho/allgather": ortho_capture_checks("allgather")}
     return out
