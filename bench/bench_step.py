@@ -32,7 +32,7 @@ BENCH_MODEL = dict(num_layers=4, hidden_size=128, num_attention_heads=4, num_que
 BATCH, MICRO = 16, 8
 
 
-def build(full: bool):
+def build(full: bool, batch: int = BATCH, micro: int = MICRO):
     from megatron_vp2o.config import Config, build as build_cfg
     from megatron_vp2o.data.sft import SFTBatch
     from megatron_vp2o.distributed.init import init_parallel
@@ -42,7 +42,7 @@ def build(full: bool):
 
     model = dict(BENCH_MODEL, **(dict(hidden_size=256, moe_ffn_hidden_size=256) if full else {}))
     cfg = build_cfg(Config, {
-        "model": model, "train": dict(micro_batch_size=MICRO, global_batch_size=BATCH, lr=1e-3, warmup_steps=0),
+        "model": model, "train": dict(micro_batch_size=micro, global_batch_size=batch, lr=1e-3, warmup_steps=0),
         "vp2o": dict(stein=dict(repulsion_coef=0.01), specialization=dict(ortho_coef=1e-4, var_coef=1e-3),
                      trust_region=dict(anchor_delta=2.0))})
     init_parallel(cfg)
@@ -51,8 +51,8 @@ def build(full: bool):
     plain.module.load_state_dict(vp2o.module.state_dict(), strict=False)
     plain.optimizer.reload_model_params()
     state = init_vp2o(vp2o, cfg.vp2o, False)
-    ids = torch.randint(3, 100, (BATCH, model["seq_length"] + 1), generator=torch.Generator().manual_seed(0))
-    mbs = [SFTBatch(c[:, :-1], c[:, 1:], torch.ones(c.shape[0], c.shape[1] - 1)) for c in ids.split(MICRO)]
+    ids = torch.randint(3, 100, (batch, model["seq_length"] + 1), generator=torch.Generator().manual_seed(0))
+    mbs = [SFTBatch(c[:, :-1], c[:, 1:], torch.ones(c.shape[0], c.shape[1] - 1)) for c in ids.split(micro)]
     return plain, vp2o, state, mbs
 
 
@@ -99,12 +99,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="5 timed step pairs (under a minute)")
     parser.add_argument("--full", action="store_true", help="the bench model at twice the width")
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--batch", type=int, default=BATCH, help="sequences per step")
+    parser.add_argument("--micro", type=int, default=MICRO, help="sequences per micro-batch")
     args = parser.parse_args()
     steps = args.steps or (5 if args.quick else 15)
     from megatron_vp2o.training.step import train_step
     from megatron_vp2o.training.vp2o_step import capture_anchors, vp2o_train_step
 
-    plain, vp2o, state, mbs = build(args.full)
+    plain, vp2o, state, mbs = build(args.full, args.batch, args.micro)
     anchors = capture_anchors(vp2o, mbs, state)
     p_runs, v_runs, ratios = interleaved(lambda: train_step(plain, mbs),
                                          lambda: vp2o_train_step(vp2o, mbs, state, anchors=anchors), steps)

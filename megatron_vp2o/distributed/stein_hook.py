@@ -56,11 +56,11 @@ def layer_masks(counts_EE, protos_ED, num_tokens, cfg: SteinConfig, top_k: int):
 
 
 def requested_rows(idx_EM1: torch.Tensor, num_ranks: int) -> torch.Tensor:
-    """need[q, e]: some local expert of EP rank q has expert e among its neighbour slots, [R, E]."""
-    num_experts = idx_EM1.shape[0]
-    hits_EE = torch.zeros(num_experts, num_experts, dtype=torch.bool, device=idx_EM1.device)
-    hits_EE = hits_EE.scatter(1, idx_EM1, True)  # hits[i, e]: i needs e
-    return hits_EE.view(num_ranks, num_experts // num_ranks, num_experts).any(1)
+    """need[q, e]: some local expert of EP rank q has expert e among its neighbour slots, [..., R, E]."""
+    num_experts = idx_EM1.shape[-2]
+    hits_EE = torch.zeros(*idx_EM1.shape[:-1], num_experts, dtype=torch.bool, device=idx_EM1.device)
+    hits_EE = hits_EE.scatter(-1, idx_EM1, True)  # hits[i, e]: i needs e
+    return hits_EE.view(*idx_EM1.shape[:-2], num_ranks, num_experts // num_ranks, num_experts).any(-2)
 
 
 def exchange_neighbours(grads_XP: torch.Tensor, idx_EM1: torch.Tensor, ep_group) -> torch.Tensor:
@@ -85,84 +85,109 @@ def transport_rows(table_EP, grads_XP, idx_XM1, w_XM1, active_X, rep_XQ, alpha: 
     """grad_x = [x in A] (sum_m w[x, m] table[idx[x, m]] + alpha rep_x); identity unless ``ok``.
 
     ``rep_XQ`` (or None) is the repulsion gradient of the trailing Q columns (fc2; Q <= P).
-    Returns (transported [X, P], norm of the applied attraction). Pure tensor work (static
-    shapes, no host syncs); the mix is `algo.stein.gather_mix` (one fused pass) with the weights
-    of experts outside the active set zeroed, so the output is written in two passes.
+    Returns (transported [..., X, P], norm of the applied attraction per leading index). Pure
+    tensor work (static shapes, no host syncs; leading batch dims = layers); the mix is
+    `algo.stein.gather_mix` (one fused pass) with the weights of experts outside the active set
+    zeroed, so the output is written in two passes.
     """
     keep_X1 = active_X.unsqueeze(-1)
     mix_XP = gather_mix(table_EP, idx_XM1, w_XM1 * keep_X1.to(w_XM1.dtype))
-    attraction_norm = torch.linalg.vector_norm(mix_XP)
+    attraction_norm = torch.linalg.vector_norm(mix_XP, dim=(-2, -1))
     if rep_XQ is not None and alpha != 0.0:
         cols = rep_XQ.shape[-1]
-        mix_XP[:, mix_XP.shape[-1] - cols:] += rep_XQ.to(mix_XP.dtype) * (alpha * keep_X1.to(mix_XP.dtype))
+        mix_XP[..., mix_XP.shape[-1] - cols:] += rep_XQ.to(mix_XP.dtype) * (alpha * keep_X1.to(mix_XP.dtype))
     return torch.where(ok, mix_XP, grads_XP), attraction_norm
 
 
-def layer_repulsion(layer, masks, cfg: SteinConfig, groups: VP2OGroups):
-    """dR/dW of the local experts laid out like the fc2 columns of the flat gradient [X, P2], or
-    None if alpha = 0."""
+def layer_repulsion(layers, inactive_LEE, protos_LED, cfg: SteinConfig, groups: VP2OGroups):
+    """dR/dW of the local experts of same-shaped ``layers``, each laid out like the fc2 columns of
+    its flat gradient: [L, X, P2]; None if alpha = 0. One batched computation for all layers."""
     if cfg.repulsion_coef == 0.0:
         return None
-    acc, off, num_local = layer.accessor, layer.expert_offset, layer.num_local_experts
-    weight_XDF = acc.fc2_weight_XDF().float()
-    protos_ED = layer.protos_ED
-    z_XD = all_reduce_(power_step_partial(weight_XDF, protos_ED[off:off + num_local]), groups.expert_tp)
-    inactive_XE = masks[2][off:off + num_local]
-    rep_XDF = repulsion_grad_from_z(weight_XDF, protos_ED, z_XD, inactive_XE, cfg.kernel_tau0,
-                                    cfg.kernel, off)
-    return acc.fc2_flat(rep_XDF)
+    off, num_local = layers[0].expert_offset, layers[0].num_local_experts
+    weight_LXDF = torch.stack([layer.accessor.fc2_weight_XDF() for layer in layers]).float()
+    z_LXD = all_reduce_(power_step_partial(weight_LXDF, protos_LED[:, off:off + num_local]), groups.expert_tp)
+    rep_LXDF = repulsion_grad_from_z(weight_LXDF, protos_LED, z_LXD, inactive_LEE[:, off:off + num_local],
+                                     cfg.kernel_tau0, cfg.kernel, off)
+    return torch.stack([layer.accessor.fc2_flat(rep) for layer, rep in zip(layers, rep_LXDF)])
 
 
 def apply_stein(ddp_model, layers, groups: VP2OGroups, cfg: SteinConfig, num_tokens) -> dict:
     """Transport the expert gradients of ``layers`` in place (module docstring); returns metrics.
 
     ``num_tokens``: routed tokens per layer over all micro-batches and ranks (T of spec 2.5).
+    Layers of the same shapes (usually all) are processed as one batch [L, ...] for the masks,
+    kernels and repulsion (one counts all-reduce, one expert-TP all-reduce); the neighbour
+    exchange and the transport stay one layer at a time under EP (memory: one layer's table).
     Also leaves ``layer.active_E`` for the freeze of inactive experts.
     """
     gathered = gather_expert_grads(ddp_model)
+    metrics = {"stein/grad_gather_bytes": gathered}
+    if not layers:
+        return metrics | {"stein/nonfinite": torch.zeros(())}
     grads = [layer.accessor.grads_XP().float() for layer in layers]
     # One reduction per layer: a sum is non-finite iff some element is (or it overflows fp32, which
     # also leaves the gradients alone).
-    bad = (~torch.isfinite(torch.stack([g.sum() for g in grads]))).sum(0, keepdim=True).float() \
-        if grads else torch.zeros(1)
+    bad = (~torch.isfinite(torch.stack([g.sum() for g in grads]))).sum(0, keepdim=True).float()
     ok = world_sum(bad)[0] == 0
-    metrics = {"stein/grad_gather_bytes": gathered, "stein/nonfinite": (~ok).float()}
-    for layer, grads_XP in zip(layers, grads):
-        metrics.update({f"{k}/layer{layer.layer_number}": v for k, v in
-                        _layer_step(layer, grads_XP, groups, cfg, num_tokens, ok).items()})
+    metrics["stein/nonfinite"] = (~ok).float()
+    batches: dict = {}
+    for i, (layer, g) in enumerate(zip(layers, grads)):
+        key = (tuple(g.shape), tuple(layer.protos_ED.shape), layer.top_k, layer.expert_offset)
+        batches.setdefault(key, []).append(i)
+    for index in batches.values():
+        metrics.update(_layers_step([layers[i] for i in index], [grads[i] for i in index], groups, cfg,
+                                    num_tokens, ok))
     return metrics
 
 
-def _layer_step(layer, grads_XP, groups, cfg, num_tokens, ok) -> dict:
-    counts_EE = reduce_counts_(layer.counts_EE, groups)
-    masks = layer_masks(counts_EE, layer.protos_ED, num_tokens, cfg, layer.top_k)
-    active_E, coactive_EE, _, kernel_EE, idx_EM1, w_EM1 = masks
-    off, num_local = layer.expert_offset, layer.num_local_experts
-    table_EP = exchange_neighbours(grads_XP, idx_EM1, groups.expert_ep)
-    rep_XQ = layer_repulsion(layer, masks, cfg, groups)
+def _layers_step(layers, grads, groups, cfg, num_tokens, ok) -> dict:
+    counts_LEE = reduce_counts_(torch.stack([layer.counts_EE for layer in layers]), groups)
+    torch._foreach_copy_([layer.counts_EE for layer in layers], list(counts_LEE.unbind(0)))
+    protos_LED = torch.stack([layer.protos_ED for layer in layers])
+    masks = layer_masks(counts_LEE, protos_LED, num_tokens, cfg, layers[0].top_k)
+    active_LE, coactive_LEE, inactive_LEE, kernel_LEE, idx_LEM1, w_LEM1 = masks
+    off, num_local = layers[0].expert_offset, layers[0].num_local_experts
     rows = slice(off, off + num_local)
-    out_XP, attraction_norm = transport_rows(table_EP, grads_XP, idx_EM1[rows], w_EM1[rows], active_E[rows],
-                                            rep_XQ, cfg.repulsion_coef, ok)
-    layer.accessor.write_grads_XP(out_XP)
-    layer.active_E = active_E
+    rep_LXQ = layer_repulsion(layers, inactive_LEE, protos_LED, cfg, groups)
     num_ranks = _size(groups.expert_ep)
-    need = requested_rows(idx_EM1, num_ranks)[dist.get_rank(groups.expert_ep) if num_ranks > 1 else 0]
-    remote = need.clone()
-    remote[rows] = False
-    row_bytes = grads_XP.shape[1] * grads_XP.element_size()
-    return exchange_metrics(row_bytes, num_ranks, num_local, remote) | {
-        "stein/attraction_norm": attraction_norm,
-        "stein/repulsion_norm": (cfg.repulsion_coef * rep_XQ).norm() if rep_XQ is not None
-        else torch.zeros(()),
-        "stein/kernel_mass": (kernel_EE.sum() - kernel_EE.diagonal().sum()) / max(
-            kernel_EE.numel() - kernel_EE.shape[0], 1),
-        "stein/active_experts": active_E.sum(),
-        "stein/coactive_pairs": coactive_EE.sum(),
+    if num_ranks == 1:  # every neighbour is local: one batched transport
+        grads_LXP = torch.stack(grads)
+        out_LXP, attraction_L = transport_rows(grads_LXP, grads_LXP, idx_LEM1, w_LEM1, active_LE, rep_LXQ,
+                                               cfg.repulsion_coef, ok)
+        outs = out_LXP.unbind(0)
+    else:  # one layer at a time: the exchange holds one layer's neighbour table
+        outs, norms = [], []
+        for i, grads_XP in enumerate(grads):
+            table_EP = exchange_neighbours(grads_XP, idx_LEM1[i], groups.expert_ep)
+            out_XP, norm = transport_rows(table_EP, grads_XP, idx_LEM1[i, rows], w_LEM1[i, rows],
+                                          active_LE[i, rows], None if rep_LXQ is None else rep_LXQ[i],
+                                          cfg.repulsion_coef, ok)
+            outs.append(out_XP)
+            norms.append(norm)
+        attraction_L = torch.stack(norms)
+    for layer, out_XP, active_E in zip(layers, outs, active_LE.unbind(0)):
+        layer.accessor.write_grads_XP(out_XP)
+        layer.active_E = active_E
+    need_LE = requested_rows(idx_LEM1, num_ranks)[:, dist.get_rank(groups.expert_ep) if num_ranks > 1 else 0]
+    remote_LE = need_LE.clone()
+    remote_LE[:, rows] = False
+    row_bytes = grads[0].shape[1] * grads[0].element_size()
+    num_experts = kernel_LEE.shape[-1]
+    per_layer = {
+        "stein/attraction_norm": attraction_L,
+        "stein/repulsion_norm": cfg.repulsion_coef * torch.linalg.vector_norm(rep_LXQ, dim=(-2, -1))
+        if rep_LXQ is not None else torch.zeros(len(layers)),
+        "stein/kernel_mass": (kernel_LEE.sum((-2, -1)) - kernel_LEE.diagonal(dim1=-2, dim2=-1).sum(-1))
+        / max(num_experts * num_experts - num_experts, 1),
+        "stein/active_experts": active_LE.sum(-1),
+        "stein/coactive_pairs": coactive_LEE.sum((-2, -1)),
+        "exchange/bytes_needed": remote_LE.sum(-1) * row_bytes,
     }
-
-
-def exchange_metrics(row_bytes: int, num_ranks: int, num_local: int, remote_E) -> dict:
-    """Bytes the static exchange moved vs the rows actually needed vs the local expert grads."""
-    return {"exchange/bytes_moved": (num_ranks - 1) * num_local * row_bytes,
-            "exchange/bytes_needed": remote_E.sum() * row_bytes,
-            "exchange/local_grad_bytes": num_local * row_bytes}
+    out = {}
+    for i, layer in enumerate(layers):
+        n = layer.layer_number
+        out |= {f"{k}/layer{n}": v[i] for k, v in per_layer.items()}
+        out[f"exchange/bytes_moved/layer{n}"] = (num_ranks - 1) * num_local * row_bytes
+        out[f"exchange/local_grad_bytes/layer{n}"] = num_local * row_bytes
+    return out

@@ -48,9 +48,9 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
 from megatron_vp2o.algo import specialization
-from megatron_vp2o.algo.coactivation import coactivation_counts
 from megatron_vp2o.algo.config import SpecializationConfig
 from megatron_vp2o.moe.experts import ExpertAccessor
+from megatron_vp2o.platform import native
 
 
 class VP2OMoELayer(MoELayer):
@@ -105,16 +105,19 @@ class VP2OMoELayer(MoELayer):
         finally:
             del router.gating
         logits = stash["logits"]
-        topk_TK = torch.sort(torch.topk(routing_map_TE.float(), self.top_k, dim=-1).indices, -1).values
-        gates_TK = torch.gather(probs_TE, 1, topk_TK)
-        if self.training:
-            with torch.no_grad():
-                self.counts_EE += coactivation_counts(topk_TK, self.config.num_moe_experts)
-                logp_TE = torch.log_softmax(logits.view(topk_TK.shape[0], -1).float(), dim=-1)
-                self.loss_log[2] += -(logp_TE.exp() * logp_TE).sum()
-                self.loss_log[3] += topk_TK.shape[0]
-            if self.capture:
-                self.captured.append((topk_TK.detach(), gates_TK.detach()))
+        with native():  # our own tensor work: no device rewriting needed (platform.native)
+            mask_TE = routing_map_TE.to(probs_TE.dtype)
+            topk_TK = torch.sort(torch.topk(mask_TE, self.top_k, dim=-1).indices, -1).values
+            gates_TK = torch.gather(probs_TE, 1, topk_TK)
+            if self.training:
+                with torch.no_grad():
+                    # pair counts M^T M of the hard top-k mask (= algo.coactivation.coactivation_counts)
+                    self.counts_EE.addmm_(mask_TE.T.float(), mask_TE.float())
+                    logp_TE = torch.log_softmax(logits.view(topk_TK.shape[0], -1).float(), dim=-1)
+                    self.loss_log[2:].add_(torch.stack([-(logp_TE.exp() * logp_TE).sum(),
+                                                        logp_TE.new_tensor(float(topk_TK.shape[0]))]))
+                if self.capture:
+                    self.captured.append((topk_TK.detach(), gates_TK.detach()))
         self._route = {"logits": logits.view(-1, self.config.num_moe_experts), "topk": topk_TK, "gates": gates_TK}
         return probs_TE, routing_map_TE
 
@@ -158,24 +161,42 @@ class VP2OMoELayer(MoELayer):
         raw_TKD = None
         if self.ortho_on:  # output = sum_k gate_k x_k, token side (fc2 has no bias: megatron's function)
             disp = self.token_dispatcher
-            if self._route["one_combine"]:  # split the returned rows by slot, un-permute each
-                codes_R1 = self._route["codes_R1"]
-                rows = [output * (codes_R1 == k + 1).to(output.dtype) for k in range(self.top_k)]
-            else:
-                rows = [output, *self._route["slots"]]
-            slots = [disp.combine_postprocess(r) for r in rows]
-            raw_TKD = torch.stack([s.reshape(-1, s.shape[-1]) for s in slots], dim=1)
+            raw_TKD = self._rows_to_slots(output) if self._route["one_combine"] else None
+            if raw_TKD is None:  # un-permute each slot's rows with the dispatcher's own combine_postprocess
+                if self._route["one_combine"]:
+                    codes_R1 = self._route["codes_R1"]
+                    rows = [output * (codes_R1 == k + 1).to(output.dtype) for k in range(self.top_k)]
+                else:
+                    rows = [output, *self._route["slots"]]
+                raw_TKD = torch.stack([disp.combine_postprocess(r).reshape(-1, r.shape[-1]) for r in rows], dim=1)
             gates_TK1 = self._route["gates"].to(raw_TKD.dtype).unsqueeze(-1)
-            output = (raw_TKD * gates_TK1).sum(1).view(slots[0].shape)
+            output = (raw_TKD * gates_TK1).sum(1).view(*disp.hidden_shape[:-1], raw_TKD.shape[-1])
             if shared_expert_output is not None:
                 output = output + shared_expert_output
         else:
             output = super().postprocess(output, shared_expert_output)
-        aux = self._specialisation_loss(raw_TKD)
+        with native():
+            aux = self._specialisation_loss(raw_TKD)
         self._route = None
         if aux is not None and self.training and torch.is_grad_enabled():
             output = moe_utils.MoEAuxLossAutoScaler.apply(output, aux)
         return output
+
+    def _rows_to_slots(self, rows_RD):
+        """alltoall rows back at the token side -> x[t, k, :] with one ``index_copy`` (row r is token
+        ``reversed_local_input_permutation_mapping[r]``, slot ``code[r] - 1``), when megatron's
+        un-fused, drop-less permutation made every (token, slot) pair exactly one row; else None."""
+        disp, cfg = self.token_dispatcher, self.config
+        row_tokens_R = getattr(disp, "reversed_local_input_permutation_mapping", None)
+        num_tokens = disp.hidden_shape_before_permute[0]
+        if (cfg.moe_permute_fusion or getattr(disp, "drop_and_pad", False) or cfg.moe_expert_capacity_factor
+                or getattr(cfg, "moe_router_padding_for_quantization", False) or row_tokens_R is None
+                or row_tokens_R.dim() != 1 or not row_tokens_R.shape[0] == rows_RD.shape[0] == num_tokens * self.top_k):
+            return None
+        slot_R = self._route["codes_R1"].squeeze(-1).long() - 1
+        idx_R = row_tokens_R.long() * self.top_k + slot_R
+        raw_flat = rows_RD.new_zeros(num_tokens * self.top_k, rows_RD.shape[-1]).index_copy(0, idx_R, rows_RD)
+        return raw_flat.view(num_tokens, self.top_k, -1)
 
     # --- losses (spec 2.9) ---------------------------------------------------------------------
     def _specialisation_loss(self, raw_TKD):

@@ -65,6 +65,8 @@ def ortho_capture_checks(dispatcher: str) -> dict:
         return original(raw_TKD)
 
     layer._specialisation_loss = spy
+    paths, rows_to_slots = [], layer._rows_to_slots
+    layer._rows_to_slots = lambda rows: paths.append(rows_to_slots(rows) is not None) or rows_to_slots(rows)
     with torch.no_grad():
         out_vp2o, _ = layer(hidden)
         topk_TK = layer.captured[-1][0] if layer.captured else None
@@ -89,7 +91,7 @@ def ortho_capture_checks(dispatcher: str) -> dict:
     grad_diff = max((a - b).abs().max().item() for a, b in zip(grads["ortho"], grads["plain"]))
     return {"raw_diff": (captured["raw"] - manual).abs().max().item(),
             "out_diff": (out_vp2o - out_plain).abs().max().item(), "grad_diff": grad_diff,
-            "num_grads": (len(grads["ortho"]), len(grads["plain"])),
+            "num_grads": (len(grads["ortho"]), len(grads["plain"])), "index_path": paths[:1],
             "counts": counts, "expected_counts": 2 * x_TD.shape[0] * layer.top_k}
 
 
