@@ -3,12 +3,15 @@
 What: one process builds the tiny MoE GPT twice from the same weights -- megatron's MoELayer
 (plain step: forward/backward + optimizer, what a GRPO learner step costs apart from its loss)
 and `VP2OMoELayer` (Stein transport, repulsion, specialisation losses, freeze of inactive experts,
-prototype refresh, trust region with an anchor) -- and times ``--steps`` steps of each on the same
-micro-batches after one warm-up step. Prints a phase table, the neighbour-exchange bytes against
+prototype refresh, trust region with an anchor) -- and times ``--steps`` pairs of steps on the same
+micro-batches after one warm-up step each, alternating plain and VP2O so that drifting load on a
+shared machine hits both; the ratio is the median of the per-pair ratios. ``--threads 1`` (one
+intra-op thread) is the steadiest on a 2-core box. Prints a phase table, the neighbour-exchange bytes against
 the local expert-gradient bytes (measured at EP=1, and what the static exchange would move at
 EP=2/4 for this step's neighbour sets), and ends with ``ratio vp2o/grpo <value>``.
 
-Usage: ``python bench/bench_step.py [--quick] [--full] [--steps N]`` (--quick: under a minute on 2 cores).
+Usage: ``python bench/bench_step.py [--quick] [--full] [--steps N] [--threads T] [--batch B --micro M]``
+(--quick: under a minute on 2 cores).
 """
 
 from __future__ import annotations
@@ -99,10 +102,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="5 timed step pairs (under a minute)")
     parser.add_argument("--full", action="store_true", help="the bench model at twice the width")
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--batch", type=int, default=BATCH, help="sequences per step")
     parser.add_argument("--micro", type=int, default=MICRO, help="sequences per micro-batch")
     args = parser.parse_args()
     steps = args.steps or (5 if args.quick else 15)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     from megatron_vp2o.training.step import train_step
     from megatron_vp2o.training.vp2o_step import capture_anchors, vp2o_train_step
 

@@ -42,9 +42,9 @@ def power_step_partial(weight_EDF: torch.Tensor, protos_ED: torch.Tensor) -> tor
     dtypes, so an fp32 prototype buffer keeps fp32 vector math under bf16 weights.
     """
     out_dtype = torch.promote_types(weight_EDF.dtype, protos_ED.dtype)
-    u_ED1 = protos_ED.to(weight_EDF.dtype).unsqueeze(-1)
-    y_EF1 = torch.matmul(weight_EDF.transpose(-1, -2), u_ED1)
-    return torch.matmul(weight_EDF, y_EF1).squeeze(-1).to(out_dtype)
+    u_E1D = protos_ED.to(weight_EDF.dtype).unsqueeze(-2)
+    y_E1F = torch.matmul(u_E1D, weight_EDF)  # u^T W: reads W in its own layout (no transposed copy)
+    return torch.matmul(weight_EDF, y_E1F.transpose(-1, -2)).squeeze(-1).to(out_dtype)
 
 
 def normalize(z_ED: torch.Tensor, fallback_ED: torch.Tensor | None = None) -> torch.Tensor:

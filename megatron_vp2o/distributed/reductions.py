@@ -87,16 +87,36 @@ def refresh_prototypes(layers, groups: VP2OGroups, steps: int, from_start: bool 
     """Update every layer's ``protos_XD`` in place and all-gather ``protos_ED`` over EP.
 
     ``from_start``: initialise from the deterministic start vector (30 steps at init, spec 2.4).
+    Layers of equal shapes (usually all) are refreshed as one batch [L, X, D, F]: one expert-TP
+    all-reduce per power step and one EP all-gather for all of them.
     """
+    batches: dict = {}
+    for layer in layers:
+        batches.setdefault((tuple(layer.protos_XD.shape), tuple(layer.protos_ED.shape)), []).append(layer)
     with torch.no_grad():
-        for layer in layers:
-            weight_XDF = layer.accessor.fc2_weight_XDF().float()
-            start_XD = layer.protos_XD
+        for batch in batches.values():
+            weight_LXDF = torch.stack([layer.accessor.fc2_weight_XDF() for layer in batch]).float()
             if from_start:
-                start_XD = start_vectors(layer.num_local_experts, weight_XDF.shape[1],
-                                         device=weight_XDF.device)
-            layer.protos_XD.copy_(power_refresh(weight_XDF, start_XD, steps, groups))
-            layer.protos_ED.copy_(gather_experts(layer.protos_XD, groups.expert_ep))
+                num_local, hidden = batch[0].protos_XD.shape
+                start_LXD = start_vectors(num_local, hidden, device=weight_LXDF.device).expand(len(batch), -1, -1)
+            else:
+                start_LXD = torch.stack([layer.protos_XD for layer in batch])
+            protos_LXD = power_refresh(weight_LXDF, start_LXD, steps, groups).to(batch[0].protos_XD.dtype)
+            torch._foreach_copy_([layer.protos_XD for layer in batch], list(protos_LXD.unbind(0)))
+            protos_LED = gather_experts_batched(protos_LXD, groups.expert_ep)
+            torch._foreach_copy_([layer.protos_ED for layer in batch], list(protos_LED.unbind(0)))
+
+
+def gather_experts_batched(local_LXD: torch.Tensor, ep_group) -> torch.Tensor:
+    """[L, X, D] per EP rank -> [L, E, D] in global expert order (one all-gather)."""
+    num_ranks = _size(ep_group)
+    if num_ranks == 1:
+        return local_LXD
+    num_layers, num_local, hidden = local_LXD.shape
+    out = local_LXD.new_empty(num_ranks * num_layers, num_local, hidden)
+    dist.all_gather_into_tensor(out, local_LXD.contiguous(), group=ep_group)
+    return out.view(num_ranks, num_layers, num_local, hidden).transpose(0, 1).reshape(
+        num_layers, num_ranks * num_local, hidden)
 
 
 def gather_expert_grads(ddp_model) -> int:

@@ -119,29 +119,49 @@ def apply_stein(ddp_model, layers, groups: VP2OGroups, cfg: SteinConfig, num_tok
     Layers of the same shapes (usually all) are processed as one batch [L, ...] for the masks,
     kernels and repulsion (one counts all-reduce, one expert-TP all-reduce); the neighbour
     exchange and the transport stay one layer at a time under EP (memory: one layer's table).
+    Gradients are handled as two column blocks per expert, fc1 [L, X, P1] and fc2 [L, X, P2]
+    (the transport is row mixing, so blocks are independent; the repulsion touches fc2 only):
+    one gather copy per block in, one fused copy per block back into megatron's grad buffers.
     Also leaves ``layer.active_E`` for the freeze of inactive experts.
     """
     gathered = gather_expert_grads(ddp_model)
     metrics = {"stein/grad_gather_bytes": gathered}
     if not layers:
         return metrics | {"stein/nonfinite": torch.zeros(())}
-    grads = [layer.accessor.grads_XP().float() for layer in layers]
-    # One reduction per layer: a sum is non-finite iff some element is (or it overflows fp32, which
-    # also leaves the gradients alone).
-    bad = (~torch.isfinite(torch.stack([g.sum() for g in grads]))).sum(0, keepdim=True).float()
-    ok = world_sum(bad)[0] == 0
-    metrics["stein/nonfinite"] = (~ok).float()
     batches: dict = {}
-    for i, (layer, g) in enumerate(zip(layers, grads)):
-        key = (tuple(g.shape), tuple(layer.protos_ED.shape), layer.top_k, layer.expert_offset)
-        batches.setdefault(key, []).append(i)
-    for index in batches.values():
-        metrics.update(_layers_step([layers[i] for i in index], [grads[i] for i in index], groups, cfg,
-                                    num_tokens, ok))
+    for layer in layers:
+        views = {kind: layer.accessor.grad_views(kind) for kind in ("fc1", "fc2")}
+        key = (tuple(v[0].shape[1] for v in views.values()), tuple(layer.protos_ED.shape), layer.top_k,
+               layer.expert_offset, layer.num_local_experts)
+        batches.setdefault(key, []).append((layer, views))
+    blocks = []
+    for entries in batches.values():
+        num_layers, num_local = len(entries), entries[0][0].num_local_experts
+        blocks.append({kind: torch.cat([v for _, views in entries for v in views[kind]]).float().view(
+            num_layers, num_local, -1) for kind in ("fc1", "fc2")})
+    # One reduction per block: a sum is non-finite iff some element is (or it overflows fp32, which
+    # also leaves the gradients alone).
+    bad = (~torch.isfinite(torch.stack([b.sum() for blk in blocks for b in blk.values()]))).sum(0, keepdim=True)
+    ok = world_sum(bad.float())[0] == 0
+    metrics["stein/nonfinite"] = (~ok).float()
+    for entries, blk in zip(batches.values(), blocks):
+        metrics.update(_layers_step(entries, blk, groups, cfg, num_tokens, ok))
     return metrics
 
 
-def _layers_step(layers, grads, groups, cfg, num_tokens, ok) -> dict:
+def _transport_blocks(blk, idx, w, active, rep, cfg, ok, ep_group, num_ranks):
+    """Both column blocks of one layer (or a batch of layers when every neighbour is local)."""
+    outs, sq_norm = {}, 0.0
+    for kind, grads in blk.items():
+        table = grads if num_ranks == 1 else exchange_neighbours(grads, idx["all"], ep_group)
+        outs[kind], norm = transport_rows(table, grads, idx["rows"], w, active, rep if kind == "fc2" else None,
+                                          cfg.repulsion_coef, ok)
+        sq_norm = sq_norm + norm * norm
+    return outs, torch.sqrt(sq_norm)
+
+
+def _layers_step(entries, blk, groups, cfg, num_tokens, ok) -> dict:
+    layers = [layer for layer, _ in entries]
     counts_LEE = reduce_counts_(torch.stack([layer.counts_EE for layer in layers]), groups)
     torch._foreach_copy_([layer.counts_EE for layer in layers], list(counts_LEE.unbind(0)))
     protos_LED = torch.stack([layer.protos_ED for layer in layers])
@@ -151,28 +171,30 @@ def _layers_step(layers, grads, groups, cfg, num_tokens, ok) -> dict:
     rows = slice(off, off + num_local)
     rep_LXQ = layer_repulsion(layers, inactive_LEE, protos_LED, cfg, groups)
     num_ranks = _size(groups.expert_ep)
-    if num_ranks == 1:  # every neighbour is local: one batched transport
-        grads_LXP = torch.stack(grads)
-        out_LXP, attraction_L = transport_rows(grads_LXP, grads_LXP, idx_LEM1, w_LEM1, active_LE, rep_LXQ,
-                                               cfg.repulsion_coef, ok)
-        outs = out_LXP.unbind(0)
+    if num_ranks == 1:  # every neighbour is local: one batched transport per block
+        outs, attraction_L = _transport_blocks(blk, {"all": idx_LEM1, "rows": idx_LEM1}, w_LEM1, active_LE,
+                                               rep_LXQ, cfg, ok, groups.expert_ep, 1)
     else:  # one layer at a time: the exchange holds one layer's neighbour table
-        outs, norms = [], []
-        for i, grads_XP in enumerate(grads):
-            table_EP = exchange_neighbours(grads_XP, idx_LEM1[i], groups.expert_ep)
-            out_XP, norm = transport_rows(table_EP, grads_XP, idx_LEM1[i, rows], w_LEM1[i, rows],
-                                          active_LE[i, rows], None if rep_LXQ is None else rep_LXQ[i],
-                                          cfg.repulsion_coef, ok)
-            outs.append(out_XP)
+        per_layer, norms = [], []
+        for i in range(len(layers)):
+            out_i, norm = _transport_blocks({k: b[i] for k, b in blk.items()},
+                                            {"all": idx_LEM1[i], "rows": idx_LEM1[i, rows]}, w_LEM1[i, rows],
+                                            active_LE[i, rows], None if rep_LXQ is None else rep_LXQ[i], cfg, ok,
+                                            groups.expert_ep, num_ranks)
+            per_layer.append(out_i)
             norms.append(norm)
+        outs = {kind: torch.stack([o[kind] for o in per_layer]) for kind in blk}
         attraction_L = torch.stack(norms)
-    for layer, out_XP, active_E in zip(layers, outs, active_LE.unbind(0)):
-        layer.accessor.write_grads_XP(out_XP)
+    for kind, out_LXP in outs.items():  # back into megatron's grad buffers: one fused copy per block
+        views = [v for _, vs in entries for v in vs[kind]]
+        rows_out = out_LXP.reshape(-1, out_LXP.shape[-1]).split([v.shape[0] for v in views])
+        torch._foreach_copy_(views, list(rows_out))
+    for layer, active_E in zip(layers, active_LE.unbind(0)):
         layer.active_E = active_E
     need_LE = requested_rows(idx_LEM1, num_ranks)[:, dist.get_rank(groups.expert_ep) if num_ranks > 1 else 0]
     remote_LE = need_LE.clone()
     remote_LE[:, rows] = False
-    row_bytes = grads[0].shape[1] * grads[0].element_size()
+    row_bytes = sum(b.shape[-1] for b in blk.values()) * blk["fc1"].element_size()
     num_experts = kernel_LEE.shape[-1]
     per_layer = {
         "stein/attraction_norm": attraction_L,

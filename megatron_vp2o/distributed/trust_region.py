@@ -14,8 +14,9 @@ every pipeline stage, so `decide` returns the same code everywhere; the caller r
 
 Memory cost: one copy of the local model parameters (P_model x param dtype), plus the non-aliased
 main parameters (fp32 masters: P_main x 4 bytes, a 1/DP shard with the distributed optimizer),
-plus the optimizer state (2 x P_main x 4 bytes for Adam). Backtracking also keeps the post-step
-parameters (another P_model + P_main). E.g. bf16 + distributed optimizer over DP ranks:
+plus the optimizer state (2 x P_main x 4 bytes for Adam), held persistently (allocated once,
+refreshed each step by one fused ``torch._foreach_copy_``). Only a backtrack also copies the
+post-step parameters (another P_model + P_main, transient); an accepted step copies nothing else. E.g. bf16 + distributed optimizer over DP ranks:
 2 P + (4 + 8) P / DP bytes, doubled for the parameter part while backtracking.
 
 Shape legend: T tokens, K top-k, E experts, D hidden.
@@ -197,13 +198,18 @@ def anchor_statistic(layers, anchors) -> torch.Tensor:
 
     ``anchors[i]`` = (anchor protos [E, D], anchor top-k [T, K], anchor gates [T, K]) for
     ``layers[i]``, tokens in the order the layer captured them (micro-batches concatenated).
+    Layers with equal shapes are evaluated as one batch [L, ...].
     """
     sums = torch.zeros(2, dtype=torch.float64)
-    for layer, (protos_anc_ED, topk_anc_TK, gates_anc_TK) in zip(layers, anchors):
+    batches: dict = {}
+    for layer, anchor in zip(layers, anchors):
         topk_TK = torch.cat([c[0] for c in layer.captured])
         gates_TK = torch.cat([c[1] for c in layer.captured])
-        total, count = tr.anchor_distance_sum(topk_TK, gates_TK, layer.protos_ED, topk_anc_TK,
-                                              gates_anc_TK, protos_anc_ED)
+        entry = (topk_TK, gates_TK, layer.protos_ED, anchor[1], anchor[2], anchor[0])
+        batches.setdefault(tuple(tuple(t.shape) for t in entry), []).append(entry)
+    for entries in batches.values():
+        topk, gates, protos, anc_topk, anc_gates, anc_protos = (torch.stack(ts) for ts in zip(*entries))
+        total, count = tr.anchor_distance_sum(topk, gates, protos, anc_topk, anc_gates, anc_protos)
         sums += torch.stack([total.double(), count.double()])
     total, count = world_sum(sums).unbind()
     return total / count.clamp_min(1.0)

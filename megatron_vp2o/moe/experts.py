@@ -84,8 +84,13 @@ class ExpertAccessor:
         return fc2_XDF.reshape(self.num_local, -1)
 
     # --- gradients -----------------------------------------------------------------------------
+    def grad_views(self, kind: str) -> list[torch.Tensor]:
+        """The gradient of every ``kind`` ("fc1"/"fc2") parameter as a [len(ids), P_kind] view, in
+        local expert order: concatenated along dim 0 they are the [X, P_kind] block."""
+        return [_grad_of(p.param).view(len(p.ids), -1) for p in self.params if p.kind == kind]
+
     def _kind_grads(self, kind: str) -> torch.Tensor:
-        rows = [_grad_of(p.param).view(len(p.ids), -1) for p in self.params if p.kind == kind]
+        rows = self.grad_views(kind)
         return rows[0] if len(rows) == 1 else torch.cat(rows, dim=0)
 
     def grads_XP(self) -> torch.Tensor:
