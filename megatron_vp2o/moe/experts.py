@@ -102,13 +102,12 @@ class ExpertAccessor:
         return sum(p.param.numel() for p in self.params if p.kind == "fc1") // self.num_local
 
     def write_grads_XP(self, grads_XP: torch.Tensor) -> None:
-        """Write a transformed [X, P] gradient back into the gradient buffers (in place)."""
+        """Write a transformed [X, P] gradient back into the gradient buffers (in place): per block,
+        one fused copy into the `grad_views` (what the Stein hook does for a batch of layers)."""
         split = self.fc2_offset()
         for kind, cols in (("fc1", grads_XP[:, :split]), ("fc2", grads_XP[:, split:])):
-            for p in (q for q in self.params if q.kind == kind):
-                rows = cols if len(p.ids) == self.num_local else cols[p.ids[0]:p.ids[-1] + 1]
-                grad = _grad_of(p.param)
-                grad.view(len(p.ids), -1).copy_(rows)
+            views = self.grad_views(kind)
+            torch._foreach_copy_(views, list(cols.split([v.shape[0] for v in views])))
 
     # --- ownership -----------------------------------------------------------------------------
     def element_mask(self, param: torch.Tensor, keep_X: torch.Tensor) -> torch.Tensor | None:
