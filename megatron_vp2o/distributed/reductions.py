@@ -65,12 +65,8 @@ def reduce_counts_(counts_EE: torch.Tensor, groups: VP2OGroups) -> torch.Tensor:
 
 
 def gather_experts(local_XD: torch.Tensor, ep_group) -> torch.Tensor:
-    """[X, D] per EP rank -> [E, D] in global expert order."""
-    if _size(ep_group) == 1:
-        return local_XD.clone()
-    out = local_XD.new_empty(_size(ep_group) * local_XD.shape[0], *local_XD.shape[1:])
-    dist.all_gather_into_tensor(out, local_XD.contiguous(), group=ep_group)
-    return out
+    """[X, ...] per EP rank -> [E, ...] in global expert order (a new tensor)."""
+    return gather_experts_batched(local_XD.unsqueeze(0), ep_group)[0].clone()
 
 
 def power_refresh(weight_XDF: torch.Tensor, protos_XD: torch.Tensor, steps: int,
@@ -107,16 +103,17 @@ def refresh_prototypes(layers, groups: VP2OGroups, steps: int, from_start: bool 
             torch._foreach_copy_([layer.protos_ED for layer in batch], list(protos_LED.unbind(0)))
 
 
-def gather_experts_batched(local_LXD: torch.Tensor, ep_group) -> torch.Tensor:
-    """[L, X, D] per EP rank -> [L, E, D] in global expert order (one all-gather)."""
+def gather_experts_batched(local_LX: torch.Tensor, ep_group) -> torch.Tensor:
+    """[L, X, ...] per EP rank -> [L, E, ...] in global expert order (one all-gather; at EP=1 the
+    input itself)."""
     num_ranks = _size(ep_group)
     if num_ranks == 1:
-        return local_LXD
-    num_layers, num_local, hidden = local_LXD.shape
-    out = local_LXD.new_empty(num_ranks * num_layers, num_local, hidden)
-    dist.all_gather_into_tensor(out, local_LXD.contiguous(), group=ep_group)
-    return out.view(num_ranks, num_layers, num_local, hidden).transpose(0, 1).reshape(
-        num_layers, num_ranks * num_local, hidden)
+        return local_LX
+    num_layers, num_local, *rest = local_LX.shape
+    out = local_LX.new_empty(num_ranks * num_layers, num_local, *rest)
+    dist.all_gather_into_tensor(out, local_LX.contiguous(), group=ep_group)
+    return out.view(num_ranks, num_layers, num_local, *rest).transpose(0, 1).reshape(
+        num_layers, num_ranks * num_local, *rest)
 
 
 def gather_expert_grads(ddp_model) -> int:

@@ -16,8 +16,9 @@ Memory cost: one copy of the local model parameters (P_model x param dtype), plu
 main parameters (fp32 masters: P_main x 4 bytes, a 1/DP shard with the distributed optimizer),
 plus the optimizer state (2 x P_main x 4 bytes for Adam), held persistently (allocated once,
 refreshed each step by one fused ``torch._foreach_copy_``). Only a backtrack also copies the
-post-step parameters (another P_model + P_main, transient); an accepted step copies nothing else. E.g. bf16 + distributed optimizer over DP ranks:
-2 P + (4 + 8) P / DP bytes, doubled for the parameter part while backtracking.
+post-step parameters (another P_model + P_main, transient); an accepted step copies nothing else.
+E.g. bf16 + distributed optimizer over DP ranks: 2 P + (4 + 8) P / DP bytes, plus the parameter
+part again while backtracking.
 
 Shape legend: T tokens, K top-k, E experts, D hidden.
 """

@@ -104,13 +104,14 @@ def _freeze_mask(layers):
     return mask_of
 
 
-def _snapshot(trainable, state) -> "ParamSnapshot | None":
-    """The pre-step snapshot: everything for the trust region, the expert parameters for the freeze."""
+def _snapshot(trainable, state, trust_region: bool) -> "ParamSnapshot | None":
+    """The pre-step snapshot: everything when the trust region runs this step, the expert
+    parameters when only the freeze needs it, nothing otherwise."""
     cfg = state.cfg
     freeze = cfg.stein.enabled and cfg.stein.freeze_inactive
-    if not (cfg.trust_region.enabled or freeze):
+    if not (trust_region or freeze):
         return None
-    params = None if cfg.trust_region.enabled else [p.param for layer in state.layers for p in layer.accessor.params]
+    params = None if trust_region else [p.param for layer in state.layers for p in layer.accessor.params]
     key = (id(trainable.optimizer), params is None)
     if state.snapshot is None or state.snapshot_key != key:
         state.snapshot, state.snapshot_key = ParamSnapshot(trainable.model, trainable.optimizer, params), key
@@ -201,9 +202,10 @@ def vp2o_train_step(trainable, micro_batches, state: VP2OState, forward_step=lm_
     if probe is not None:
         probe("post_stein", state)
     t2 = time.perf_counter()
+    trust_region = cfg.trust_region.enabled and anchors is not None
     with native():
-        snap = _snapshot(trainable, state)
-        old_protos = [layer.protos_XD.clone() for layer in layers]
+        snap = _snapshot(trainable, state, trust_region)
+        old_protos = [layer.protos_XD.clone() for layer in layers] if trust_region else []
     update_ok, grad_norm, _ = trainable.optimizer.step()
     with native():
         if cfg.stein.enabled and cfg.stein.freeze_inactive:
@@ -211,7 +213,7 @@ def vp2o_train_step(trainable, micro_batches, state: VP2OState, forward_step=lm_
         refresh_prototypes(layers, state.groups, cfg.stein.power_iters)
     t3 = time.perf_counter()
     decision, d_anc, backtracks = tr.ACCEPT, float("nan"), 0
-    if cfg.trust_region.enabled and anchors is not None:
+    if trust_region:
         with native():
             decision, d_anc, backtracks = _trust_region(state, snap, old_protos, anchors)
     trainable.scheduler.step(increment=1)
