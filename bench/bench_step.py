@@ -1,11 +1,15 @@
-"""Time a VP2O learner step against a plain (GRPO-like) megatron step on the same model and batch.
+"""Time a VP2O learner step against a GRPO learner step on the same model and batch.
 
-What: one process builds the tiny MoE GPT twice from the same weights -- megatron's MoELayer
-(plain step: forward/backward + optimizer, what a GRPO learner step costs apart from its loss)
-and `VP2OMoELayer` (Stein transport, repulsion, specialisation losses, freeze of inactive experts,
+What: one process builds the tiny MoE GPT twice from the same weights -- megatron's MoELayer for
+the GRPO learner step (what `vp2o train` runs for ``rl.algo=grpo``: `training.step.train_step` with
+the clipped policy loss of `rl.learner.policy_forward_step` and the `grads_finite` guard) and
+`VP2OMoELayer` for the VP2O learner step (`training.vp2o_step.vp2o_train_step` with the same policy
+loss and guard, plus Stein transport, repulsion, specialisation losses, freeze of inactive experts,
 prototype refresh, trust region with an anchor) -- and times ``--steps`` pairs of steps on the same
-micro-batches after one warm-up step each, alternating plain and VP2O so that drifting load on a
-shared machine hits both; the ratio is the median of the per-pair ratios. ``--threads 1`` (one
+RL micro-batches (prompt + response columns, behaviour log-probs, advantages) after one warm-up
+step each, alternating GRPO and VP2O so that drifting load on a shared machine hits both; the
+ratio is the median of the per-pair ratios. ``--plain`` times a plain LM step (no policy loss,
+no guard) as the baseline instead, as earlier versions of this bench did. ``--threads 1`` (one
 intra-op thread) is the steadiest on a 2-core box. Prints a phase table, the neighbour-exchange bytes against
 the local expert-gradient bytes (measured at EP=1, and what the static exchange would move at
 EP=2/4 for this step's neighbour sets), and ends with ``ratio vp2o/grpo <value>``.
@@ -33,6 +37,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 BENCH_MODEL = dict(num_layers=4, hidden_size=128, num_attention_heads=4, num_query_groups=2, num_experts=8,
                    moe_router_topk=2, moe_ffn_hidden_size=128, ffn_hidden_size=256, vocab_size=128, seq_length=64)
 BATCH, MICRO = 16, 8
+PROMPT_LEN = 16  # RL batches: 16 prompt columns, the rest response (the policy loss's columns)
 
 
 def build(full: bool, batch: int = BATCH, micro: int = MICRO):
@@ -56,7 +61,26 @@ def build(full: bool, batch: int = BATCH, micro: int = MICRO):
     state = init_vp2o(vp2o, cfg.vp2o, False)
     ids = torch.randint(3, 100, (batch, model["seq_length"] + 1), generator=torch.Generator().manual_seed(0))
     mbs = [SFTBatch(c[:, :-1], c[:, 1:], torch.ones(c.shape[0], c.shape[1] - 1)) for c in ids.split(micro)]
-    return plain, vp2o, state, mbs
+    return plain, vp2o, state, mbs, cfg
+
+
+def rl_batches(ids_BS1: torch.Tensor, micro: int, prompt_len: int = PROMPT_LEN) -> list:
+    """RL micro-batches as `rl.batches.make_batches` builds them: loss on the response columns,
+    behaviour log-probs near a uniform policy's, one advantage per sequence (zero-mean groups)."""
+    from megatron_vp2o.rl.batches import RLBatch
+    from megatron_vp2o.rl.rollout.rollouts import attention_mask
+
+    b, s = ids_BS1.shape[0], ids_BS1.shape[1] - 1
+    gen = torch.Generator().manual_seed(1)
+    loss_mask = torch.zeros(b, s)
+    loss_mask[:, prompt_len - 1:] = 1.0
+    logp_old = (-torch.log(torch.tensor(float(BENCH_MODEL["vocab_size"]))) + 0.1 * torch.randn(b, s, generator=gen))
+    adv = torch.randn(b, generator=gen)
+    adv = adv - adv.mean()
+    pos = torch.arange(s).expand(b, s)
+    mask = attention_mask(torch.zeros(b, dtype=torch.long), s, s)
+    return [RLBatch(ids_BS1[i, :-1], ids_BS1[i, 1:], pos[i], mask[i], loss_mask[i], logp_old[i] * loss_mask[i], adv[i])
+            for i in torch.arange(b).split(micro)]
 
 
 def interleaved(plain_fn, vp2o_fn, steps: int) -> tuple[list[dict], list[dict], list[float]]:
@@ -105,18 +129,30 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--batch", type=int, default=BATCH, help="sequences per step")
     parser.add_argument("--micro", type=int, default=MICRO, help="sequences per micro-batch")
+    parser.add_argument("--plain", action="store_true", help="baseline: a plain LM step (no policy loss, no guard)")
     args = parser.parse_args()
     steps = args.steps or (5 if args.quick else 15)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from megatron_vp2o.training.step import train_step
+    from functools import partial
+
+    from megatron_vp2o.rl.learner import grads_finite, policy_forward_step
+    from megatron_vp2o.training.step import lm_forward_step, train_step
     from megatron_vp2o.training.vp2o_step import capture_anchors, vp2o_train_step
 
-    plain, vp2o, state, mbs = build(args.full, args.batch, args.micro)
-    anchors = capture_anchors(vp2o, mbs, state)
-    p_runs, v_runs, ratios = interleaved(lambda: train_step(plain, mbs),
-                                         lambda: vp2o_train_step(vp2o, mbs, state, anchors=anchors), steps)
-    print(f"| phase (median of {steps} interleaved steps, seconds) | grpo-like (plain megatron) | vp2o |")
+    plain, vp2o, state, mbs, cfg = build(args.full, args.batch, args.micro)
+    if args.plain:
+        fwd, guard, keys, label = lm_forward_step, None, (), "plain megatron LM step"
+    else:
+        ids_BS1 = torch.cat([torch.cat([m.tokens, m.labels[:, -1:]], 1) for m in mbs])  # the same token ids
+        mbs = rl_batches(ids_BS1, args.micro)
+        fwd = partial(policy_forward_step, cfg=cfg.rl, vocab_size=BENCH_MODEL["vocab_size"])
+        guard, keys, label = grads_finite, ("clip_frac", "ratio_mean", "kl_ref"), "grpo learner step"
+    anchors = capture_anchors(vp2o, mbs, state, forward_step=fwd)
+    p_runs, v_runs, ratios = interleaved(
+        lambda: train_step(plain, mbs, fwd, guard=guard, report_keys=keys),
+        lambda: vp2o_train_step(vp2o, mbs, state, forward_step=fwd, anchors=anchors, guard=guard), steps)
+    print(f"| phase (median of {steps} interleaved steps, seconds) | {label} | vp2o |")
     print("|---|---|---|")
     for phase in ("forward_backward", "stein", "optimizer", "trust_region"):
         print(f"| {phase} | {median_of(p_runs, 'timing/' + phase):.4f} | {median_of(v_runs, 'timing/' + phase):.4f} |")

@@ -5,8 +5,11 @@ What (spec 2.4, 2.5, 2.9, 2.10): a subclass of ``MoELayer`` chosen through the l
 - ``protos_XD`` persistent buffer: the unit prototypes of the X local experts (checkpointed as a
   ShardedTensor split over EP, so it reshards); ``protos_ED`` non-persistent: all E prototypes of
   the layer after the EP all-gather (`distributed.reductions.refresh_prototypes`);
-- ``counts_EE`` non-persistent: raw co-activation pair counts summed over micro-batches (forward
-  only accumulates; the Stein hook reduces them over ranks);
+- ``counts_EE`` non-persistent: raw co-activation pair counts summed over micro-batches (the
+  Stein hook reduces them over ranks). Forward only keeps each micro-batch's detached top-k mask
+  and router logits (and loss values); `flush_step_stats` folds them into ``counts_EE`` and
+  ``loss_log`` once per step for all layers (a few batched ops instead of ~10 small ones per
+  layer and micro-batch) -- call it before reading either (the VP2O step does, after backward);
 - captures of each training micro-batch: top-k indices and top-k gates [T, K] (barycenters),
   with T in megatron's sequence-major order [S*B];
 - the specialisation losses (spec 2.9), attached to the output with megatron's
@@ -53,6 +56,9 @@ from megatron_vp2o.moe.experts import ExpertAccessor
 from megatron_vp2o.platform import native
 
 
+_MAX_PENDING = 64  # micro-batches kept before an automatic fold-in (bounds memory without a flush)
+
+
 class VP2OMoELayer(MoELayer):
     """MoELayer with prototypes, co-activation counts, routing captures and specialisation losses."""
 
@@ -72,6 +78,7 @@ class VP2OMoELayer(MoELayer):
         self.captured: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.loss_norm: tuple[float, float] | None = None  # (N/(K T_glob), N/T_glob)
         self.loss_log = torch.zeros(4)  # detached [ortho, var, entropy sum, tokens] of this step
+        self._pending = ([], [], [])  # per micro-batch: (mask_TE, logits_TE), (slot, loss) not yet folded in
         self._route = None
 
     # --- per-step bookkeeping ------------------------------------------------------------------
@@ -79,6 +86,11 @@ class VP2OMoELayer(MoELayer):
         self.counts_EE.zero_()
         self.captured = []
         self.loss_log = torch.zeros(4, device=self.counts_EE.device)
+        self._pending = ([], [], [])
+
+    def flush_stats(self) -> None:
+        """Fold this layer's pending micro-batch statistics into ``counts_EE`` / ``loss_log``."""
+        flush_step_stats([self])
 
     @property
     def expert_offset(self) -> int:
@@ -109,13 +121,11 @@ class VP2OMoELayer(MoELayer):
             mask_TE = routing_map_TE.to(probs_TE.dtype)
             topk_TK = torch.sort(torch.topk(mask_TE, self.top_k, dim=-1).indices, -1).values
             gates_TK = torch.gather(probs_TE, 1, topk_TK)
-            if self.training:
-                with torch.no_grad():
-                    # pair counts M^T M of the hard top-k mask (= algo.coactivation.coactivation_counts)
-                    self.counts_EE.addmm_(mask_TE.T.float(), mask_TE.float())
-                    logp_TE = torch.log_softmax(logits.view(topk_TK.shape[0], -1).float(), dim=-1)
-                    self.loss_log[2:].add_(torch.stack([-(logp_TE.exp() * logp_TE).sum(),
-                                                        logp_TE.new_tensor(float(topk_TK.shape[0]))]))
+            if self.training:  # counts and router entropy: folded in by flush_step_stats
+                self._pending[0].append(mask_TE.detach())
+                self._pending[1].append(logits.detach().view(topk_TK.shape[0], -1))
+                if len(self._pending[0]) >= _MAX_PENDING:  # a loop that never flushes (megatron's own)
+                    self.flush_stats()
                 if self.capture:
                     self.captured.append((topk_TK.detach(), gates_TK.detach()))
         self._route = {"logits": logits.view(-1, self.config.num_moe_experts), "topk": topk_TK, "gates": gates_TK}
@@ -205,16 +215,16 @@ class VP2OMoELayer(MoELayer):
             total, count = specialization.orthogonality_loss_sum(raw_TKD)
             terms.append((0, "vp2o_ortho", cfg.ortho_coef, total, count))
         if cfg.var_coef > 0:
-            probs_TE = torch.softmax(self._route["logits"].float(), dim=-1)
-            total, count = specialization.routing_variance_loss_sum(probs_TE)
+            total, count = specialization.routing_variance_loss_sum_from_logits(self._route["logits"])
             terms.append((1, "vp2o_var", cfg.var_coef, total, count))
         aux = None
         for slot, name, coef, total, count in terms:
             scale = (1.0 / count) if self.loss_norm is None else self.loss_norm[slot]
             loss = total * scale
             if self.training:
-                self.loss_log = self.loss_log.to(loss.device)
-                self.loss_log[slot] += loss.detach()
+                self._pending[2].append((slot, loss.detach()))
+                if len(self._pending[2]) >= 2 * _MAX_PENDING:
+                    self.flush_stats()
             moe_utils.save_to_aux_losses_tracker(name, loss.detach(), self.layer_number,
                                                  self.config.num_layers)
             aux = coef * loss if aux is None else aux + coef * loss
@@ -231,6 +241,36 @@ class VP2OMoELayer(MoELayer):
             key, self.protos_XD, *sharded_offsets, (len(sharded_offsets), ep_rank, ep_size),
             replica_id=replica, prepend_axis_num=len(sharded_offsets))
         return state
+
+
+def flush_step_stats(layers) -> None:
+    """Fold every layer's pending micro-batch statistics into its ``counts_EE`` (pair counts M^T M
+    of the hard top-k masks, = `algo.coactivation.coactivation_counts`) and ``loss_log`` (loss
+    values, router entropy sum and token count), batched over layers with the same token count."""
+    groups: dict = {}
+    for layer in layers:
+        masks, logits, losses = layer._pending
+        if losses:
+            layer.loss_log = layer.loss_log.to(losses[0][1].device)
+            for slot in (0, 1):
+                vals = [v for k, v in losses if k == slot]
+                if vals:
+                    layer.loss_log[slot] += torch.stack(vals).sum()
+        if masks:
+            mask_TE, logits_TE = (torch.cat(masks) if len(masks) > 1 else masks[0],
+                                  torch.cat(logits) if len(logits) > 1 else logits[0])
+            groups.setdefault(tuple(mask_TE.shape), []).append((layer, mask_TE, logits_TE))
+        layer._pending = ([], [], [])
+    with torch.no_grad(), native():
+        for entries in groups.values():
+            mask_LTE = torch.stack([m for _, m, _ in entries]).float()
+            counts_LEE = torch.bmm(mask_LTE.transpose(1, 2), mask_LTE)
+            logp_LTE = torch.log_softmax(torch.stack([g for _, _, g in entries]).float(), dim=-1)
+            entropy_L = -(logp_LTE.exp() * logp_LTE).sum((1, 2))
+            for (layer, _, _), counts_EE, entropy in zip(entries, counts_LEE, entropy_L):
+                layer.counts_EE += counts_EE.to(layer.counts_EE.dtype)
+                layer.loss_log = layer.loss_log.to(entropy.device)
+                layer.loss_log[2:] += torch.stack([entropy, entropy.new_tensor(float(mask_LTE.shape[1]))])
 
 
 def vp2o_moe_layer(spec_cfg: SpecializationConfig) -> type:

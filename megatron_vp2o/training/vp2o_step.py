@@ -2,8 +2,9 @@
 
 Phases, in order (each timed into ``timing/<phase>``):
 1. ``forward_backward`` -- megatron's ``get_forward_backward_func`` over the micro-batches; the
-   VP2O MoE layers accumulate co-activation counts, capture top-k/gates and add the
-   specialisation losses (normalised globally: `set_loss_normalizers`);
+   VP2O MoE layers keep their routing masks (co-activation counts, folded in once per step by
+   `moe.layer.flush_step_stats`), capture top-k/gates and add the specialisation losses
+   (normalised globally: `set_loss_normalizers`);
 2. ``stein`` -- the gradient transport in the DDP grad buffers (`distributed.stein_hook`);
 3. ``optimizer`` -- snapshot (trust region + freeze), ``optimizer.step()``, restore of the
    experts outside the active set (spec 2.8 `freeze_inactive`), prototype refresh (spec 2.4);
@@ -31,7 +32,7 @@ from megatron_vp2o.algo import trust_region as tr
 from megatron_vp2o.distributed.reductions import VP2OGroups, all_reduce_, refresh_prototypes
 from megatron_vp2o.distributed.stein_hook import apply_stein
 from megatron_vp2o.distributed.trust_region import ParamSnapshot, anchor_statistic
-from megatron_vp2o.moe.layer import vp2o_layers
+from megatron_vp2o.moe.layer import flush_step_stats, vp2o_layers
 from megatron_vp2o.platform import native
 from megatron_vp2o.training.step import lm_forward_step, reduce_report
 
@@ -188,6 +189,7 @@ def vp2o_train_step(trainable, micro_batches, state: VP2OState, forward_step=lm_
         layer.reset_step_stats()
         layer.capture = anchors is not None
     losses = _forward_backward(trainable, micro_batches, forward_step)
+    flush_step_stats(layers)
     t1 = time.perf_counter()
     if guard is not None and not guard(trainable):
         trainable.optimizer.zero_grad()

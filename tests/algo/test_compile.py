@@ -77,6 +77,8 @@ CASES = {
     "routing_variance_loss_sum": (specialization.routing_variance_loss_sum,
                                   (X["probs"], X["mask"])),
     "routing_variance_loss": (specialization.routing_variance_loss, (X["probs"], X["mask"])),
+    "routing_variance_loss_sum_from_logits": (specialization.routing_variance_loss_sum_from_logits,
+                                              (X["probs"].log(),)),
     "prototype_signs": (trust_region.prototype_signs, (X["protos"], -X["protos"])),
     "barycenters": (trust_region.barycenters, (X["topk"], X["gates"], X["protos"])),
     "anchor_distance_sum": (trust_region.anchor_distance_sum, (

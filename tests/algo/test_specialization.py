@@ -74,3 +74,14 @@ def test_routing_variance_matches_definition():
     assert S.routing_variance_loss(uniform_TE) == 0
     one_hot_TE = torch.eye(6, dtype=torch.float64)[:4]
     assert S.routing_variance_loss(one_hot_TE).item() == pytest.approx(-1 / 6)
+
+
+def test_routing_variance_from_logits_equals_general_form_with_gradient():
+    logits_TE = (torch.randn(2, 9, 6, dtype=torch.float64) * 2).requires_grad_(True)
+    total, count = S.routing_variance_loss_sum_from_logits(logits_TE)
+    ref_total, ref_count = S.routing_variance_loss_sum(torch.softmax(logits_TE, -1).reshape(-1, 6))
+    assert torch.allclose(total, ref_total) and count == ref_count == 18
+    grad, = torch.autograd.grad(total, logits_TE)
+    ref_grad, = torch.autograd.grad(ref_total, logits_TE)
+    assert torch.allclose(grad, ref_grad)
+    assert torch.autograd.gradcheck(lambda x: S.routing_variance_loss_sum_from_logits(x)[0], (logits_TE,))

@@ -79,6 +79,7 @@ def ortho_capture_checks(dispatcher: str) -> dict:
         manual = torch.stack([
             torch.stack([layer.experts.local_experts[int(e)](x_TD[t:t + 1], ones[:1])[0][0]
                          for e in topk_TK[t]]) for t in range(x_TD.shape[0])])
+    layer.flush_stats()
     counts = float(layer.counts_EE.diagonal().sum())
     grads = {}
     for name, coef in (("ortho", 1e-30), ("plain", 0.0)):  # the ortho loss itself ~ 0: same gradients
