@@ -136,20 +136,20 @@ class MegatronEngine:
         ctx = StaticInferenceContext(b, p + t_max) if self.use_cache else None
         gen, st = self._generator(sampling.seed), _State([], [], [], torch.ones(b, dtype=torch.bool), ["length"] * b)
         capture = RoutingCapture(self.model)
-        cols_BS = ids_BP
+        cols_BS = torch.cat([ids_BP, ids_BP.new_full((b, t_max), self.pad_id)], dim=1)  # filled column by column
+        mask_B1SS = attention_mask(pads_B, p + t_max, p + t_max)  # decoding steps read rows of it (views)
         with inference_mode(self.model), rope_positions(self.model, pos_BS), capture:
             for step in range(t_max):
-                n = cols_BS.shape[1]
+                n = p + step
                 if ctx is not None and step > 0:
-                    inp_BS, mask, capture.keep_last = cols_BS[:, -1:], attention_mask(pads_B, 1, n), None
+                    inp_BS, mask, capture.keep_last = cols_BS[:, n - 1:n], mask_B1SS[:, :, n - 1:n, :n], None
                 else:
-                    inp_BS, mask, capture.keep_last = cols_BS, attention_mask(pads_B, n, n), (None if step == 0 else 1)
+                    inp_BS, mask, capture.keep_last = cols_BS[:, :n], mask_B1SS[:, :, :n, :n], (None if step == 0 else 1)
                 logits = stage_forward(self.model, inp_BS, pos_BS[:, n - inp_BS.shape[1]:n], mask, ctx,
                                        cfg.hidden_size, cfg.params_dtype)
                 if ctx is not None:
                     ctx.increment_sequence_len_offset(inp_BS.shape[1])
-                tok_B = self._sample_step(logits, sampling, gen, st, b)
-                cols_BS = torch.cat([cols_BS, tok_B.unsqueeze(1)], dim=1)
+                cols_BS[:, n] = self._sample_step(logits, sampling, gen, st, b)
                 if not self._any_active(st.active_B):
                     break
         return self._finish(ids_BP, lens_B, pos_BS, st, capture, sampling)

@@ -1,7 +1,8 @@
 """Routing capture, rollout routing replay (R3) and rollout positions, through module hooks only.
 
-* :class:`RoutingCapture` -- a forward hook on every megatron ``TopKRouter`` of a model chunk logs, per
-  forward, the top-k experts and their gates renormalised over the top-k. The router sees tokens
+* :class:`RoutingCapture` -- a forward hook on every megatron ``TopKRouter`` of a model chunk keeps, per
+  forward, the routing probabilities; the top-k experts and their gates renormalised over the top-k
+  are taken once for all forwards at the end. The router sees tokens
   sequence-major (row = s * B + b) and, under sequence parallelism, only this TP rank's slice of the
   sequence, so the hook all-gathers the slices over the TP group first.
 * :func:`replay_routing` -- R3 through megatron-core's own ``RouterReplay`` (needs
@@ -55,13 +56,13 @@ def topk_and_gates(probs_NE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.
 
 
 class RoutingCapture:
-    """Context manager: collects ``[B, S_step, K]`` routing per router and forward; :meth:`stacked`."""
+    """Context manager: keeps each router's ``[B, S_step, E]`` probabilities per forward; `stacked`
+    turns them into top-k and gates once at the end (not per decoding step)."""
 
     def __init__(self, model):
         self.routers = moe_routers(model)
         self.layers = [r.layer_number for r in self.routers]
-        self.idx: list[list[torch.Tensor]] = [[] for _ in self.routers]
-        self.gates: list[list[torch.Tensor]] = [[] for _ in self.routers]
+        self.probs: list[list[torch.Tensor]] = [[] for _ in self.routers]
         self.enabled = True
         self.keep_last: int | None = None  # keep only the last n columns of each forward (no-cache decoding)
         self._handles = []
@@ -72,13 +73,11 @@ class RoutingCapture:
                 return
             hidden_SBH, (probs_NE, _) = args[0], output
             s_local, b = hidden_SBH.shape[0], hidden_SBH.shape[1]
-            idx_NK, gates_NK = topk_and_gates(probs_NE.detach(), router.topk)
-            idx_NK, gates_NK = _sp_gather(idx_NK, router), _sp_gather(gates_NK, router)
-            s = idx_NK.shape[0] // b
-            assert s * b == idx_NK.shape[0] and s % s_local == 0, (idx_NK.shape, hidden_SBH.shape)
+            probs_NE = _sp_gather(probs_NE.detach(), router)
+            s = probs_NE.shape[0] // b
+            assert s * b == probs_NE.shape[0] and s % s_local == 0, (probs_NE.shape, hidden_SBH.shape)
             keep = s if self.keep_last is None else self.keep_last
-            self.idx[i].append(idx_NK.view(s, b, -1).transpose(0, 1)[:, s - keep:])
-            self.gates[i].append(gates_NK.view(s, b, -1).transpose(0, 1)[:, s - keep:])
+            self.probs[i].append(probs_NE.view(s, b, -1).transpose(0, 1)[:, s - keep:])
         return hook
 
     def __enter__(self):
@@ -94,9 +93,9 @@ class RoutingCapture:
         """``(topk_idx_LBSK, gates_LBSK)`` over all captured forwards (columns concatenated)."""
         if not self.routers:
             return torch.zeros(0, 0, 0, 0, dtype=torch.long), torch.zeros(0, 0, 0, 0)
-        idx = torch.stack([torch.cat(chunks, dim=1) for chunks in self.idx])
-        gates = torch.stack([torch.cat(chunks, dim=1) for chunks in self.gates])
-        return idx, gates
+        probs_LBSE = torch.stack([torch.cat(chunks, dim=1) for chunks in self.probs])
+        idx_LBSK, gates_LBSK = topk_and_gates(probs_LBSE, self.routers[0].topk)
+        return idx_LBSK, gates_LBSK
 
 
 def replay_rows(topk_idx_BSK: torch.Tensor, router: TopKRouter) -> torch.Tensor:
@@ -165,14 +164,22 @@ def rope_positions(model, positions_BS: torch.Tensor):
         yield
         return
 
+    cache: dict = {}  # decoding asks for the same table every step: gather it once per length
+
     def hook(module, args, emb_N11D):
         n = emb_N11D.shape[0]
+        key = (n, emb_N11D.device, emb_N11D.dtype)
+        if key in cache and not torch.is_grad_enabled():
+            return cache[key]
         pos_BS = positions_BS
         if pos_BS.shape[1] < n:  # the static KV cache asks for max_sequence_length columns
             extra = pos_BS[:, -1:] + torch.arange(1, n - pos_BS.shape[1] + 1)
             pos_BS = torch.cat([pos_BS, extra], dim=1)
         pos_SB = pos_BS[:, :n].t().clamp_max(n - 1).to(emb_N11D.device)
-        return emb_N11D[:, 0][pos_SB]  # [S, B, 1, D]
+        out = emb_N11D[:, 0][pos_SB]  # [S, B, 1, D]
+        if not torch.is_grad_enabled():
+            cache[key] = out
+        return out
 
     handle = rope.register_forward_hook(hook)
     try:
