@@ -29,7 +29,9 @@ reduce-scatters and EP all-to-alls are reused unchanged): K combines instead of 
 and no extra hidden columns. The token side gets x[t, k, :] and forms the layer output
 sum_k p[t, k] x[t, k] itself (fc2 has no bias, so it is megatron's function, rounded
 differently); the router's gradient flows through those gates. Rows with code 0 (capacity
-padding) belong to no slot. With ortho_coef = 0 the expert path is megatron's own, bit for bit.
+padding) belong to no slot. With ortho_coef = 0, and in any forward that cannot train (eval mode
+or autograd off: rollouts, evaluation, anchor capture; no losses either), the expert path is
+megatron's own, bit for bit.
 Needs the gate after the expert: ``moe_apply_probs_on_input`` and ``moe_latent_size`` refuse.
 
 Loss normalisation (STYLE 9): with ``calculate_per_token_loss`` megatron divides every gradient by
@@ -97,8 +99,15 @@ class VP2OMoELayer(MoELayer):
         return self.local_expert_indices[0]
 
     @property
+    def losses_on(self) -> bool:
+        """Specialisation losses (and the ortho capture) only where they can train: training mode
+        with autograd on, as megatron's own router aux losses. Rollouts, evaluation and anchor
+        capture run megatron's expert path unchanged."""
+        return self.training and torch.is_grad_enabled()
+
+    @property
     def ortho_on(self) -> bool:
-        return self.spec_cfg.ortho_coef > 0
+        return self.spec_cfg.ortho_coef > 0 and self.losses_on
 
     # --- stages --------------------------------------------------------------------------------
     def route(self, hidden_states, padding_mask=None):
@@ -214,7 +223,7 @@ class VP2OMoELayer(MoELayer):
         if raw_TKD is not None:
             total, count = specialization.orthogonality_loss_sum(raw_TKD)
             terms.append((0, "vp2o_ortho", cfg.ortho_coef, total, count))
-        if cfg.var_coef > 0:
+        if cfg.var_coef > 0 and self.losses_on:
             total, count = specialization.routing_variance_loss_sum_from_logits(self._route["logits"])
             terms.append((1, "vp2o_var", cfg.var_coef, total, count))
         aux = None

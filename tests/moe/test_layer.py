@@ -30,6 +30,7 @@ def test_raw_outputs_are_gathered_per_token(checks, dispatcher):
     assert got["grad_diff"] < 1e-5 and got["num_grads"][0] == got["num_grads"][1] > 3, got
     assert got["counts"] == got["expected_counts"]
     assert got["index_path"] == ([True] if dispatcher == "alltoall" else [])  # alltoall: one index_copy
+    assert got["no_grad_calls"] == len(got["index_path"])  # the no-grad forward took megatron's own path
 
 
 def test_hook_tensor_work_traces_fullgraph():

@@ -67,9 +67,11 @@ def ortho_capture_checks(dispatcher: str) -> dict:
     layer._specialisation_loss = spy
     paths, rows_to_slots = [], layer._rows_to_slots
     layer._rows_to_slots = lambda rows: paths.append(rows_to_slots(rows) is not None) or rows_to_slots(rows)
+    out_vp2o = layer(hidden)[0].detach()  # with autograd on: the capture runs only where losses are made
+    captured["raw"] = captured["raw"].detach()
     with torch.no_grad():
-        out_vp2o, _ = layer(hidden)
-        topk_TK = layer.captured[-1][0] if layer.captured else None
+        layer(hidden)  # a no-grad forward (rollouts, evaluation) skips the capture and the losses
+        captured["no_grad_calls"] = len(paths)
         layer.spec_cfg = type(layer.spec_cfg)(0.0, 0.0)
         out_plain, _ = layer(hidden)
         probs_TE, _ = layer.router(hidden)
@@ -93,7 +95,8 @@ def ortho_capture_checks(dispatcher: str) -> dict:
     return {"raw_diff": (captured["raw"] - manual).abs().max().item(),
             "out_diff": (out_vp2o - out_plain).abs().max().item(), "grad_diff": grad_diff,
             "num_grads": (len(grads["ortho"]), len(grads["plain"])), "index_path": paths[:1],
-            "counts": counts, "expected_counts": 2 * x_TD.shape[0] * layer.top_k}
+            "counts": counts, "expected_counts": 3 * x_TD.shape[0] * layer.top_k,
+            "no_grad_calls": captured["no_grad_calls"]}
 
 
 def run_all(payload) -> dict:
