@@ -121,7 +121,7 @@ def repulsion_weights(
     return mask_EE / mask_EE.sum(-1, keepdim=True).clamp_min(1.0)
 
 
-def repulsion_grad_from_z(
+def repulsion_factors_from_z(
     weight_XDF: torch.Tensor,
     protos_ED: torch.Tensor,
     z_XD: torch.Tensor,
@@ -129,12 +129,14 @@ def repulsion_grad_from_z(
     tau0: float,
     form: str = "sq_cos",
     expert_offset: int = 0,
-) -> torch.Tensor:
-    """Closed-form dR_i/dW_i given z = W W^T v summed over the expert-TP group (spec 2.8).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dR_i/dW_i = left_i @ right_i, a rank-two [D, F] matrix per expert: ([X, D, 2], [X, 2, F]).
 
     With v = u_i (stopgrad), y = W^T v (local F shard), u = z/||z||, gamma = dR/du =
     sum_j v_ij k'(u . u_j) u_j and g_z = (I - u u^T) gamma / ||z||:
-        dR/dW = g_z y^T + v (W^T g_z)^T      -> [X, D, F] (float32 or wider).
+        dR/dW = g_z y^T + v (W^T g_z)^T = [g_z, v] @ [y; W^T g_z].
+    z = W W^T v must already be summed over the expert-TP group (spec 2.8). Callers that add the
+    repulsion into a gradient buffer use the factors (one batched matmul-add, no [X, D, F] tensor).
     ``weight_XDF`` holds the X local experts (global ids expert_offset .. expert_offset+X-1),
     ``protos_ED`` all E prototypes of the layer (tau_E uses this E), ``inactive_XE`` their rows.
     """
@@ -151,10 +153,33 @@ def repulsion_grad_from_z(
     gamma_XD = torch.matmul(repulsion_weights(inactive_XE, dtype) * dk_XE, protos_ED)
     g_z_XD = (gamma_XD - u_XD * (u_XD * gamma_XD).sum(-1, keepdim=True)) / z_norm_X1
     wt_g_XF = torch.matmul(g_z_XD.to(weight_XDF.dtype).unsqueeze(-2), weight_XDF).squeeze(-2)
-    # Both rank-one terms in one batched matmul: [g_z, v] [X, D, 2] @ [y; W^T g_z] [X, 2, F].
     left_XD2 = torch.stack([g_z_XD, v_XD], dim=-1)
     right_X2F = torch.stack([y_XF, wt_g_XF.to(dtype)], dim=-2)
+    return left_XD2, right_X2F
+
+
+def repulsion_grad_from_z(
+    weight_XDF: torch.Tensor,
+    protos_ED: torch.Tensor,
+    z_XD: torch.Tensor,
+    inactive_XE: torch.Tensor,
+    tau0: float,
+    form: str = "sq_cos",
+    expert_offset: int = 0,
+) -> torch.Tensor:
+    """Closed-form dR_i/dW_i [X, D, F] given z = W W^T v summed over the expert-TP group (spec
+    2.8): the product of `repulsion_factors_from_z` (float32 or wider)."""
+    left_XD2, right_X2F = repulsion_factors_from_z(
+        weight_XDF, protos_ED, z_XD, inactive_XE, tau0, form, expert_offset
+    )
     return torch.matmul(left_XD2, right_X2F)
+
+
+def rank_two_norm(left_XD2: torch.Tensor, right_X2F: torch.Tensor) -> torch.Tensor:
+    """||left @ right||_F over the last three dims, from [.., 2, 2] Gram matrices (no product)."""
+    gram_l = torch.matmul(left_XD2.transpose(-1, -2), left_XD2)
+    gram_r = torch.matmul(right_X2F, right_X2F.transpose(-1, -2))
+    return (gram_l * gram_r).sum((-3, -2, -1)).clamp_min(0.0).sqrt()
 
 
 def repulsion_grad(

@@ -40,7 +40,7 @@ from megatron_vp2o.algo.coactivation import active_experts, coactivation_matrix,
 from megatron_vp2o.algo.config import SteinConfig
 from megatron_vp2o.algo.kernels import prototype_kernel
 from megatron_vp2o.algo.prototypes import power_step_partial
-from megatron_vp2o.algo.stein import attraction_weights, gather_mix, repulsion_grad_from_z
+from megatron_vp2o.algo.stein import attraction_weights, gather_mix, rank_two_norm, repulsion_factors_from_z
 from megatron_vp2o.distributed.reductions import VP2OGroups, _size, all_reduce_, gather_expert_grads
 from megatron_vp2o.distributed.reductions import reduce_counts_, world_sum
 
@@ -81,35 +81,52 @@ def exchange_neighbours(grads_XP: torch.Tensor, idx_EM1: torch.Tensor, ep_group)
     return recv_RXP.view(num_ranks * num_local, -1)
 
 
-def transport_rows(table_EP, grads_XP, idx_XM1, w_XM1, active_X, rep_XQ, alpha: float, ok):
-    """grad_x = [x in A] (sum_m w[x, m] table[idx[x, m]] + alpha rep_x); identity unless ``ok``.
+def transport_rows(table_EP, idx_XM1, w_XM1, active_X, ok, rep=None, alpha: float = 0.0):
+    """grad_x = [x in A] (sum_m w[x, m] table[idx[x, m]] + alpha rep_x); the identity unless ``ok``.
 
-    ``rep_XQ`` (or None) is the repulsion gradient of the trailing Q columns (fc2; Q <= P).
+    ``rep`` (or None) is the repulsion gradient of the block's rows as rank-two factors
+    ``(left [..., X, A, 2], right [..., X, 2, C])`` whose product ``[A, C]`` is each row's layout
+    (fc2's ``[D, F]``, or ``[F, D]`` for GroupedMLP: the caller passes the factors transposed).
     Returns (transported [..., X, P], norm of the applied attraction per leading index). Pure
-    tensor work (static shapes, no host syncs; leading batch dims = layers); the mix is
-    `algo.stein.gather_mix` (one fused pass) with the weights of experts outside the active set
-    zeroed, so the output is written in two passes.
+    tensor work (static shapes, no host syncs; leading batch dims = layers), two passes over the
+    rows: the mix (`algo.stein.gather_mix`, one fused pass) and the repulsion added in place by one
+    batched matmul-add. ``ok`` enters the weights: False makes each row's weights its own row with
+    weight 1 (and drops the repulsion), so finite gradients come back unchanged; a non-finite
+    neighbour row can then leave non-finite values in other rows of its layer, which megatron's
+    inf check skips as it would have anyway.
     """
-    keep_X1 = active_X.unsqueeze(-1)
-    mix_XP = gather_mix(table_EP, idx_XM1, w_XM1 * keep_X1.to(w_XM1.dtype))
-    attraction_norm = torch.linalg.vector_norm(mix_XP, dim=(-2, -1))
-    if rep_XQ is not None and alpha != 0.0:
-        cols = rep_XQ.shape[-1]
-        mix_XP[..., mix_XP.shape[-1] - cols:] += rep_XQ.to(mix_XP.dtype) * (alpha * keep_X1.to(mix_XP.dtype))
-    return torch.where(ok, mix_XP, grads_XP), attraction_norm
+    keep_X1 = active_X.unsqueeze(-1).to(w_XM1.dtype)
+    self_w_XM1 = torch.zeros_like(w_XM1)  # slot 0 is the expert itself (attraction_weights)
+    self_w_XM1[..., 0] = 1.0
+    w_XM1 = torch.where(ok, w_XM1 * keep_X1, self_w_XM1)
+    out_XP = gather_mix(table_EP, idx_XM1, w_XM1)
+    attraction_norm = torch.linalg.vector_norm(out_XP, dim=(-2, -1))
+    if rep is not None and alpha != 0.0:
+        left_XA2, right_X2C = rep
+        scale_X11 = (keep_X1 * ok.to(keep_X1.dtype) * alpha).unsqueeze(-1).to(out_XP.dtype)
+        rows_NAC = out_XP.view(-1, left_XA2.shape[-2], right_X2C.shape[-1])
+        lead = rows_NAC.shape[0]
+        rows_NAC.baddbmm_((left_XA2.to(out_XP.dtype) * scale_X11).reshape(lead, -1, 2),
+                          right_X2C.to(out_XP.dtype).reshape(lead, 2, -1))
+    return out_XP, attraction_norm
 
 
 def layer_repulsion(layers, inactive_LEE, protos_LED, cfg: SteinConfig, groups: VP2OGroups):
-    """dR/dW of the local experts of same-shaped ``layers``, each laid out like the fc2 columns of
-    its flat gradient: [L, X, P2]; None if alpha = 0. One batched computation for all layers."""
+    """dR/dW of the local experts of same-shaped ``layers`` as rank-two factors laid out like the
+    fc2 rows of their flat gradients (`transport_rows`), and its norm per layer; (None, None) if
+    alpha = 0. One batched computation for all layers."""
     if cfg.repulsion_coef == 0.0:
-        return None
+        return None, None
     off, num_local = layers[0].expert_offset, layers[0].num_local_experts
     weight_LXDF = torch.stack([layer.accessor.fc2_weight_XDF() for layer in layers]).float()
     z_LXD = all_reduce_(power_step_partial(weight_LXDF, protos_LED[:, off:off + num_local]), groups.expert_tp)
-    rep_LXDF = repulsion_grad_from_z(weight_LXDF, protos_LED, z_LXD, inactive_LEE[:, off:off + num_local],
-                                     cfg.kernel_tau0, cfg.kernel, off)
-    return torch.stack([layer.accessor.fc2_flat(rep) for layer, rep in zip(layers, rep_LXDF)])
+    left_LXD2, right_LX2F = repulsion_factors_from_z(weight_LXDF, protos_LED, z_LXD,
+                                                     inactive_LEE[:, off:off + num_local], cfg.kernel_tau0,
+                                                     cfg.kernel, off)
+    norm_L = rank_two_norm(left_LXD2, right_LX2F)
+    if layers[0].accessor.fc2_transposed:  # rows hold W^T [F, D]: (L R)^T = R^T L^T
+        return (right_LX2F.transpose(-1, -2), left_LXD2.transpose(-1, -2)), norm_L
+    return (left_LXD2, right_LX2F), norm_L
 
 
 def apply_stein(ddp_model, layers, groups: VP2OGroups, cfg: SteinConfig, num_tokens) -> dict:
@@ -154,8 +171,8 @@ def _transport_blocks(blk, idx, w, active, rep, cfg, ok, ep_group, num_ranks):
     outs, sq_norm = {}, 0.0
     for kind, grads in blk.items():
         table = grads if num_ranks == 1 else exchange_neighbours(grads, idx["all"], ep_group)
-        outs[kind], norm = transport_rows(table, grads, idx["rows"], w, active, rep if kind == "fc2" else None,
-                                          cfg.repulsion_coef, ok)
+        outs[kind], norm = transport_rows(table, idx["rows"], w, active, ok, rep if kind == "fc2" else None,
+                                          cfg.repulsion_coef)
         sq_norm = sq_norm + norm * norm
     return outs, torch.sqrt(sq_norm)
 
@@ -169,17 +186,18 @@ def _layers_step(entries, blk, groups, cfg, num_tokens, ok) -> dict:
     active_LE, coactive_LEE, inactive_LEE, kernel_LEE, idx_LEM1, w_LEM1 = masks
     off, num_local = layers[0].expert_offset, layers[0].num_local_experts
     rows = slice(off, off + num_local)
-    rep_LXQ = layer_repulsion(layers, inactive_LEE, protos_LED, cfg, groups)
+    rep_L, rep_norm_L = layer_repulsion(layers, inactive_LEE, protos_LED, cfg, groups)
     num_ranks = _size(groups.expert_ep)
     if num_ranks == 1:  # every neighbour is local: one batched transport per block
         outs, attraction_L = _transport_blocks(blk, {"all": idx_LEM1, "rows": idx_LEM1}, w_LEM1, active_LE,
-                                               rep_LXQ, cfg, ok, groups.expert_ep, 1)
+                                               rep_L, cfg, ok, groups.expert_ep, 1)
     else:  # one layer at a time: the exchange holds one layer's neighbour table
         per_layer, norms = [], []
         for i in range(len(layers)):
             out_i, norm = _transport_blocks({k: b[i] for k, b in blk.items()},
                                             {"all": idx_LEM1[i], "rows": idx_LEM1[i, rows]}, w_LEM1[i, rows],
-                                            active_LE[i, rows], None if rep_LXQ is None else rep_LXQ[i], cfg, ok,
+                                            active_LE[i, rows], None if rep_L is None else (rep_L[0][i], rep_L[1][i]),
+                                            cfg, ok,
                                             groups.expert_ep, num_ranks)
             per_layer.append(out_i)
             norms.append(norm)
@@ -198,8 +216,8 @@ def _layers_step(entries, blk, groups, cfg, num_tokens, ok) -> dict:
     num_experts = kernel_LEE.shape[-1]
     per_layer = {
         "stein/attraction_norm": attraction_L,
-        "stein/repulsion_norm": cfg.repulsion_coef * torch.linalg.vector_norm(rep_LXQ, dim=(-2, -1))
-        if rep_LXQ is not None else torch.zeros(len(layers)),
+        "stein/repulsion_norm": cfg.repulsion_coef * rep_norm_L if rep_norm_L is not None
+        else torch.zeros(len(layers)),
         "stein/kernel_mass": (kernel_LEE.sum((-2, -1)) - kernel_LEE.diagonal(dim1=-2, dim2=-1).sum(-1))
         / max(num_experts * num_experts - num_experts, 1),
         "stein/active_experts": active_LE.sum(-1),

@@ -77,6 +77,11 @@ class ExpertAccessor:
             return w2.view(self.num_local, -1, self.hidden).transpose(1, 2).detach()
         return torch.stack([p.param.detach() for p in self.params if p.kind == "fc2"])
 
+    @property
+    def fc2_transposed(self) -> bool:
+        """True when each expert's flat fc2 gradient row holds W^T ([F, D], GroupedMLP), not W."""
+        return self.layout == "grouped"
+
     def fc2_flat(self, fc2_XDF: torch.Tensor) -> torch.Tensor:
         """A [X, D, F] tensor laid out like the flattened fc2 gradient rows: [X, P2]."""
         if self.layout == "grouped":

@@ -124,15 +124,31 @@ def _reduce_behaviour(drift_sum, drift_n, seq_lr, batches, kappa, last) -> dict:
     return {"drift": drift, "ess": tr.tempered_ess(all_lr, kappa)}
 
 
+def _grad_tensors(trainable) -> list:
+    """Every local gradient as few tensors as possible: megatron DDP's contiguous grad buffers
+    (dense and expert-parallel; the params' ``main_grad`` are views into them), else per param."""
+    out = []
+    for chunk in getattr(trainable, "models", [trainable.model]):
+        # megatron DDP's buffer lists (on a plain module ``buffers`` is nn.Module's method: not a list)
+        buffers = [b for name in ("buffers", "expert_parallel_buffers")
+                   for b in (getattr(chunk, name, None) if isinstance(getattr(chunk, name, None), list) else [])]
+        grads = [getattr(b, "grad_data", None) for b in buffers]
+        if buffers and all(g is not None for g in grads):
+            out += grads
+            continue
+        for param in unwrap(chunk).parameters():
+            grad = getattr(param, "main_grad", None)
+            grad = param.grad if grad is None else grad
+            if grad is not None:
+                out.append(grad)
+    return out
+
+
 def grads_finite(trainable) -> bool:
     """One device-side flag over every local gradient, MAX-reduced over all ranks: the single
-    place where a non-finite loss or gradient is acted on (the step is then skipped)."""
-    bad = torch.zeros(1)
-    for param in unwrap(trainable.model).parameters():
-        grad = getattr(param, "main_grad", None)
-        if grad is None:
-            grad = param.grad
-        if grad is not None:
-            bad = torch.maximum(bad, (~torch.isfinite(grad)).any().float().reshape(1))
+    place where a non-finite loss or gradient is acted on (the step is then skipped). One
+    ``isfinite`` pass per DDP grad buffer (not per parameter)."""
+    flags = [(~torch.isfinite(g)).any() for g in _grad_tensors(trainable)]
+    bad = torch.stack(flags).any().float().reshape(1) if flags else torch.zeros(1)
     dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     return bad.item() == 0

@@ -243,18 +243,34 @@ def _report(state, losses, metrics, decision, d_anc, backtracks, grad_norm, upda
            "d_beh": float(drift), "ess": float(ess)}
     out |= {f"count/{k}": v for k, v in state.counters.items()}
     out["d_anc_trace"] = list(getattr(state, "d_anc_trace", []))
+    lazy = {}  # every tensor-valued metric, read to the host in one transfer below
     for layer in state.layers:
         n = layer.layer_number
         tokens_E = torch.diagonal(layer.counts_EE)
-        out[f"moe/utilisation/layer{n}"] = tokens_E.tolist()
-        out[f"moe/proto_overlap/layer{n}"] = float(_offdiag_abs_mean(layer.protos_ED @ layer.protos_ED.T))
-        out[f"moe/coact_overlap/layer{n}"] = float(_offdiag_abs_mean(layer.counts_EE)
-                                                     / max(float(tokens_E.sum()), 1.0))
-        out[f"loss/ortho/layer{n}"], out[f"loss/var/layer{n}"] = layer.loss_log[:2].tolist()
-        out[f"moe/router_entropy/layer{n}"] = float(layer.loss_log[2] / layer.loss_log[3].clamp_min(1.0)) \
-            if layer.loss_log.numel() > 3 else float("nan")
-    out |= {k: (float(v) if torch.is_tensor(v) else v) for k, v in metrics.items()}
+        lazy[f"moe/utilisation/layer{n}"] = tokens_E
+        lazy[f"moe/proto_overlap/layer{n}"] = _offdiag_abs_mean(layer.protos_ED @ layer.protos_ED.T)
+        lazy[f"moe/coact_overlap/layer{n}"] = _offdiag_abs_mean(layer.counts_EE) / tokens_E.sum().clamp_min(1.0)
+        lazy[f"loss/ortho/layer{n}"], lazy[f"loss/var/layer{n}"] = layer.loss_log[0], layer.loss_log[1]
+        lazy[f"moe/router_entropy/layer{n}"] = layer.loss_log[2] / layer.loss_log[3].clamp_min(1.0)
+    lazy |= {k: v for k, v in metrics.items() if torch.is_tensor(v)}
+    out |= {k: v for k, v in metrics.items() if not torch.is_tensor(v)}
+    out |= _to_host(lazy, lists=("moe/utilisation/",))
     out |= {f"timing/{k}": v for k, v in timing.items()}
+    return out
+
+
+def _to_host(tensors: dict, lists: tuple[str, ...] = ()) -> dict:
+    """Python numbers (lists for keys starting with one of ``lists``) with one device->host copy."""
+    if not tensors:
+        return {}
+    device = next(iter(tensors.values())).device
+    flat = [t.detach().reshape(-1).float().to(device) for t in tensors.values()]
+    values = torch.cat(flat).tolist()
+    out, i = {}, 0
+    for (key, _), t in zip(tensors.items(), flat):
+        chunk = values[i:i + t.numel()]
+        i += t.numel()
+        out[key] = chunk if key.startswith(lists) else chunk[0]
     return out
 
 

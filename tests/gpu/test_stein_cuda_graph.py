@@ -22,12 +22,12 @@ def test_hook_tensor_work_replays_in_cuda_graph():
         counts = torch.randint(0, 5, (num_experts, num_experts), generator=gen).float()
         return [(counts + counts.T).to(dev), normalize(torch.randn(num_experts, 32, generator=gen)).to(dev),
                 torch.randn(num_experts, num_params, generator=gen).to(dev),
-                torch.randn(num_experts, num_params, generator=gen).to(dev)]
+                torch.randn(num_experts, 16, 2, generator=gen).to(dev), torch.randn(num_experts, 2, 16, generator=gen).to(dev)]
 
-    def hook(counts_EE, protos_ED, grads_EP, rep_EP):
+    def hook(counts_EE, protos_ED, grads_EP, left_EA2, right_E2C):
         active_E, _, _, _, idx_EM1, w_EM1 = layer_masks(counts_EE, protos_ED, 128.0, cfg, 2)
         ok = torch.isfinite(grads_EP).all()
-        return transport_rows(grads_EP, grads_EP, idx_EM1, w_EM1, active_E, rep_EP, 0.01, ok)[0]
+        return transport_rows(grads_EP, idx_EM1, w_EM1, active_E, ok, (left_EA2, right_E2C), 0.01)[0]
 
     static = inputs(0)
     stream = torch.cuda.Stream()

@@ -20,6 +20,7 @@ def test_accessor_reads_and_writes_each_layout(checks, layout):
     got = checks[layout]
     assert got["fc2"] and got["roundtrip"] and got["fc2_flat_shape"] and got["mask"], got
     assert got["shape"] == (8, 32, 32)
+    assert got["repulsion_layout"] < 1e-5, got  # the hook's in-place rank-two repulsion, in this layout
 
 
 @pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])
@@ -34,23 +35,42 @@ def test_raw_outputs_are_gathered_per_token(checks, dispatcher):
 
 
 def test_hook_tensor_work_traces_fullgraph():
+    """transport_rows (rank-two repulsion added in place) traces with fullgraph=True and equals
+    algo.stein.stein_transport with the repulsion materialised in the trailing (fc2) columns; with
+    ok=False it hands finite gradients back unchanged."""
+    from megatron_vp2o.algo import coactivation, kernels, stein
     from megatron_vp2o.algo.config import SteinConfig
     from megatron_vp2o.algo.prototypes import normalize
     from megatron_vp2o.distributed.stein_hook import layer_masks, transport_rows
 
-    cfg, num_experts, num_params = SteinConfig(), 8, 24
+    cfg, num_experts, rows, cols = SteinConfig(), 8, 4, 6
     gen = torch.Generator().manual_seed(0)
     counts_EE = torch.randint(0, 5, (num_experts, num_experts), generator=gen).float()
     counts_EE = counts_EE + counts_EE.T
+    counts_EE[3] = counts_EE[:, 3] = 0.0  # expert 3 inactive
     protos_ED = normalize(torch.randn(num_experts, 16, generator=gen))
-    grads_EP = torch.randn(num_experts, num_params, generator=gen)
-    rep_EP = torch.randn(num_experts, num_params, generator=gen)
+    grads_EP = torch.randn(num_experts, 10 + rows * cols, generator=gen)  # 10 fc1 columns, then fc2 [4, 6]
+    left_EA2 = torch.randn(num_experts, rows, 2, generator=gen)
+    right_E2C = torch.randn(num_experts, 2, cols, generator=gen)
 
-    def hook(counts_EE, protos_ED, grads_EP, rep_EP):
+    def hook(counts_EE, protos_ED, grads_EP, left, right, ok):
         active_E, _, _, _, idx_EM1, w_EM1 = layer_masks(counts_EE, protos_ED, 128.0, cfg, 2)
-        ok = torch.isfinite(grads_EP).all()
-        return transport_rows(grads_EP, grads_EP, idx_EM1, w_EM1, active_E, rep_EP, 0.01, ok)[0]
+        fc1, fc2 = grads_EP[:, :10], grads_EP[:, 10:].contiguous()
+        out1, _ = transport_rows(fc1, idx_EM1, w_EM1, active_E, ok)
+        out2, _ = transport_rows(fc2, idx_EM1, w_EM1, active_E, ok, (left, right), 0.01)
+        return torch.cat([out1, out2], dim=1)
 
-    eager = hook(counts_EE, protos_ED, grads_EP, rep_EP)
-    compiled = torch.compile(hook, backend="eager", fullgraph=True)(counts_EE, protos_ED, grads_EP, rep_EP)
+    ok = torch.tensor(True)
+    eager = hook(counts_EE, protos_ED, grads_EP, left_EA2, right_E2C, ok)
+    compiled = torch.compile(hook, backend="eager", fullgraph=True)(counts_EE, protos_ED, grads_EP, left_EA2,
+                                                                   right_E2C, ok)
     assert torch.allclose(eager, compiled)
+    m = cfg.resolved_topm(2)
+    coactive, _ = coactivation.neighbour_masks(coactivation.coactivation_matrix(counts_EE, 128.0), m)
+    rep_EP = torch.cat([torch.zeros(num_experts, 10), (left_EA2 @ right_E2C).reshape(num_experts, -1)], dim=1)
+    ref = stein.stein_transport(grads_EP, kernels.prototype_kernel(protos_ED, cfg.kernel_tau0, cfg.kernel), coactive,
+                                coactivation.active_experts(counts_EE), topm=m, repulsion_EP=rep_EP,
+                                repulsion_coef=0.01)
+    assert torch.allclose(eager, ref, atol=1e-6) and eager[3].abs().max() == 0
+    same = hook(counts_EE, protos_ED, grads_EP, left_EA2, right_E2C, torch.tensor(False))
+    assert torch.equal(same, grads_EP)

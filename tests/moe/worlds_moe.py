@@ -48,7 +48,30 @@ def accessor_checks(layout: str, dtype: str) -> dict:
         mask_ok &= all(bool(rows[i].all() == keep_X[x] and rows[i].any() == keep_X[x])
                        for i, x in enumerate(p.ids))
     return {"fc2": fc2_ok, "roundtrip": roundtrip, "fc2_flat_shape": flat_ok, "mask": mask_ok,
-            "shape": tuple(w_XDF.shape)}
+            "shape": tuple(w_XDF.shape), "repulsion_layout": _repulsion_layout_diff(layer)}
+
+
+def _repulsion_layout_diff(layer) -> float:
+    """The hook's rank-two repulsion, added in place into zero fc2 rows, vs the materialised
+    dR/dW mapped through ``fc2_flat`` (the layout rule of each expert implementation)."""
+    from megatron_vp2o.algo.config import SteinConfig
+    from megatron_vp2o.algo.prototypes import normalize
+    from megatron_vp2o.algo.stein import repulsion_grad
+    from megatron_vp2o.distributed.reductions import VP2OGroups
+    from megatron_vp2o.distributed.stein_hook import layer_repulsion, transport_rows
+
+    acc, num_experts = layer.accessor, layer.config.num_moe_experts
+    cfg = SteinConfig(repulsion_coef=1.0)
+    protos_ED = normalize(torch.randn(num_experts, layer.config.hidden_size, generator=torch.Generator().manual_seed(3)))
+    inactive_EE = ~torch.eye(num_experts, dtype=torch.bool)
+    (left, right), _ = layer_repulsion([layer], inactive_EE[None], protos_ED[None], cfg,
+                                       VP2OGroups.from_parallel_state(False))
+    rows = acc.fc2_flat(acc.fc2_weight_XDF().float()).shape[1]
+    idx = torch.arange(num_experts).view(1, -1, 1)
+    out, _ = transport_rows(torch.zeros(1, num_experts, rows), idx, torch.ones(1, num_experts, 1),
+                            torch.ones(1, num_experts, dtype=torch.bool), torch.tensor(True), (left, right), 1.0)
+    ref = acc.fc2_flat(repulsion_grad(acc.fc2_weight_XDF().float(), protos_ED, inactive_EE, cfg.kernel_tau0, cfg.kernel))
+    return float((out[0] - ref).abs().max() / ref.abs().max())
 
 
 def ortho_capture_checks(dispatcher: str) -> dict:
