@@ -64,6 +64,10 @@ CASES = {
     "repulsion_grad_from_z": (stein.repulsion_grad_from_z,
                               (X["weight"], X["protos"], X["protos"], X["inactive"], 1.0)),
     "repulsion_grad": (stein.repulsion_grad, (X["weight"], X["protos"], X["inactive"], 1.0)),
+    "repulsion_factors_from_z": (stein.repulsion_factors_from_z,
+                                 (X["weight"], X["protos"], X["protos"], X["inactive"], 1.0)),
+    "rank_two_norm": (stein.rank_two_norm, stein.repulsion_factors_from_z(
+        X["weight"], X["protos"], X["protos"], X["inactive"], 1.0)),
     "stein_transport": (lambda *a: stein.stein_transport(
         *a, topm=K, repulsion_EP=a[0], repulsion_coef=0.1),
         (X["grads"], X["kernel"], X["coactive"], X["counts"].diagonal() > 0)),

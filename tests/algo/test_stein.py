@@ -180,3 +180,15 @@ def test_svgd_single_particle_is_gradient_ascent_and_matches_mix():
     drive_NP = stein.mix_gathered(score_NP[idx_NN], k_NN / 6)
     repulse_NP = (2 / 0.7) * (k_NN[..., None] * (x_NP[:, None] - x_NP[None])).sum(1) / 6
     assert torch.allclose(stein.svgd_direction(x_NP, score_NP, 0.7), drive_NP + repulse_NP)
+
+
+def test_rank_two_factors_multiply_to_the_repulsion_and_give_its_norm():
+    gen = torch.Generator().manual_seed(5)
+    weight_EDF = torch.randn(6, 8, 5, generator=gen, dtype=torch.float64)
+    protos_ED = torch.nn.functional.normalize(torch.randn(6, 8, generator=gen, dtype=torch.float64), dim=-1)
+    inactive_EE = torch.rand(6, 6, generator=gen) > 0.5
+    z_ED = stein.power_step_partial(weight_EDF, protos_ED)
+    left, right = stein.repulsion_factors_from_z(weight_EDF, protos_ED, z_ED, inactive_EE, 1.0)
+    full = stein.repulsion_grad_from_z(weight_EDF, protos_ED, z_ED, inactive_EE, 1.0)
+    assert torch.allclose(left @ right, full) and left.shape == (6, 8, 2) and right.shape == (6, 2, 5)
+    assert torch.allclose(stein.rank_two_norm(left, right), torch.linalg.vector_norm(full))
