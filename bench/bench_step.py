@@ -14,7 +14,12 @@ intra-op thread) is the steadiest on a 2-core box. Prints a phase table, the nei
 the local expert-gradient bytes (measured at EP=1, and what the static exchange would move at
 EP=2/4 for this step's neighbour sets), and ends with ``ratio vp2o/grpo <value>``.
 
-Usage: ``python bench/bench_step.py [--quick] [--full] [--steps N] [--threads T] [--batch B --micro M]``
+Usage: ``python bench/bench_step.py [--quick] [--full | --wide] [--steps N] [--threads T] [--batch B --micro M]``
+
+``--wide`` is a compute-bound variant (D = F = 512, 2 layers, 32 x 128 tokens in 4 micro-batches):
+at the tiny width most of a step is per-op overhead (matmuls are ~1/3 of the plain step), so
+VP2O's extra small ops weigh more than they would on a model whose expert matmuls dominate, as
+at 33B; the wide row shows the ratio in that regime.
 (--quick: under a minute on 2 cores).
 """
 
@@ -40,7 +45,10 @@ BATCH, MICRO = 16, 8
 PROMPT_LEN = 16  # RL batches: 16 prompt columns, the rest response (the policy loss's columns)
 
 
-def build(full: bool, batch: int = BATCH, micro: int = MICRO):
+WIDE = dict(hidden_size=512, moe_ffn_hidden_size=512, ffn_hidden_size=1024, num_layers=2, seq_length=128)
+
+
+def build(full: bool, batch: int = BATCH, micro: int = MICRO, wide: bool = False):
     from megatron_vp2o.config import Config, build as build_cfg
     from megatron_vp2o.data.sft import SFTBatch
     from megatron_vp2o.distributed.init import init_parallel
@@ -48,7 +56,7 @@ def build(full: bool, batch: int = BATCH, micro: int = MICRO):
     from megatron_vp2o.training.setup import build_trainable
     from megatron_vp2o.training.vp2o_step import init_vp2o
 
-    model = dict(BENCH_MODEL, **(dict(hidden_size=256, moe_ffn_hidden_size=256) if full else {}))
+    model = dict(BENCH_MODEL, **(dict(hidden_size=256, moe_ffn_hidden_size=256) if full else {}), **(WIDE if wide else {}))
     cfg = build_cfg(Config, {
         "model": model, "train": dict(micro_batch_size=micro, global_batch_size=batch, lr=1e-3, warmup_steps=0),
         "vp2o": dict(stein=dict(repulsion_coef=0.01), specialization=dict(ortho_coef=1e-4, var_coef=1e-3),
@@ -125,6 +133,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="5 timed step pairs (under a minute)")
     parser.add_argument("--full", action="store_true", help="the bench model at twice the width")
+    parser.add_argument("--wide", action="store_true", help="compute-bound variant: D=F=512, 2 layers, 32 x 128 tokens")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--batch", type=int, default=BATCH, help="sequences per step")
@@ -140,7 +149,9 @@ def main() -> None:
     from megatron_vp2o.training.step import lm_forward_step, train_step
     from megatron_vp2o.training.vp2o_step import capture_anchors, vp2o_train_step
 
-    plain, vp2o, state, mbs, cfg = build(args.full, args.batch, args.micro)
+    if args.wide and (args.batch, args.micro) == (BATCH, MICRO):
+        args.batch, args.micro = 32, 8
+    plain, vp2o, state, mbs, cfg = build(args.full, args.batch, args.micro, args.wide)
     if args.plain:
         fwd, guard, keys, label = lm_forward_step, None, (), "plain megatron LM step"
     else:

@@ -146,9 +146,11 @@ def _grad_tensors(trainable) -> list:
 
 def grads_finite(trainable) -> bool:
     """One device-side flag over every local gradient, MAX-reduced over all ranks: the single
-    place where a non-finite loss or gradient is acted on (the step is then skipped). One
-    ``isfinite`` pass per DDP grad buffer (not per parameter)."""
-    flags = [(~torch.isfinite(g)).any() for g in _grad_tensors(trainable)]
-    bad = torch.stack(flags).any().float().reshape(1) if flags else torch.zeros(1)
+    place where a non-finite loss or gradient is acted on (the step is then skipped). One sum per
+    DDP grad buffer (not per parameter, no temporaries): a sum is non-finite iff some element is,
+    or if it overflows fp32 -- only for gradients far past what Adam's g^2 (overflow at 1.8e19)
+    could take anyway."""
+    sums = [g.sum(dtype=torch.float32) for g in _grad_tensors(trainable)]
+    bad = (~torch.isfinite(torch.stack(sums))).any().float().reshape(1) if sums else torch.zeros(1)
     dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     return bad.item() == 0
