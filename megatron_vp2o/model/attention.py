@@ -14,12 +14,35 @@ megatron's implementation.
 
 from __future__ import annotations
 
+import weakref
+
+import torch
 import torch.nn.functional as F
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
 
+def _drop_mask_cache(ref) -> None:
+    if SDPAttention._mask_cache[0] is ref:  # only the entry of the mask that just went
+        SDPAttention._mask_cache = (None, None, None)
+
+
 class SDPAttention(DotProductAttention):
+    # The mask of the last forward as SDPA's additive float mask: every layer of a forward gets the
+    # same mask object, so it is converted once per forward, not once per layer (SDPA would turn a
+    # bool mask into a float one on every call). Keyed by the mask's identity and version; a weak
+    # reference, so the converted copy goes when the mask does.
+    _mask_cache: tuple = (None, None, None)
+
+    @classmethod
+    def _additive(cls, mask, dtype):
+        ref, key, converted = cls._mask_cache
+        if ref is not None and ref() is mask and key == (mask._version, dtype):
+            return converted
+        converted = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+        SDPAttention._mask_cache = (weakref.ref(mask, _drop_mask_cache), (mask._version, dtype), converted)
+        return converted
+
     def _supported(self, attention_bias, packed_seq_params) -> bool:
         return (self.config.softmax_type == "vanilla" and self.config.window_size is None
                 and attention_bias is None and packed_seq_params is None
@@ -34,7 +57,7 @@ class SDPAttention(DotProductAttention):
         q_BHSD, k_BHSD, v_BHSD = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         sq = query.shape[0]
         is_causal = attention_mask is None and mask_type == AttnMaskType.causal and sq > 1
-        keep = None if attention_mask is None else ~attention_mask
+        keep = None if attention_mask is None else self._additive(attention_mask, query.dtype)
         dropout = self.attention_dropout.p if self.training else 0.0
         out_BHSD = F.scaled_dot_product_attention(
             q_BHSD, k_BHSD, v_BHSD, attn_mask=keep, dropout_p=dropout, is_causal=is_causal,

@@ -95,6 +95,9 @@ def test_cached_decoding_equals_full_forward_one_rank(single):
     assert p["topk_agreement"] == 1.0 and p["gate_diff"] < 1e-5
     assert p["r3_agreement"] == 1.0 and p["r3_logp_diff"] < 1e-5
     assert p["routing_shape"] == (2, 4, 7 + 8 - 1, 2)  # L, B, S = P + T - 1, K
+    q = single["parity_unpadded"]  # equal prompt lengths: the mask-free, shared-RoPE decoding path
+    assert q["max_logit_diff"] < 1e-5 and q["max_logp_diff"] < 1e-5 and q["topk_agreement"] == 1.0, q
+    assert q["routing_shape"] == (2, 3, 5 + 6 - 1, 2)
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))

@@ -124,6 +124,9 @@ def single(payload):
     model = build()
     parity = cache_parity(model, prompts(), SamplingConfig(temperature=0.8, top_k=20, max_new_tokens=8, seed=1))
     out = {"parity": parity, "sampling": sampling_checks(model)}
+    # no left padding: decoding runs with no attention mask and one RoPE table for all rows
+    unpadded = cache_parity(model, prompts((5, 5, 5)), SamplingConfig(temperature=0.8, max_new_tokens=6, seed=2))
+    out["parity_unpadded"] = {k: v for k, v in unpadded.items() if k != "rollouts"}
     out["replay"] = replay_checks(model, parity["rollouts"])
     no_r3 = build(replay=False)
     try:

@@ -137,14 +137,16 @@ class MegatronEngine:
         gen, st = self._generator(sampling.seed), _State([], [], [], torch.ones(b, dtype=torch.bool), ["length"] * b)
         capture = RoutingCapture(self.model)
         cols_BS = torch.cat([ids_BP, ids_BP.new_full((b, t_max), self.pad_id)], dim=1)  # filled column by column
-        mask_B1SS = attention_mask(pads_B, p + t_max, p + t_max)  # decoding steps read rows of it (views)
+        # decoding steps read rows of it (views); no left padding: plain causal attention, no mask at all
+        mask_B1SS = attention_mask(pads_B, p + t_max, p + t_max) if bool((pads_B > 0).any()) else None
         with inference_mode(self.model), rope_positions(self.model, pos_BS), capture:
             for step in range(t_max):
                 n = p + step
                 if ctx is not None and step > 0:
-                    inp_BS, mask, capture.keep_last = cols_BS[:, n - 1:n], mask_B1SS[:, :, n - 1:n, :n], None
+                    inp_BS, rows, capture.keep_last = cols_BS[:, n - 1:n], slice(n - 1, n), None
                 else:
-                    inp_BS, mask, capture.keep_last = cols_BS[:, :n], mask_B1SS[:, :, :n, :n], (None if step == 0 else 1)
+                    inp_BS, rows, capture.keep_last = cols_BS[:, :n], slice(0, n), (None if step == 0 else 1)
+                mask = None if mask_B1SS is None else mask_B1SS[:, :, rows, :n]
                 logits = stage_forward(self.model, inp_BS, pos_BS[:, n - inp_BS.shape[1]:n], mask, ctx,
                                        cfg.hidden_size, cfg.params_dtype)
                 if ctx is not None:

@@ -165,6 +165,9 @@ def rope_positions(model, positions_BS: torch.Tensor):
         return
 
     cache: dict = {}  # decoding asks for the same table every step: gather it once per length
+    # every row at the same positions (no left padding): one [S, 1, 1, D] table, broadcast over rows
+    # by megatron's RoPE, instead of B copies (B x fewer cos/sin/mul elements in every layer)
+    same_rows = positions_BS.shape[0] > 1 and bool((positions_BS == positions_BS[:1]).all())
 
     def hook(module, args, emb_N11D):
         n = emb_N11D.shape[0]
@@ -175,8 +178,10 @@ def rope_positions(model, positions_BS: torch.Tensor):
         if pos_BS.shape[1] < n:  # the static KV cache asks for max_sequence_length columns
             extra = pos_BS[:, -1:] + torch.arange(1, n - pos_BS.shape[1] + 1)
             pos_BS = torch.cat([pos_BS, extra], dim=1)
+        if same_rows:
+            pos_BS = pos_BS[:1]
         pos_SB = pos_BS[:, :n].t().clamp_max(n - 1).to(emb_N11D.device)
-        out = emb_N11D[:, 0][pos_SB]  # [S, B, 1, D]
+        out = emb_N11D[:, 0][pos_SB]  # [S, B, 1, D] ([S, 1, 1, D] when every row is the same)
         if not torch.is_grad_enabled():
             cache[key] = out
         return out
