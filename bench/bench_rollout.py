@@ -3,7 +3,10 @@
 What: greedy decoding tokens/s (new tokens only, batch B) of :class:`MegatronEngine` with megatron's
 ``StaticInferenceContext`` KV cache, the same engine re-running the full sequence every step
 (``use_cache=False``), and Hugging Face ``Qwen3MoeForCausalLM.generate`` (KV cache) on a model of the
-same shape (random weights: E experts, top-k K, width D, qk-norm, GQA), at prompt lengths 16/128/512.
+same shape (random weights: E experts, top-k K, width D, qk-norm, GQA), at prompt lengths 16/128/512,
+in two configurations: fp32 with megatron's SequentialMLP experts (one module call per expert; the
+CPU default) and bf16 with megatron's GroupedMLP (one grouped GEMM per projection, as TEGroupedMLP on
+GPU, and as HF's own ``grouped_mm`` experts), each against HF in the same dtype.
 Why: rollouts dominate an RL step's wall time; the goal is to be no slower than HF on the same model.
 The megatron engine also logs per-layer routing (a forward hook) and behaviour log-probs, which HF
 does not, so the comparison is conservative. CPU only here; on GPU the numbers differ in kind.
@@ -29,18 +32,21 @@ SHAPE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_grou
              qk_layernorm=True, router=dict(aux_loss_type="none"))
 
 
-def megatron_model():
+def megatron_model(**overrides):
+    from megatron.core import parallel_state as ps
+
     from megatron_vp2o.config import Config, build
     from megatron_vp2o.distributed.init import init_parallel
     from megatron_vp2o.model import build_gpt, transformer_config
 
-    cfg = build(Config, {"model": SHAPE, "train": {"seed": 0}})
-    init_parallel(cfg)
+    cfg = build(Config, {"model": dict(SHAPE, **overrides), "train": {"seed": 0}})
+    if not ps.model_parallel_is_initialized():
+        init_parallel(cfg)
     model = build_gpt(cfg.model, transformer_config(cfg.model, cfg.parallel))
     return model.eval()
 
 
-def hf_model():
+def hf_model(dtype=torch.float32):
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     s = SHAPE
@@ -51,7 +57,7 @@ def hf_model():
                           num_experts_per_tok=s["moe_router_topk"], norm_topk_prob=True, max_position_embeddings=2048,
                           pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     torch.manual_seed(0)
-    return Qwen3MoeForCausalLM(conf).eval()
+    return Qwen3MoeForCausalLM(conf).eval().to(dtype)
 
 
 def prompts_BP(b: int, p: int) -> torch.Tensor:
@@ -83,19 +89,30 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t_new, repeats = (16, 1) if args.quick else (64, 3)
-    mg, hf = megatron_model(), hf_model()
-    time_megatron(mg, prompts_BP(2, 8), 4, True)  # warm-up (lazy imports, allocator)
-    time_hf(hf, prompts_BP(2, 8), 4)
-    print(f"greedy decoding, batch {args.batch}, {t_new} new tokens, {args.threads} thread(s); tokens/s (best of {repeats})")
-    print(f"{'prompt':>6} | {'megatron+cache':>14} | {'megatron no cache':>17} | {'HF generate':>11} | "
-          f"{'cache/no-cache':>14} | {'megatron/HF':>11}")
-    for p in (16, 128, 512):
-        ids_BP = prompts_BP(args.batch, p)
-        cached = max(time_megatron(mg, ids_BP, t_new, True) for _ in range(repeats))
-        nocache = max(time_megatron(mg, ids_BP, t_new, False) for _ in range(1 if p == 512 else repeats))
-        hf_tps = max(time_hf(hf, ids_BP, t_new) for _ in range(repeats))
-        print(f"{p:>6} | {cached:>14.0f} | {nocache:>17.0f} | {hf_tps:>11.0f} | {cached / nocache:>14.2f} | "
-              f"{cached / hf_tps:>11.2f}", flush=True)
+    variants = [("fp32, megatron SequentialMLP (expert_impl=sequential, the CPU default)", {}, torch.float32),
+                ("bf16, megatron GroupedMLP (expert_impl=grouped: one grouped GEMM per projection, the "
+                 "layout of TEGroupedMLP on GPU)", dict(params_dtype="bf16", expert_impl="grouped"), torch.bfloat16)]
+    worst = {}
+    for title, overrides, dtype in variants:
+        mg, hf = megatron_model(**overrides), hf_model(dtype)
+        time_megatron(mg, prompts_BP(2, 8), 4, True)  # warm-up (lazy imports, allocator)
+        time_hf(hf, prompts_BP(2, 8), 4)
+        print(f"\n{title}; HF Qwen3MoeForCausalLM in {str(dtype)[6:]}")
+        print(f"greedy decoding, batch {args.batch}, {t_new} new tokens, {args.threads} thread(s); tokens/s "
+              f"(best of {repeats})")
+        print(f"{'prompt':>6} | {'megatron+cache':>14} | {'megatron no cache':>17} | {'HF generate':>11} | "
+              f"{'cache/no-cache':>14} | {'megatron/HF':>11}")
+        ratios = []
+        for p in (16, 128, 512):
+            ids_BP = prompts_BP(args.batch, p)
+            cached = max(time_megatron(mg, ids_BP, t_new, True) for _ in range(repeats))
+            nocache = max(time_megatron(mg, ids_BP, t_new, False) for _ in range(1 if p == 512 else repeats))
+            hf_tps = max(time_hf(hf, ids_BP, t_new) for _ in range(repeats))
+            ratios.append(cached / hf_tps)
+            print(f"{p:>6} | {cached:>14.0f} | {nocache:>17.0f} | {hf_tps:>11.0f} | {cached / nocache:>14.2f} | "
+                  f"{cached / hf_tps:>11.2f}", flush=True)
+        worst[str(dtype)[6:]] = min(ratios)
+    print("\nmegatron/HF, worst prompt length: " + ", ".join(f"{k} {v:.2f}" for k, v in worst.items()))
     from megatron_vp2o.distributed.init import shutdown
 
     shutdown()

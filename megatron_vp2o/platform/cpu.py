@@ -13,7 +13,7 @@ development machines and CI) :func:`install` redirects exactly these, and nothin
 | 6 | ``moe_utils.te_general_gemm`` (NameError without Transformer Engine) | defined as ``None`` | then the router uses its torch.mm path |
 | 7 | ``moe_utils.maybe_move_tensor_to_cpu(as_numpy=True)`` (alltoall split sizes) | also converts CPU tensors to numpy | gloo's ``all_to_all_single`` rejects tensor split sizes |
 | 8 | ``tensor_parallel.mappings._gather_along_first_dim`` / ``_reduce_scatter_along_first_dim`` with uneven splits (MoE with TP>1) | pad + all_gather / all_reduce + slice when sizes differ | gloo requires equal sizes |
-| 9 | ``moe.grouped_gemm_util.ops.gmm`` (legacy ``GroupedMLP``; the ``grouped_gemm`` package is CUDA-only) | a torch loop of ``mm`` over the expert groups | keeps the GroupedMLP weight layout testable on CPU |
+| 9 | ``moe.grouped_gemm_util.ops.gmm`` (legacy ``GroupedMLP``; the ``grouped_gemm`` package is CUDA-only) | ``torch._grouped_mm`` without autograd, else a torch loop of ``mm`` over the expert groups | keeps the GroupedMLP weight layout testable (and decodable) on CPU |
 
 None of these changes arithmetic: every op runs the same kernel it would run on CPU anyway, so a
 CPU run is bitwise reproducible. The TorchFunctionMode (4) is per thread (torch semantics); it is
@@ -152,6 +152,11 @@ class _TorchGroupedGemm:
 
     @staticmethod
     def gmm(a, b, batch_sizes, trans_b=False):
+        if hasattr(torch, "_grouped_mm") and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
+            # one grouped kernel when no backward is needed (rollouts): torch's CPU _grouped_mm has no
+            # reliable backward here, so training keeps the per-group loop below
+            offs = torch.as_tensor(batch_sizes).cumsum(0).to(torch.int32)
+            return torch._grouped_mm(a, b.transpose(1, 2) if trans_b else b, offs=offs)
         sizes = [int(n) for n in batch_sizes]
         outs = [x @ (w.t() if trans_b else w) for x, w in zip(a.split(sizes), b.unbind(0))]
         return torch.cat(outs, dim=0)

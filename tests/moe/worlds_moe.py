@@ -48,7 +48,29 @@ def accessor_checks(layout: str, dtype: str) -> dict:
         mask_ok &= all(bool(rows[i].all() == keep_X[x] and rows[i].any() == keep_X[x])
                        for i, x in enumerate(p.ids))
     return {"fc2": fc2_ok, "roundtrip": roundtrip, "fc2_flat_shape": flat_ok, "mask": mask_ok,
-            "shape": tuple(w_XDF.shape), "repulsion_layout": _repulsion_layout_diff(layer)}
+            "shape": tuple(w_XDF.shape), "repulsion_layout": _repulsion_layout_diff(layer),
+            "no_grad_forward_rel_diff": _no_grad_forward_diff(layer)}
+
+
+def _no_grad_forward_diff(layer) -> float:
+    """Expert output without autograd (GroupedMLP on CPU: one torch._grouped_mm) vs with it (the
+    per-group loop), relative to the output's scale."""
+    x = torch.randn(64, layer.config.hidden_size, generator=torch.Generator().manual_seed(4)).to(
+        next(layer.experts.parameters()).dtype)
+    tokens = torch.tensor([8, 0, 16, 4, 12, 8, 0, 16])
+    probs = torch.ones(64, dtype=torch.float32)
+    calls, grouped_mm = [], torch._grouped_mm
+    torch._grouped_mm = lambda *a, **k: calls.append(1) or grouped_mm(*a, **k)
+    try:
+        with torch.no_grad():
+            fast, _ = layer.experts(x, tokens, probs)
+        no_grad_calls = len(calls)
+        slow, _ = layer.experts(x.clone().requires_grad_(True), tokens, probs)
+    finally:
+        torch._grouped_mm = grouped_mm
+    expected = (2, 0) if hasattr(layer.experts, "weight1") else (0, 0)  # GroupedMLP: fc1 and fc2 grouped, no grad
+    assert (no_grad_calls, len(calls) - no_grad_calls) == expected, (no_grad_calls, len(calls))
+    return float((fast.float() - slow.detach().float()).abs().max() / slow.detach().float().abs().max())
 
 
 def _repulsion_layout_diff(layer) -> float:
