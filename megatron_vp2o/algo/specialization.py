@@ -105,6 +105,64 @@ def orthogonality_loss(
     return normalized(total, count, normalizer)
 
 
+class _GatedSumOrthogonality(torch.autograd.Function):
+    """(sum_k g_k x_k, sum_t orthogonality_per_token(x)) with a hand-written backward: norms and
+    dots by `vector_norm` / `vecdot` (no [T, K, D] temporaries), the gradient written per slot by
+    fused multiply-adds. Pairwise form; K <= _PAIRWISE_MAX_K, float32/64 (the caller checks)."""
+
+    @staticmethod
+    def forward(ctx, x_TKD, gates_TK):
+        top_k = x_TKD.shape[-2]
+        xs, gs = x_TKD.unbind(-2), gates_TK.unbind(-1)
+        sq_norm_TK = torch.linalg.vector_norm(x_TKD, dim=-1).square()
+        inv_TK = (sq_norm_TK + ORTHO_EPS).reciprocal()
+        scale_TK = sq_norm_TK * inv_TK * inv_TK  # n / (n + eps)^2
+        pairs = [(j, k) for j in range(top_k) for k in range(j + 1, top_k)]
+        dot_TP = torch.stack([torch.linalg.vecdot(xs[j], xs[k]) for j, k in pairs], -1)
+        pair_scale_TP = torch.stack([scale_TK[..., j] + scale_TK[..., k] for j, k in pairs], -1)
+        total = (dot_TP * dot_TP * pair_scale_TP).sum()
+        y_TD = xs[0] * gs[0].unsqueeze(-1)
+        for k in range(1, top_k):
+            y_TD.addcmul_(xs[k], gs[k].unsqueeze(-1))
+        ctx.save_for_backward(x_TKD, gates_TK, sq_norm_TK, inv_TK, dot_TP, pair_scale_TP)
+        return y_TD, total
+
+    @staticmethod
+    def backward(ctx, grad_y_TD, grad_total):
+        x_TKD, gates_TK, sq_norm_TK, inv_TK, dot_TP, pair_scale_TP = ctx.saved_tensors
+        top_k = x_TKD.shape[-2]
+        xs = x_TKD.unbind(-2)
+        pairs = [(j, k) for j in range(top_k) for k in range(j + 1, top_k)]
+        grad_gates_TK = torch.stack([torch.linalg.vecdot(grad_y_TD, x_TD) for x_TD in xs], -1)
+        partner_TP = 2.0 * grad_total * dot_TP * pair_scale_TP  # coefficient of the other vector
+        dscale_TK = (ORTHO_EPS - sq_norm_TK) * inv_TK * inv_TK * inv_TK  # d(n/(n+eps)^2)/dn
+        sq_dot_TP = dot_TP * dot_TP
+        own = [sum(sq_dot_TP[..., q] for q, pair in enumerate(pairs) if k in pair)
+               for k in range(top_k)]  # sum of squared dots over each slot's pairs
+        self_TK = 2.0 * grad_total * dscale_TK * torch.stack(own, -1)
+        grad_TKD = x_TKD * self_TK.unsqueeze(-1)
+        grad_TKD.addcmul_(grad_y_TD.unsqueeze(-2), gates_TK.unsqueeze(-1))
+        gs = grad_TKD.unbind(-2)  # views: the pair terms are added in place
+        for q, (j, k) in enumerate(pairs):
+            gs[j].addcmul_(xs[k], partner_TP[..., q:q + 1])
+            gs[k].addcmul_(xs[j], partner_TP[..., q:q + 1])
+        return grad_TKD, grad_gates_TK
+
+
+def gated_sum_and_orthogonality(
+    expert_out_TKD: torch.Tensor, gates_TK: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y = sum_k g_k x_k [T, D], orthogonality sum over tokens and ordered pairs): the MoE output
+    formed from the raw per-slot outputs and the ortho loss's numerator (spec 2.9) in one pass
+    each way (`_GatedSumOrthogonality`) for K <= 4 in float32/64; composite otherwise."""
+    fused = (2 <= expert_out_TKD.shape[-2] <= _PAIRWISE_MAX_K and expert_out_TKD.dim() == 3
+             and expert_out_TKD.dtype in (torch.float32, torch.float64))
+    if fused:
+        return _GatedSumOrthogonality.apply(expert_out_TKD, gates_TK.to(expert_out_TKD.dtype))
+    y_TD = (expert_out_TKD * gates_TK.to(expert_out_TKD.dtype).unsqueeze(-1)).sum(-2)
+    return y_TD, orthogonality_per_token(expert_out_TKD).sum()
+
+
 def routing_variance_loss_sum(
     probs_TE: torch.Tensor, token_mask_T: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -177,7 +177,7 @@ class VP2OMoELayer(MoELayer):
         return super().combine(output)
 
     def postprocess(self, output, shared_expert_output):
-        raw_TKD = None
+        ortho = None
         if self.ortho_on:  # output = sum_k gate_k x_k, token side (fc2 has no bias: megatron's function)
             disp = self.token_dispatcher
             raw_TKD = self._rows_to_slots(output) if self._route["one_combine"] else None
@@ -188,14 +188,17 @@ class VP2OMoELayer(MoELayer):
                 else:
                     rows = [output, *self._route["slots"]]
                 raw_TKD = torch.stack([disp.combine_postprocess(r).reshape(-1, r.shape[-1]) for r in rows], dim=1)
-            gates_TK1 = self._route["gates"].to(raw_TKD.dtype).unsqueeze(-1)
-            output = (raw_TKD * gates_TK1).sum(1).view(*disp.hidden_shape[:-1], raw_TKD.shape[-1])
+            # output and the ortho loss's numerator in one fused pass each way (algo.specialization)
+            output_TD, ortho_total = specialization.gated_sum_and_orthogonality(raw_TKD, self._route["gates"])
+            num_pairs = float(raw_TKD.shape[0] * raw_TKD.shape[1])  # K * T (ordered pairs / (K - 1))
+            ortho = (ortho_total, ortho_total.new_tensor(num_pairs))
+            output = output_TD.view(*disp.hidden_shape[:-1], raw_TKD.shape[-1])
             if shared_expert_output is not None:
                 output = output + shared_expert_output
         else:
             output = super().postprocess(output, shared_expert_output)
         with native():
-            aux = self._specialisation_loss(raw_TKD)
+            aux = self._specialisation_loss(ortho)
         self._route = None
         if aux is not None and self.training and torch.is_grad_enabled():
             output = moe_utils.MoEAuxLossAutoScaler.apply(output, aux)
@@ -218,10 +221,11 @@ class VP2OMoELayer(MoELayer):
         return raw_flat.view(num_tokens, self.top_k, -1)
 
     # --- losses (spec 2.9) ---------------------------------------------------------------------
-    def _specialisation_loss(self, raw_TKD):
+    def _specialisation_loss(self, ortho):
+        """``ortho``: (sum, count) of the orthogonality loss from `postprocess`, or None."""
         cfg, terms = self.spec_cfg, []
-        if raw_TKD is not None:
-            total, count = specialization.orthogonality_loss_sum(raw_TKD)
+        if ortho is not None:
+            total, count = ortho
             terms.append((0, "vp2o_ortho", cfg.ortho_coef, total, count))
         if cfg.var_coef > 0 and self.losses_on:
             total, count = specialization.routing_variance_loss_sum_from_logits(self._route["logits"])

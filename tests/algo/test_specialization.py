@@ -85,3 +85,19 @@ def test_routing_variance_from_logits_equals_general_form_with_gradient():
     ref_grad, = torch.autograd.grad(ref_total, logits_TE)
     assert torch.allclose(grad, ref_grad)
     assert torch.autograd.gradcheck(lambda x: S.routing_variance_loss_sum_from_logits(x)[0], (logits_TE,))
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3, 4, 6])
+def test_gated_sum_and_orthogonality_equals_composite_with_gradients(top_k):
+    gen = torch.Generator().manual_seed(top_k)
+    x_TKD = torch.randn(7, top_k, 5, dtype=torch.float64, generator=gen).requires_grad_(True)
+    gates_TK = torch.rand(7, top_k, dtype=torch.float64, generator=gen).requires_grad_(True)
+    y_TD, total = S.gated_sum_and_orthogonality(x_TKD, gates_TK)
+    ref_y = (x_TKD * gates_TK.unsqueeze(-1)).sum(1)
+    ref_total = S.orthogonality_per_token(x_TKD).sum()
+    assert torch.allclose(y_TD, ref_y) and torch.allclose(total, ref_total)
+    w_TD = torch.randn(7, 5, dtype=torch.float64, generator=gen)
+    got = torch.autograd.grad((y_TD * w_TD).sum() + 0.3 * total, (x_TKD, gates_TK))
+    want = torch.autograd.grad((ref_y * w_TD).sum() + 0.3 * ref_total, (x_TKD, gates_TK))
+    assert all(torch.allclose(a, b) for a, b in zip(got, want))
+    assert torch.autograd.gradcheck(lambda x, g: S.gated_sum_and_orthogonality(x, g), (x_TKD, gates_TK))

@@ -102,17 +102,21 @@ def ortho_capture_checks(dispatcher: str) -> dict:
     layer, hidden = _layer_and_input("sequential", ortho=1.0, dispatcher=dispatcher)
     layer.train()
     captured = {}
-    original = layer._specialisation_loss
+    from megatron_vp2o.algo import specialization
 
-    def spy(raw_TKD):
-        if raw_TKD is not None:
-            captured["raw"] = raw_TKD
-        return original(raw_TKD)
+    original = specialization.gated_sum_and_orthogonality
 
-    layer._specialisation_loss = spy
+    def spy(raw_TKD, gates_TK):
+        captured["raw"] = raw_TKD
+        return original(raw_TKD, gates_TK)
+
+    specialization.gated_sum_and_orthogonality = spy
     paths, rows_to_slots = [], layer._rows_to_slots
     layer._rows_to_slots = lambda rows: paths.append(rows_to_slots(rows) is not None) or rows_to_slots(rows)
-    out_vp2o = layer(hidden)[0].detach()  # with autograd on: the capture runs only where losses are made
+    try:
+        out_vp2o = layer(hidden)[0].detach()  # with autograd on: the capture runs only where losses are made
+    finally:
+        specialization.gated_sum_and_orthogonality = original
     captured["raw"] = captured["raw"].detach()
     with torch.no_grad():
         layer(hidden)  # a no-grad forward (rollouts, evaluation) skips the capture and the losses
