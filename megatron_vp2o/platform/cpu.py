@@ -156,7 +156,10 @@ class _TorchGroupedGemm:
             # one grouped kernel when no backward is needed (rollouts): torch's CPU _grouped_mm has no
             # reliable backward here, so training keeps the per-group loop below
             offs = torch.as_tensor(batch_sizes).cumsum(0).to(torch.int32)
-            return torch._grouped_mm(a, b.transpose(1, 2) if trans_b else b, offs=offs)
+            try:
+                return torch._grouped_mm(a, b.transpose(1, 2) if trans_b else b, offs=offs)
+            except RuntimeError:  # shapes it does not take (strides must be multiples of 16 bytes)
+                pass
         sizes = [int(n) for n in batch_sizes]
         outs = [x @ (w.t() if trans_b else w) for x, w in zip(a.split(sizes), b.unbind(0))]
         return torch.cat(outs, dim=0)
