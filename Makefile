@@ -33,6 +33,7 @@ test: install
 bench: install
 	$(PY) bench/bench_algo.py --quick
 	$(PY) bench/bench_step.py --quick --threads 1
+	$(PY) bench/bench_rollout.py --quick --threads 1
 
 clean:
 	rm -rf runs build *.egg-info
