@@ -190,8 +190,7 @@ class VP2OMoELayer(MoELayer):
                 raw_TKD = torch.stack([disp.combine_postprocess(r).reshape(-1, r.shape[-1]) for r in rows], dim=1)
             # output and the ortho loss's numerator in one fused pass each way (algo.specialization)
             output_TD, ortho_total = specialization.gated_sum_and_orthogonality(raw_TKD, self._route["gates"])
-            num_pairs = float(raw_TKD.shape[0] * raw_TKD.shape[1])  # K * T (ordered pairs / (K - 1))
-            ortho = (ortho_total, ortho_total.new_tensor(num_pairs))
+            ortho = (ortho_total, ortho_total.new_tensor(float(raw_TKD.shape[0] * raw_TKD.shape[1])))  # count K * T
             output = output_TD.view(*disp.hidden_shape[:-1], raw_TKD.shape[-1])
             if shared_expert_output is not None:
                 output = output + shared_expert_output

@@ -130,8 +130,8 @@ def _grad_tensors(trainable) -> list:
     out = []
     for chunk in getattr(trainable, "models", [trainable.model]):
         # megatron DDP's buffer lists (on a plain module ``buffers`` is nn.Module's method: not a list)
-        buffers = [b for name in ("buffers", "expert_parallel_buffers")
-                   for b in (getattr(chunk, name, None) if isinstance(getattr(chunk, name, None), list) else [])]
+        lists = [getattr(chunk, name, None) for name in ("buffers", "expert_parallel_buffers")]
+        buffers = [b for found in lists if isinstance(found, list) for b in found]
         grads = [getattr(b, "grad_data", None) for b in buffers]
         if buffers and all(g is not None for g in grads):
             out += grads
