@@ -20,6 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+NEEDS_PLATFORM = True
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     conv = subparsers.add_parser("convert", help="convert checkpoints between Hugging Face and megatron")

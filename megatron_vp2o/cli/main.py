@@ -5,6 +5,10 @@
     vp2o make-data digit-sum --out FILE [--n N --seed S]        the tiny recipe's SFT data
     vp2o convert hf-to-mcore|mcore-to-hf ...                    checkpoint conversion (cli/convert.py)
 
+Further subcommands live one per module in this package (``SUBCOMMANDS`` below): each module
+defines ``add_parser(subparsers)``, ``run(args) -> int`` and ``NEEDS_PLATFORM`` (whether the
+megatron platform layer must be active before ``run``).
+
 Runs the same as a single process or under ``torchrun --nproc-per-node N --no-python vp2o ...``.
 Config errors are reported as one line naming the field and the fix (exit code 2) before any
 process group is created or any file is written.
@@ -13,10 +17,23 @@ process group is created or any file is written.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
-from megatron_vp2o.cli import convert
+# Subcommands defined in their own modules (megatron_vp2o/cli/<name>.py), in help order.
+SUBCOMMANDS = ("convert", "eval", "plot", "plan", "launch", "compare")
+
+
+def _subcommand_modules() -> dict:
+    mods = {}
+    for name in SUBCOMMANDS:
+        try:
+            mods[name] = importlib.import_module(f"megatron_vp2o.cli.{name.replace('-', '_')}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"megatron_vp2o.cli.{name.replace('-', '_')}":
+                raise
+    return mods
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--out", required=True)
     data.add_argument("--n", type=int, default=4096)
     data.add_argument("--seed", type=int, default=0)
-    convert.add_parser(sub)
+    for mod in _subcommand_modules().values():
+        mod.add_parser(sub)
     return p
 
 
@@ -97,11 +115,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra
-    if args.command != "make-data":
+    handlers = {"sft": cmd_sft, "train": cmd_train, "make-data": cmd_make_data}
+    needs_platform = {"sft": True, "train": True, "make-data": False}
+    for name, mod in _subcommand_modules().items():
+        handlers[name] = mod.run
+        needs_platform[name] = getattr(mod, "NEEDS_PLATFORM", True)
+    if needs_platform[args.command]:
         from megatron_vp2o import platform
 
         platform.activate()  # once, at start-up: CUDA, or the CPU layer when CUDA is absent
-    handlers = {"sft": cmd_sft, "train": cmd_train, "make-data": cmd_make_data, "convert": convert.run}
     try:
         return handlers[args.command](args)
     except ConfigError as exc:
