@@ -3,7 +3,8 @@
 Importing this package registers the built-in tasks: math (math-verify), code (sandboxed tests),
 ifeval (verifiable instructions), multiple_choice (answer letters), reasoning_gym (reasoning-gym's
 scorers) and digit_sum (the tiny built-in task). A learned reward joins with
-`RewardModel(...).register("reward_model")`. The optional libraries (math-verify, reasoning-gym, transformers) are imported on first use only.
+`RewardModel(...).register("reward_model")`. The optional libraries (math-verify, reasoning-gym,
+transformers) are imported on first use only.
 """
 
 from megatron_vp2o.rl.rewards import code_tests, digit_sum, ifeval, math_verify_reward, multiple_choice
