@@ -1,9 +1,14 @@
-"""Configs: typed sections loaded from YAML with dotted overrides (see :mod:`.schema`)."""
+"""Configs: typed sections loaded from YAML with dotted overrides (see :mod:`.schema`).
+
+A leaf package: it imports only itself and ``algo.config`` (pure dataclasses). Sections defined
+elsewhere register themselves (:mod:`.sections`): ``rl`` from ``megatron_vp2o/rl/config.py``.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from megatron_vp2o.algo.config import SpecializationConfig, SteinConfig, TrustRegionConfig
 from megatron_vp2o.config.loader import ConfigError, apply_overrides, build, load_yaml, to_dict
@@ -16,8 +21,8 @@ from megatron_vp2o.config.schema import (
     RouterConfig,
     TrainConfig,
 )
+from megatron_vp2o.config.sections import register_section, section_slot, section_type
 from megatron_vp2o.config.validate import Layout, check_layout
-from megatron_vp2o.rl.config import RLConfig  # noqa: E402  (rl.config needs only config.loader)
 
 
 @dataclass
@@ -39,7 +44,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     vp2o: VP2OConfig = field(default_factory=VP2OConfig)
-    rl: RLConfig = field(default_factory=RLConfig)
+    rl: Any = section_slot("rl", home="megatron_vp2o.rl.config")  # RLConfig, registered by rl/config.py
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
@@ -50,5 +55,6 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 __all__ = [
     "CheckpointConfig", "Config", "ConfigError", "DataConfig", "Layout", "LoggingConfig", "ModelConfig",
-    "ParallelConfig", "RouterConfig", "TrainConfig", "VP2OConfig", "check_layout", "load_config", "to_dict",
+    "ParallelConfig", "RouterConfig", "TrainConfig", "VP2OConfig", "check_layout", "load_config", "register_section",
+    "section_type", "to_dict",
 ]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -72,7 +73,13 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         value = _yaml11_float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path} must be a number (got {value!r})")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+        if not math.isfinite(number):
+            raise ConfigError(f"{path} must be a finite number (got {value!r}); write a finite value such as 1e-3")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{path} must be a string (got {value!r})")
@@ -106,7 +113,7 @@ def build(cls: type, data: dict | None, path: str = "") -> Any:
         hint = f" (did you mean '{guess[0]}'?)" if guess else ""
         where = f"{path}.{key}" if path else str(key)
         raise ConfigError(f"unknown config key '{where}'{hint}; valid keys here: {sorted(fields)}")
-    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
+    kwargs = {k: _coerce_field(fields[k], v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
     try:
         return cls(**kwargs)
     except TypeError as exc:  # missing required fields
@@ -115,6 +122,20 @@ def build(cls: type, data: dict | None, path: str = "") -> Any:
         raise
     except ValueError as exc:  # range checks in __post_init__ name their own field
         raise ConfigError(_qualify(str(exc), path)) from None
+
+
+def _coerce_field(fld: dataclasses.Field, value: Any, tp: Any, path: str) -> Any:
+    """A field's value: a registered section (:mod:`.sections`) is built as its registered type."""
+    name = fld.metadata.get("section")
+    if name is None:
+        return _coerce(value, tp, path)
+    from megatron_vp2o.config.sections import section_type
+
+    cls = section_type(name)
+    if cls is None:
+        raise ConfigError(f"config section '{path}' is not available: import {fld.metadata['home']} "
+                          f"(it registers the section) before loading a config with it")
+    return build(cls, value, path)
 
 
 def _qualify(msg: str, path: str) -> str:
@@ -134,24 +155,61 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         key, raw = item.split("=", 1)
         node = data
         parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
+        if not all(parts):
+            raise ConfigError(f"override '{item}': '{key}' is not a dotted field name (e.g. train.steps=40)")
+        for i, part in enumerate(parts[:-1]):
+            if node.get(part) is None:  # absent, or an empty section in the YAML (`rl:`)
+                node[part] = {}
+            node = node[part]
             if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}': '{part}' is not a section")
-        node[parts[-1]] = yaml.safe_load(raw)
+                raise ConfigError(f"override '{item}': '{'.'.join(parts[:i + 1])}' is a value, not a section; "
+                                  "override it as a whole (e.g. train.lr=1e-3)")
+        node[parts[-1]] = _parse_value(item, raw)
     return data
 
 
-def load_yaml(path: str | Path) -> dict:
+def _parse_value(item: str, raw: str) -> Any:
+    """An override's value parsed as YAML; a malformed value is a one-line :class:`ConfigError`."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{item}': the value is not valid YAML ({_yaml_reason(exc)}); "
+                          "quote strings and close brackets, e.g. key='[1' or key=[1, 2]") from None
+
+
+def _yaml_reason(exc: Exception) -> str:
+    """One line from a (multi-line) PyYAML error: the problem and where."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
+def read_text(path: str | Path, what: str) -> str:
+    """The text of file ``path``; a missing, unreadable or non-UTF-8 file is a one-line
+    :class:`ConfigError` that starts with ``what`` (the field or option naming the file)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file '{path}' does not exist; pass --config with a YAML file (see examples/configs/)")
+        kind = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise ConfigError(f"{what}: '{path}' {kind}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"{what}: '{path}' cannot be read ({exc.strerror or exc}); check its permissions") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what}: '{path}' is not UTF-8 text") from None
+
+
+def load_yaml(path: str | Path) -> dict:
+    where = "--config"
+    text = read_text(path, f"{where} (a YAML file, see examples/configs/)")
+    if not text.strip():
+        raise ConfigError(f"{where}: config file '{path}' is empty; start from examples/configs/tiny_cpu.yaml")
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+        raise ConfigError(f"{where}: config file '{path}' is not valid YAML ({_yaml_reason(exc)})") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file '{path}' must hold a mapping of sections")
+        raise ConfigError(f"{where}: config file '{path}' must hold a mapping of sections (model:, train:, ...)")
     return data
 
 

@@ -12,6 +12,7 @@ from typing import Literal, Optional
 
 from megatron_vp2o.algo.config import PolicyLossConfig
 from megatron_vp2o.config.loader import check
+from megatron_vp2o.config.sections import register_section
 from megatron_vp2o.rl.rollout.sampling import SamplingConfig
 
 
@@ -61,3 +62,6 @@ class RLConfig:
     def loss_name(self) -> str:
         """grpo uses PPO clipping (grpo_clip); vp2o uses the configured loss (default: unclipped)."""
         return "grpo_clip" if self.algo == "grpo" else self.policy_loss.policy_loss
+
+
+register_section("rl", RLConfig)  # the root config's `rl` slot (config/ imports nothing from rl/)
