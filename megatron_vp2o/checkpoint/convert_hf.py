@@ -28,6 +28,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 
+from megatron_vp2o.device import device
 from megatron_vp2o.checkpoint.hf import archs, io, mapping
 from megatron_vp2o.config import Config, build, to_dict
 
@@ -177,13 +178,15 @@ def megatron_logits(model, ids_BS: torch.Tensor, vocab: int) -> torch.Tensor:
 
     model.eval()
     with torch.no_grad():
-        out = model(ids_BS, position_ids(*ids_BS.shape), causal_mask(ids_BS.shape[1]))
+        ids_BS = ids_BS.to(device())
+        out = model(ids_BS, position_ids(*ids_BS.shape, ids_BS.device), causal_mask(ids_BS.shape[1], ids_BS.device))
         out = gather_from_tensor_model_parallel_region(out)
     return out[..., :vocab].float()
 
 
 def random_tokens(vocab: int, seed: int = 0, batch: int = 2, seq: int = 16) -> torch.Tensor:
-    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator(device="cpu").manual_seed(seed)  # host: the same tokens on every device
+    return torch.randint(0, vocab, (batch, seq), generator=gen, device="cpu")
 
 
 def hf_logits(hf_dir, ids_BS: torch.Tensor) -> torch.Tensor:
@@ -214,9 +217,9 @@ def verify_logits(ckpt, hf_dir, cfg: Config, seed: int = 0) -> float:
     ids = random_tokens(cfg.model.vocab_size, seed, seq=16 * cfg.parallel.tp)
     ours = megatron_logits(model, ids, cfg.model.vocab_size)
     del model
-    diff = torch.zeros(1, dtype=torch.float64)
+    diff = torch.zeros(1, dtype=torch.float64, device=device())  # broadcast: a device tensor (NCCL)
     if _rank() == 0:
-        diff[0] = (ours - hf_logits(hf_dir, ids)).abs().max().double()
+        diff[0] = (ours.cpu() - hf_logits(hf_dir, ids)).abs().max().double()
         print(f"max logit diff {diff.item():.3e}", flush=True)
     if dist.is_initialized():
         dist.broadcast(diff, 0)

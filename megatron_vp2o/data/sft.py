@@ -66,8 +66,8 @@ class SFTDataset:
 
     def __init__(self, rows: list[dict], tok, seq_length: int, loss_on_prompt: bool = False):
         encoded = [encode_example(tok, r, seq_length, loss_on_prompt) for r in rows]
-        self.ids = torch.tensor([e[0] for e in encoded], dtype=torch.long)
-        self.mask = torch.tensor([e[1] for e in encoded], dtype=torch.float32)[:, 1:]
+        self.ids = torch.tensor([e[0] for e in encoded], dtype=torch.long, device="cpu")  # host; batches move
+        self.mask = torch.tensor([e[1] for e in encoded], dtype=torch.float32, device="cpu")[:, 1:]
 
     def __len__(self) -> int:
         return self.ids.shape[0]
@@ -79,10 +79,10 @@ class SFTDataset:
         out = []
         while len(out) < global_batch_size:
             epoch, offset = divmod(start + len(out), n)
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+            perm = torch.randperm(n, generator=torch.Generator(device="cpu").manual_seed(seed + epoch), device="cpu")
             take = min(n - offset, global_batch_size - len(out))
             out.extend(perm[offset: offset + take].tolist())
-        return torch.tensor(out)
+        return torch.tensor(out, device="cpu")
 
     def micro_batches(self, step: int, global_batch_size: int, micro_batch_size: int, dp_rank: int,
                       dp_size: int, seed: int) -> list[SFTBatch]:

@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megatron_vp2o.device import device
 from megatron_vp2o.algo.coactivation import active_experts, coactivation_matrix, neighbour_masks
 from megatron_vp2o.algo.config import SteinConfig
 from megatron_vp2o.algo.kernels import prototype_kernel
@@ -144,7 +145,7 @@ def apply_stein(ddp_model, layers, groups: VP2OGroups, cfg: SteinConfig, num_tok
     gathered = gather_expert_grads(ddp_model)
     metrics = {"stein/grad_gather_bytes": gathered}
     if not layers:
-        return metrics | {"stein/nonfinite": torch.zeros(())}
+        return metrics | {"stein/nonfinite": torch.zeros((), device=device())}
     batches: dict = {}
     for layer in layers:
         views = {kind: layer.accessor.grad_views(kind) for kind in ("fc1", "fc2")}
@@ -217,7 +218,7 @@ def _layers_step(entries, blk, groups, cfg, num_tokens, ok) -> dict:
     per_layer = {
         "stein/attraction_norm": attraction_L,
         "stein/repulsion_norm": cfg.repulsion_coef * rep_norm_L if rep_norm_L is not None
-        else torch.zeros(len(layers)),
+        else torch.zeros(len(layers), device=attraction_L.device),
         "stein/kernel_mass": (kernel_LEE.sum((-2, -1)) - kernel_LEE.diagonal(dim1=-2, dim2=-1).sum(-1))
         / max(num_experts * num_experts - num_experts, 1),
         "stein/active_experts": active_LE.sum(-1),

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron_vp2o.device import device
 from megatron_vp2o.algo import trust_region as tr
 from megatron_vp2o.distributed.reductions import world_sum
 
@@ -201,7 +202,7 @@ def anchor_statistic(layers, anchors) -> torch.Tensor:
     ``layers[i]``, tokens in the order the layer captured them (micro-batches concatenated).
     Layers with equal shapes are evaluated as one batch [L, ...].
     """
-    sums = torch.zeros(2, dtype=torch.float64)
+    sums = torch.zeros(2, dtype=torch.float64, device=device())
     batches: dict = {}
     for layer, anchor in zip(layers, anchors):
         topk_TK = torch.cat([c[0] for c in layer.captured])

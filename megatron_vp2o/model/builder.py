@@ -20,6 +20,8 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_vp2o import compat
+from megatron_vp2o.device import device
 from megatron_vp2o.config import ConfigError, ModelConfig, ParallelConfig
 from megatron_vp2o.model.spec import decoder_block_spec
 
@@ -56,8 +58,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, use_cpu_ini
         moe_router_load_balancing_type=router.aux_loss_type if router.aux_loss_type != "none" else "none",
         moe_aux_loss_coeff=router.aux_loss_coeff if router.aux_loss_type != "none" else 0.0,
         moe_router_dtype=router.dtype, moe_token_dispatcher_type=model.dispatcher,
-        moe_grouped_gemm=model.expert_impl != "sequential",
-        moe_use_legacy_grouped_gemm=model.expert_impl == "grouped",
+        **compat.grouped_gemm_kwargs(model.expert_impl),
         tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp,
         expert_model_parallel_size=parallel.ep, expert_tensor_parallel_size=parallel.expert_tp,
         context_parallel_size=parallel.cp, sequence_parallel=parallel.use_sequence_parallel,
@@ -85,7 +86,7 @@ def build_gpt(model: ModelConfig, config: TransformerConfig, moe_layer_cls=MoELa
         from megatron_vp2o.model.attention import SDPAttention
 
         core_attention = SDPAttention
-    return GPTModel(
+    gpt = GPTModel(
         config=config,
         transformer_layer_spec=decoder_block_spec(config, backend, moe_layer_cls, core_attention=core_attention),
         vocab_size=padded_vocab_size(model.vocab_size, tp),
@@ -94,3 +95,6 @@ def build_gpt(model: ModelConfig, config: TransformerConfig, moe_layer_cls=MoELa
         share_embeddings_and_output_weights=not model.untie_embeddings,
         position_embedding_type="rope", rotary_base=model.rotary_base,
     )
+    # parameters and buffers on the model's device, as megatron's get_model does with .cuda()
+    # (under use_cpu_initialization they are created on the CPU; a no-op on a CPU-only machine)
+    return gpt.to(device())

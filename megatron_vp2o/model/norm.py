@@ -14,6 +14,13 @@ from __future__ import annotations
 
 import torch
 
+from megatron_vp2o.device import device
+
+
+def _init_device(config) -> torch.device:
+    """Where megatron would create the weight: the CPU under ``use_cpu_initialization``, else the device."""
+    return torch.device("cpu") if getattr(config, "use_cpu_initialization", False) else device()
+
 
 class RMSNorm(torch.nn.Module):
     """Layer/final norm; ``config`` is megatron's TransformerConfig (spec-compatible signature)."""
@@ -23,7 +30,7 @@ class RMSNorm(torch.nn.Module):
     def __init__(self, config, hidden_size: int, eps: float = 1e-6, **unused):
         super().__init__()
         self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype, device=_init_device(config)))
         sp = bool(getattr(config, "sequence_parallel", False)) and self.mark_sequence_parallel
         setattr(self.weight, "sequence_parallel", sp)
 

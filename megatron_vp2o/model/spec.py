@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import logging
 
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.identity_op import IdentityOp
@@ -23,13 +22,8 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
+from megatron_vp2o import compat
 from megatron_vp2o.model.norm import QKRMSNorm, RMSNorm
-
-# megatron's TransformerLayer passes pg_collection only to MoE classes it knows by identity and logs
-# "Unknown MLP type" for a subclass; the subclass then uses the default (mpu) groups, which are the
-# same groups. Drop that one message.
-logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(
-    lambda record: "Unknown MLP type" not in record.getMessage())
 
 
 def te_available() -> bool:
@@ -41,9 +35,14 @@ def te_available() -> bool:
 
 
 def _swap_moe(mlp_spec, moe_layer_cls):
-    if isinstance(mlp_spec, ModuleSpec) and isinstance(mlp_spec.module, type) and issubclass(mlp_spec.module, MoELayer):
-        return dataclasses.replace(mlp_spec, module=moe_layer_cls)
-    return mlp_spec
+    """The layer's MoE entry building ``moe_layer_cls`` and, when the class names one
+    (``router_cls``, e.g. VP2O's), its router class; both spec forms (compat row 1)."""
+    return compat.swap_moe_layer(mlp_spec, moe_layer_cls, getattr(moe_layer_cls, "router_cls", None))
+
+
+def moe_layer_classes(block: TransformerBlockSubmodules) -> list:
+    """The MoE layer class of each layer spec of ``block`` (None for dense layers)."""
+    return [compat.moe_layer_class(s.submodules.mlp) for s in block.layer_specs]
 
 
 def _local_layer(layer_spec: ModuleSpec, moe_layer_cls, core_attention=None) -> ModuleSpec:
@@ -76,7 +75,15 @@ def decoder_block_spec(config, backend: str = "local", moe_layer_cls=MoELayer,
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=backend == "te",
                                        normalization="RMSNorm", pp_rank=pp_rank)
     if backend == "te":
-        return TransformerBlockSubmodules(
+        out = TransformerBlockSubmodules(
             layer_specs=[_te_layer(s, moe_layer_cls) for s in block.layer_specs], layer_norm=block.layer_norm)
-    return TransformerBlockSubmodules(
-        layer_specs=[_local_layer(s, moe_layer_cls, core_attention) for s in block.layer_specs], layer_norm=RMSNorm)
+    else:
+        out = TransformerBlockSubmodules(
+            layer_specs=[_local_layer(s, moe_layer_cls, core_attention) for s in block.layer_specs],
+            layer_norm=RMSNorm)
+    expected = sum(1 for c in moe_layer_classes(block) if c is not None)
+    got = sum(1 for c in moe_layer_classes(out) if c is not None and issubclass(c, moe_layer_cls))
+    if got != expected:  # a new spec form that the swap does not know: fail here, not silently later
+        raise RuntimeError(f"megatron-core {compat.MCORE_VERSION}: the MoE layer spec could not be switched to "
+                           f"{moe_layer_cls.__name__} ({got} of {expected} layers); see megatron_vp2o/compat.py")
+    return out

@@ -16,7 +16,7 @@ What (spec 2.4, 2.5, 2.9, 2.10): a subclass of ``MoELayer`` chosen through the l
   ``MoEAuxLossAutoScaler`` and logged through ``save_to_aux_losses_tracker``.
 
 Stages overridden (megatron 0.16.1 ``route -> preprocess -> dispatch -> routed_experts_compute ->
-combine -> postprocess``): ``route`` (the router's own forward, unrolled to also keep the logits
+combine -> postprocess``): ``route`` (the router's own forward through `VP2OTopKRouter`, which also keeps the logits
 for the full softmax p and to capture top-k/gates), ``postprocess`` (losses). With
 ``ortho_coef > 0`` also ``preprocess``, ``routed_experts_compute`` and ``combine``:
 
@@ -50,6 +50,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.transformer.moe import moe_utils
 from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
 
 from megatron_vp2o.algo import specialization
@@ -61,25 +62,48 @@ from megatron_vp2o.platform import native
 _MAX_PENDING = 64  # micro-batches kept before an automatic fold-in (bounds memory without a flush)
 
 
+class VP2OTopKRouter(TopKRouter):
+    """megatron's TopKRouter that can keep the gating logits of a call (the full softmax p of spec
+    2.9 needs them; megatron's forward returns only the top-k probs and map). Chosen in the layer
+    spec as the MoE submodules' router (`VP2OMoELayer.router_cls`); everything else is megatron's."""
+
+    keep_logits = False
+    kept_logits = None
+
+    def gating(self, input):
+        logits = super().gating(input)
+        if self.keep_logits:
+            self.kept_logits = logits
+        return logits
+
+
 class VP2OMoELayer(MoELayer):
     """MoELayer with prototypes, co-activation counts, routing captures and specialisation losses."""
 
     #: Loss weights; `vp2o_moe_layer` makes a subclass with other values; settable per instance.
     spec_cfg: SpecializationConfig = SpecializationConfig()
 
-    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None):
-        super().__init__(config, submodules, layer_number, pg_collection)
+    #: The router class the layer spec builds for this layer (`compat.swap_moe_layer`).
+    router_cls = None  # set below the class: VP2OTopKRouter
+
+    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None, **kwargs):
+        # kwargs: what newer megatron-core releases add (0.19: is_mtp_layer, name; compat row 2)
+        super().__init__(config, submodules, layer_number, pg_collection, **kwargs)
+        if not isinstance(self.router, VP2OTopKRouter):
+            raise TypeError(f"VP2OMoELayer needs its router built as VP2OTopKRouter (got {type(self.router).__name__}): "
+                            "build the layer through megatron_vp2o.model.spec (compat.swap_moe_layer)")
         num_experts, hidden = config.num_moe_experts, config.hidden_size
         self.top_k = config.moe_router_topk
         self.spec_cfg = type(self).spec_cfg
-        self.register_buffer("protos_XD", torch.zeros(self.num_local_experts, hidden), persistent=True)
-        self.register_buffer("protos_ED", torch.zeros(num_experts, hidden), persistent=False)
-        self.register_buffer("counts_EE", torch.zeros(num_experts, num_experts), persistent=False)
+        dev = self.router.weight.device  # megatron's own placement (cuda.current_device(), or CPU)
+        self.register_buffer("protos_XD", torch.zeros(self.num_local_experts, hidden, device=dev), persistent=True)
+        self.register_buffer("protos_ED", torch.zeros(num_experts, hidden, device=dev), persistent=False)
+        self.register_buffer("counts_EE", torch.zeros(num_experts, num_experts, device=dev), persistent=False)
         self.accessor = ExpertAccessor(self.experts, hidden)
         self.capture = False  # keep per-micro-batch top-k/gates (the VP2O step turns it on)
         self.captured: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.loss_norm: tuple[float, float] | None = None  # (N/(K T_glob), N/T_glob)
-        self.loss_log = torch.zeros(4)  # detached [ortho, var, entropy sum, tokens] of this step
+        self.loss_log = torch.zeros(4, device=dev)  # detached [ortho, var, entropy sum, tokens] of this step
         self._pending = ([], [], [])  # per micro-batch: (mask_TE, logits_TE), (slot, loss) not yet folded in
         self._route = None
 
@@ -113,19 +137,13 @@ class VP2OMoELayer(MoELayer):
     def route(self, hidden_states, padding_mask=None):
         """The router's own forward (so its hooks and routing replay run), keeping the gating
         logits (for the full softmax), top-k ids and gates of this batch."""
-        router, stash = self.router, {}
-        gating = router.gating
-
-        def gating_and_keep(x):  # instance attribute for this call only: the logits p = softmax(.)
-            stash["logits"] = gating(x)
-            return stash["logits"]
-
-        router.gating = gating_and_keep
+        router = self.router
+        router.keep_logits = True
         try:
             probs_TE, routing_map_TE = router(hidden_states, padding_mask=padding_mask)
         finally:
-            del router.gating
-        logits = stash["logits"]
+            router.keep_logits = False
+        logits, router.kept_logits = router.kept_logits, None
         with native():  # our own tensor work: no device rewriting needed (platform.native)
             mask_TE = routing_map_TE.to(probs_TE.dtype)
             topk_TK = torch.sort(torch.topk(mask_TE, self.top_k, dim=-1).indices, -1).values
@@ -253,6 +271,9 @@ class VP2OMoELayer(MoELayer):
             key, self.protos_XD, *sharded_offsets, (len(sharded_offsets), ep_rank, ep_size),
             replica_id=replica, prepend_axis_num=len(sharded_offsets))
         return state
+
+
+VP2OMoELayer.router_cls = VP2OTopKRouter
 
 
 def flush_step_stats(layers) -> None:

@@ -13,7 +13,7 @@ development machines and CI) :func:`install` redirects exactly these, and nothin
 | 6 | ``moe_utils.te_general_gemm`` (NameError without Transformer Engine) | defined as ``None`` | then the router uses its torch.mm path |
 | 7 | ``moe_utils.maybe_move_tensor_to_cpu(as_numpy=True)`` (alltoall split sizes) | also converts CPU tensors to numpy | gloo's ``all_to_all_single`` rejects tensor split sizes |
 | 8 | ``tensor_parallel.mappings._gather_along_first_dim`` / ``_reduce_scatter_along_first_dim`` with uneven splits (MoE with TP>1) | pad + all_gather / all_reduce + slice when sizes differ | gloo requires equal sizes |
-| 9 | ``moe.grouped_gemm_util.ops.gmm`` (legacy ``GroupedMLP``; the ``grouped_gemm`` package is CUDA-only) | ``torch._grouped_mm`` without autograd, else a torch loop of ``mm`` over the expert groups | keeps the GroupedMLP weight layout testable (and decodable) on CPU |
+| 9 | ``moe.grouped_gemm_util.ops.gmm`` (legacy ``GroupedMLP``; the ``grouped_gemm`` package is CUDA-only; megatron-core <= 0.18 only, see ``compat`` row 3) | ``torch._grouped_mm`` without autograd, else a torch loop of ``mm`` over the expert groups | keeps the GroupedMLP weight layout testable (and decodable) on CPU |
 
 None of these changes arithmetic: every op runs the same kernel it would run on CPU anyway, so a
 CPU run is bitwise reproducible. The TorchFunctionMode (4) is per thread (torch semantics); it is
@@ -131,9 +131,12 @@ def _patch_megatron() -> None:
     if not hasattr(moe_utils, "te_general_gemm"):  # 6
         _patch(moe_utils, "te_general_gemm", None)
     _patch(moe_utils, "maybe_move_tensor_to_cpu", _move_to_cpu_factory(moe_utils.maybe_move_tensor_to_cpu))  # 7
-    from megatron.core.transformer.moe import grouped_gemm_util, token_dispatcher
+    from megatron.core.transformer.moe import token_dispatcher
 
-    if grouped_gemm_util.ops is None:  # 9
+    from megatron_vp2o import compat
+
+    grouped_gemm_util = compat.grouped_gemm_util()  # None from megatron-core 0.19 (compat row 3)
+    if grouped_gemm_util is not None and grouped_gemm_util.ops is None:  # 9
         _patch(grouped_gemm_util, "ops", _TorchGroupedGemm())
         _patch(grouped_gemm_util, "assert_grouped_gemm_is_available", lambda: None)
         _patch(grouped_gemm_util, "grouped_gemm_is_available", lambda: True)
@@ -155,7 +158,7 @@ class _TorchGroupedGemm:
         if hasattr(torch, "_grouped_mm") and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
             # one grouped kernel when no backward is needed (rollouts): torch's CPU _grouped_mm has no
             # reliable backward here, so training keeps the per-group loop below
-            offs = torch.as_tensor(batch_sizes).cumsum(0).to(torch.int32)
+            offs = torch.as_tensor(batch_sizes, device=a.device).cumsum(0).to(torch.int32)
             try:
                 return torch._grouped_mm(a, b.transpose(1, 2) if trans_b else b, offs=offs)
             except RuntimeError:  # shapes it does not take (strides must be multiples of 16 bytes)
@@ -181,7 +184,7 @@ def _uneven_gather_factory(original):
         largest = max(output_split_sizes)
         padded = input_.new_zeros((largest, *input_.shape[1:]))
         padded[: input_.shape[0]] = input_
-        gathered = torch.empty((largest * group.size(), *input_.shape[1:]), dtype=input_.dtype)
+        gathered = torch.empty((largest * group.size(), *input_.shape[1:]), dtype=input_.dtype, device=input_.device)
         torch.distributed.all_gather_into_tensor(gathered, padded.contiguous(), group=group)
         chunks = gathered.split(largest)
         return torch.cat([c[:n] for c, n in zip(chunks, output_split_sizes)], dim=0)

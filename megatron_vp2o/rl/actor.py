@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from megatron_vp2o.device import device
 from megatron_vp2o.algo import grpo
 from megatron_vp2o.rl import rewards as reward_registry
 from megatron_vp2o.rl.prompts import PromptRecord
@@ -53,7 +54,8 @@ def select_prompts(records: list[PromptRecord], refresh_index: int, per_step: in
     n, start, out = len(records), refresh_index * per_step, []
     while len(out) < per_step:
         epoch, offset = divmod(start + len(out), n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919 * epoch)).tolist()
+        gen = torch.Generator(device="cpu").manual_seed(seed + 7919 * epoch)  # host: prompt order
+        perm = torch.randperm(n, generator=gen, device="cpu").tolist()
         out.extend(perm[offset: offset + per_step - len(out)])
     mine = out[rank * (per_step // dp):(rank + 1) * (per_step // dp)]
     return [records[i] for i in mine]
@@ -75,7 +77,7 @@ def score(records: list[PromptRecord], texts: list[str], timeout_s: float):
     by_task = defaultdict(list)
     for i, rec in enumerate(records):
         by_task[rec.task].append(i)
-    rewards_B, failures, canonical = torch.zeros(len(records)), 0, [None] * len(records)
+    rewards_B, failures, canonical = torch.zeros(len(records), device="cpu"), 0, [None] * len(records)  # host
     for task, idx in by_task.items():
         scores = reward_registry.score_batch(task, [records[i].prompt for i in idx], [texts[i] for i in idx],
                                              [records[i].reward_meta() for i in idx], timeout_s=timeout_s)
@@ -85,7 +87,7 @@ def score(records: list[PromptRecord], texts: list[str], timeout_s: float):
             if s >= 1.0:
                 canonical[i] = reward_registry.canonical_answer(task, texts[i], records[i].reward_meta(),
                                                                 records[i].prompt)
-    return rewards_B, canonical, failures
+    return rewards_B.to(device()), canonical, failures
 
 
 def act(engine, tokenizer, prompt_set, cfg, refresh_index: int, seed: int, per_step: int | None = None,
@@ -103,16 +105,30 @@ def act(engine, tokenizer, prompt_set, cfg, refresh_index: int, seed: int, per_s
                       refresh_index)
 
 
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k of one prompt with ``c`` correct among ``n`` samples: 1 - C(n-c, k) / C(n, k)."""
+    return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
 def reward_metrics(batch: ActorBatch, group: int, prefix: str = "reward") -> dict:
-    """Mean reward, pass@1, distinct correct answers per prompt, failures: summed over DP ranks."""
-    n_prompts = batch.rewards_B.numel() // group
+    """Mean reward, pass@1, unbiased pass@k (k = G/2), distinct correct answers per prompt, mean
+    response length, failures: summed over DP ranks. Also ``rollout/new_samples`` and
+    ``rollout/new_tokens`` (responses and response tokens of this batch, all ranks)."""
+    n_prompts, k = batch.rewards_B.numel() // group, max(group // 2, 1)
     distinct = sum(len({c for c in batch.canonical[p * group:(p + 1) * group] if c is not None})
                    for p in range(n_prompts))
+    correct_P = batch.correct_B.view(n_prompts, group).sum(-1).tolist() if n_prompts else []
+    pass_k = sum(pass_at_k(group, int(c), k) for c in correct_P)
+    tokens = float(batch.rollouts.response_mask_BT.sum())
     sums = torch.tensor([float(batch.rewards_B.sum()), float(batch.correct_B.sum()), float(distinct),
-                         float(batch.failures), float(batch.rewards_B.numel()), float(n_prompts)], dtype=torch.float64)
+                         float(batch.failures), float(batch.rewards_B.numel()), float(n_prompts), pass_k, tokens],
+                        dtype=torch.float64, device=device())  # all-reduced (NCCL: on the device)
     owner = ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_first_stage(ignore_virtual=True)
     sums = sums * float(owner)
     dist.all_reduce(sums)
     total, prompts = max(sums[4].item(), 1.0), max(sums[5].item(), 1.0)
     return {f"{prefix}/mean": sums[0].item() / total, f"{prefix}/pass_at_1": sums[1].item() / total,
-            f"{prefix}/distinct_correct": sums[2].item() / prompts, f"{prefix}/failed": sums[3].item()}
+            f"{prefix}/pass_at_{k}": sums[6].item() / prompts,
+            f"{prefix}/distinct_correct": sums[2].item() / prompts, f"{prefix}/failed": sums[3].item(),
+            f"{prefix}/response_len": sums[7].item() / total,
+            "rollout/new_samples": sums[4].item(), "rollout/new_tokens": sums[7].item()}

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_vp2o.device import device
 from megatron_vp2o.rl.rollout.rollouts import Rollouts, attention_mask
 
 
@@ -48,7 +49,7 @@ class RLBatch:
 
 
 def _to_columns(values_BT: torch.Tensor, rollouts: Rollouts, num_cols: int) -> torch.Tensor:
-    out_BS = torch.zeros(values_BT.shape[0], num_cols, dtype=torch.float32)
+    out_BS = torch.zeros(values_BT.shape[0], num_cols, dtype=torch.float32, device=values_BT.device)
     out_BS[:, rollouts.response_cols] = values_BT.float()
     return out_BS
 
@@ -64,12 +65,39 @@ def make_batches(rollouts: Rollouts, adv_B: torch.Tensor, micro_batch_size: int,
     if extra:
         pad = lambda t, v: torch.cat([t, t.new_full((t.shape[0], extra), v)], dim=1)  # noqa: E731
         tokens, labels, loss_mask = pad(tokens, rollouts.pad_id), pad(labels, rollouts.pad_id), pad(loss_mask, 0)
-        pos = torch.cat([pos, pos[:, -1:] + torch.arange(1, extra + 1)], dim=1)
+        pos = torch.cat([pos, pos[:, -1:] + torch.arange(1, extra + 1, device=pos.device)], dim=1)
         mask = attention_mask(rollouts.pads_B, s + extra, s + extra)
     logp_old = _to_columns(rollouts.logp_BT, rollouts, s + extra)
     logp_ref = _to_columns(logp_ref_BT, rollouts, s + extra) if logp_ref_BT is not None else None
     out = []
-    for idx in torch.arange(tokens.shape[0]).split(micro_batch_size):
+    for idx in torch.arange(tokens.shape[0], device=tokens.device).split(micro_batch_size):
         out.append(RLBatch(tokens[idx], labels[idx], pos[idx], mask[idx], loss_mask[idx], logp_old[idx],
                            adv_B[idx].float(), None if logp_ref is None else logp_ref[idx], aggregation))
     return out
+
+
+def _cat(batches: list[RLBatch]) -> RLBatch:
+    fields = {}
+    for f in dataclasses.fields(RLBatch):
+        values = [getattr(b, f.name) for b in batches]
+        fields[f.name] = torch.cat(values) if torch.is_tensor(values[0]) else values[0]
+    return RLBatch(**fields)
+
+
+def _rows(batch: RLBatch, idx: torch.Tensor) -> RLBatch:
+    return RLBatch(**{f.name: (v[idx] if torch.is_tensor(v) else v)
+                      for f in dataclasses.fields(batch) for v in [getattr(batch, f.name)]})
+
+
+def mini_batches(micro_batches: list[RLBatch], num: int, group: int) -> list[list[RLBatch]]:
+    """The buffer's sequences (this rank's micro-batches, in order) as ``num`` mini-batches of whole
+    prompt groups (``group`` sequences each), each split into micro-batches of the original size:
+    one optimizer step per mini-batch (GRPO's ``rl.mini_batches``)."""
+    full = _cat(micro_batches)
+    n = len(full)
+    if n % group or (n // group) % num:
+        raise ValueError(f"rl.mini_batches={num} must divide the {n // group} prompt groups of this rank's "
+                         "rollout batch (set rl.prompts_per_step to a multiple of rl.mini_batches x data-parallel size)")
+    micro = len(micro_batches[0])
+    rows = torch.arange(n, device=full.tokens.device).split(n // num)
+    return [[_rows(full, idx) for idx in mini.split(micro)] for mini in rows]

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
+from megatron_vp2o.device import device
 from megatron_vp2o.algo import grpo
 from megatron_vp2o.algo import trust_region as tr
 from megatron_vp2o.rl.rollout.routing import rope_positions
@@ -72,9 +73,9 @@ def behaviour_stats(trainable, batches, cfg, vocab_size, ess_temper: float) -> d
     behaviour log-probs (spec 2.11), over all data-parallel ranks: one forward-only pass."""
     model = unwrap(trainable.model)
     model.eval()
-    drift_sum, drift_n, seq_lr = torch.zeros(()), torch.zeros(()), []  # on the CPU: tiny, reduced below
     last = ps.is_pipeline_last_stage(ignore_virtual=True)
     device = next(model.parameters()).device
+    drift_sum, drift_n, seq_lr = torch.zeros((), device=device), torch.zeros((), device=device), []
     for batch in (b.to(device) for b in batches):
         with rope_positions(model, batch.positions):
             out = _forward_only(trainable, batch)
@@ -82,8 +83,8 @@ def behaviour_stats(trainable, batches, cfg, vocab_size, ess_temper: float) -> d
             logp = learner_logprobs(out, batch, cfg.sampling, vocab_size)
             mask = batch.loss_mask
             s, n = tr.behaviour_drift_sum(logp, batch.logp_old, mask)
-            drift_sum, drift_n = drift_sum + s.cpu(), drift_n + n.cpu()
-            seq_lr.append(tr.sequence_logratio(logp, batch.logp_old, mask).cpu())
+            drift_sum, drift_n = drift_sum + s, drift_n + n
+            seq_lr.append(tr.sequence_logratio(logp, batch.logp_old, mask))
     model.train()
     return _reduce_behaviour(drift_sum, drift_n, seq_lr, batches, ess_temper, last)
 
@@ -109,15 +110,15 @@ def _reduce_behaviour(drift_sum, drift_n, seq_lr, batches, kappa, last) -> dict:
     """Sum the drift over ranks; gather every rank's sequence log-ratios for one global ESS.
     Ranks that are not (last stage, tp 0) contribute zeros, so each sequence counts once."""
     n_local = sum(len(b) for b in batches)
-    lr_N = torch.cat(seq_lr)[:n_local] if seq_lr else torch.zeros(n_local)
+    lr_N = torch.cat(seq_lr)[:n_local].float() if seq_lr else torch.zeros(n_local, device=drift_sum.device)
     owner = last and ps.get_tensor_model_parallel_rank() == 0
     stats = torch.stack([drift_sum, drift_n]) * float(owner)
     dist.all_reduce(stats)
     world = dist.get_world_size()
     gathered = [torch.zeros_like(lr_N) for _ in range(world)]
     dist.all_gather(gathered, lr_N * float(owner))
-    owners = torch.tensor([float(owner)])
-    owner_flags = [torch.zeros(1) for _ in range(world)]
+    owners = torch.tensor([float(owner)], device=lr_N.device)
+    owner_flags = [torch.zeros(1, device=lr_N.device) for _ in range(world)]
     dist.all_gather(owner_flags, owners)
     all_lr = torch.cat([g for g, f in zip(gathered, owner_flags) if f.item() > 0])
     drift = stats[0] / stats[1].clamp_min(1.0)
@@ -151,6 +152,6 @@ def grads_finite(trainable) -> bool:
     or if it overflows fp32 -- only for gradients far past what Adam's g^2 (overflow at 1.8e19)
     could take anyway."""
     sums = [g.sum(dtype=torch.float32) for g in _grad_tensors(trainable)]
-    bad = (~torch.isfinite(torch.stack(sums))).any().float().reshape(1) if sums else torch.zeros(1)
+    bad = (~torch.isfinite(torch.stack(sums))).any().float().reshape(1) if sums else torch.zeros(1, device=device())
     dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     return bad.item() == 0

@@ -16,14 +16,17 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-
-def causal_mask(seq_len: int) -> torch.Tensor:
-    """Bool [1, 1, S, S], True = masked (explicit, so no CUDA factory runs in autograd threads)."""
-    return torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool).triu(1)
+from megatron_vp2o.device import device as model_device_default
 
 
-def position_ids(batch: int, seq_len: int) -> torch.Tensor:
-    return torch.arange(seq_len).unsqueeze(0).expand(batch, -1)
+def causal_mask(seq_len: int, device=None) -> torch.Tensor:
+    """Bool [1, 1, S, S], True = masked (explicit, so no CUDA factory runs in autograd threads);
+    on ``device`` (default: the model's, :func:`megatron_vp2o.device.device`)."""
+    return torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=device or model_device_default()).triu(1)
+
+
+def position_ids(batch: int, seq_len: int, device=None) -> torch.Tensor:
+    return torch.arange(seq_len, device=device or model_device_default()).unsqueeze(0).expand(batch, -1)
 
 
 def lm_loss_func(loss_mask_BS: torch.Tensor, output_BS: torch.Tensor):
@@ -41,7 +44,7 @@ def lm_forward_step(data_iterator, model, device=None):
     batch = next(data_iterator)
     tokens = batch.tokens.to(device or model_device(model))
     b, s = tokens.shape
-    out = model(tokens, position_ids(b, s).to(tokens.device), causal_mask(s).to(tokens.device),
+    out = model(tokens, position_ids(b, s, tokens.device), causal_mask(s, tokens.device),
                 labels=batch.labels.to(tokens.device))
     return out, partial(lm_loss_func, batch.loss_mask.to(tokens.device))
 
@@ -52,14 +55,12 @@ def reduce_report(losses_reduced: list[dict], key: str = "lm loss") -> torch.Ten
     Only the last pipeline stage holds losses; TP/CP replicas hold copies, so only the
     (tp=0, cp=0) rank of the last stage contributes before the world all-reduce.
     """
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64, device=device())
     contributes = (ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
                    and ps.get_context_parallel_rank() == 0)
     if contributes:
         for item in losses_reduced:
-            total += item[key].detach().double().cpu()
-    dev = torch.device("cuda") if torch.cuda.is_available() and dist.get_backend() == "nccl" else torch.device("cpu")
-    total = total.to(dev)
+            total += item[key].detach().double().to(total.device)
     dist.all_reduce(total)
     return total.cpu()
 

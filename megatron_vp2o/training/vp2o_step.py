@@ -9,8 +9,9 @@ Phases, in order (each timed into ``timing/<phase>``):
 3. ``optimizer`` -- snapshot (trust region + freeze), ``optimizer.step()``, restore of the
    experts outside the active set (spec 2.8 `freeze_inactive`), prototype refresh (spec 2.4);
 4. ``trust_region`` -- D_anc against the anchor (spec 2.10) with accept / backtrack (1/2, 1/4,
-   1/8) / reject / refresh, one decision on every rank; the refresh rule (spec 2.12) with the
-   caller's behaviour statistics (D_beh, ESS from `algo.trust_region`).
+   1/8) / reject / refresh, one decision on every rank. The refresh rule (spec 2.12) is not
+   applied here: the caller applies it once per step (`rl.trainer.refresh_decision`), reading
+   ``decision`` (reject / refresh = anchor failed).
 Returns metrics (spec 2.13) as Python numbers (one host read at the end).
 
 ``anchors``: per local VP2O layer (anchor prototypes [E, D], anchor top-k [T, K], gates [T, K])
@@ -28,6 +29,7 @@ import torch
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_vp2o.device import device
 from megatron_vp2o.algo import trust_region as tr
 from megatron_vp2o.distributed.reductions import VP2OGroups, all_reduce_, refresh_prototypes
 from megatron_vp2o.distributed.stein_hook import apply_stein
@@ -44,7 +46,6 @@ class VP2OState:
     cfg: object  # megatron_vp2o.config.VP2OConfig
     groups: VP2OGroups
     layers: list
-    steps_since_refresh: int = 0
     counters: dict = field(default_factory=lambda: {name: 0 for name in tr.DECISION_NAMES})
     snapshot: object = None  # the ParamSnapshot reused across steps (its buffers are allocated once)
     snapshot_key: tuple = ()
@@ -67,10 +68,10 @@ def global_token_counts(micro_batches) -> tuple[float, float]:
     """(LM loss count N, routed tokens T per layer) over micro-batches and DP x CP ranks. N is the
     count megatron divides the gradients by: loss tokens, or ``mb.loss_count`` when the batch says
     otherwise (the RL policy loss averages over sequences)."""
-    counts = torch.zeros(2, dtype=torch.float64)
+    counts = torch.zeros(2, dtype=torch.float64, device=device())  # a collective: on the device
     for mb in micro_batches:
         n = mb.loss_count if hasattr(mb, "loss_count") else mb.loss_mask.sum()
-        counts += torch.tensor([float(n), float(mb.tokens.numel())], dtype=torch.float64)
+        counts += torch.tensor([float(n), float(mb.tokens.numel())], dtype=torch.float64, device=counts.device)
     all_reduce_(counts, ps.get_data_parallel_group(with_context_parallel=True))
     return float(counts[0]), float(counts[1])
 
@@ -177,9 +178,8 @@ def capture_anchors(trainable, micro_batches, state: VP2OState, forward_step=lm_
 
 
 def vp2o_train_step(trainable, micro_batches, state: VP2OState, forward_step=lm_forward_step,
-                    anchors=None, behaviour=None, probe=None, guard=None) -> dict:
-    """One learner step (module docstring). ``behaviour``: optional {"drift", "ess"} tensors;
-    ``probe(stage, state)`` is called at "pre_stein" and "post_stein" (tests); ``guard(trainable)``
+                    anchors=None, probe=None, guard=None) -> dict:
+    """One learner step (module docstring). ``probe(stage, state)`` is called at "pre_stein" and "post_stein" (tests); ``guard(trainable)``
     runs after the backward: False (non-finite loss or gradients) skips the step, weights unchanged."""
     cfg, layers = state.cfg, state.layers
     t0 = time.perf_counter()
@@ -220,27 +220,17 @@ def vp2o_train_step(trainable, micro_batches, state: VP2OState, forward_step=lm_
             decision, d_anc, backtracks = _trust_region(state, snap, old_protos, anchors)
     trainable.scheduler.step(increment=1)
     t4 = time.perf_counter()
-    return _report(state, losses, metrics, decision, d_anc, backtracks, grad_norm, update_ok, behaviour,
+    return _report(state, losses, metrics, decision, d_anc, backtracks, grad_norm, update_ok,
                    {"forward_backward": t1 - t0, "stein": t2 - t1, "optimizer": t3 - t2,
                     "trust_region": t4 - t3})
 
 
-def _report(state, losses, metrics, decision, d_anc, backtracks, grad_norm, update_ok, behaviour, timing):
-    cfg = state.cfg.trust_region
+def _report(state, losses, metrics, decision, d_anc, backtracks, grad_norm, update_ok, timing):
     state.counters[tr.DECISION_NAMES[decision]] += 1
-    state.steps_since_refresh += 1
-    drift = behaviour["drift"] if behaviour else torch.zeros(())
-    ess = behaviour["ess"] if behaviour else torch.ones(())
-    refresh = bool(tr.refresh_needed(drift, ess, bool(tr.forces_refresh(torch.tensor(decision))),
-                                     state.steps_since_refresh, drift_delta=cfg.drift_delta,
-                                     ess_min=cfg.ess_min, max_steps_per_refresh=cfg.max_steps_per_refresh))
-    if refresh:
-        state.steps_since_refresh = 0
     loss_sum, count = reduce_report(losses).tolist()
     out = {"loss": loss_sum / max(count, 1.0), "tokens": int(count), "decision": tr.DECISION_NAMES[decision],
-           "d_anc": d_anc, "backtracks": backtracks, "refresh": refresh, "update_ok": bool(update_ok),
-           "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-           "d_beh": float(drift), "ess": float(ess)}
+           "d_anc": d_anc, "backtracks": backtracks, "update_ok": bool(update_ok),
+           "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
     out |= {f"count/{k}": v for k, v in state.counters.items()}
     out["d_anc_trace"] = list(getattr(state, "d_anc_trace", []))
     lazy = {}  # every tensor-valued metric, read to the host in one transfer below

@@ -16,6 +16,11 @@ def result():
 @pytest.mark.parametrize("name", REDIRECTS)
 def test_redirect(result, name):
     assert result["installed"]
+    if name == "9_grouped_gemm" and result[name] == "absent":
+        from megatron_vp2o import compat
+
+        assert not compat.HAS_LEGACY_GROUPED_MLP
+        pytest.skip(f"megatron-core {compat.MCORE_VERSION} has no legacy GroupedMLP (compat row 3)")
     assert result[name] is True
 
 

@@ -41,6 +41,7 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.transformer.moe.moe_layer import BaseMoELayer
 from megatron.core.transformer.utils import set_model_to_sequence_parallel
 
+from megatron_vp2o.device import device
 from megatron_vp2o.rl.rollout.rollouts import Rollouts, attention_mask, left_pad, positions_from_pads
 from megatron_vp2o.rl.rollout.routing import RoutingCapture, replay_routing, rope_positions
 from megatron_vp2o.rl.rollout.sampling import SamplingConfig, sample, token_logprobs
@@ -55,7 +56,7 @@ def stage_forward(model, ids_BS, pos_BS, mask, ctx, hidden: int, dtype) -> torch
     first, last, pp = _pp()
     b, s = ids_BS.shape
     if not first:
-        recv_SBH = torch.empty(s, b, hidden, dtype=dtype)
+        recv_SBH = torch.empty(s, b, hidden, dtype=dtype, device=ids_BS.device)
         dist.recv(recv_SBH, src=ps.get_pipeline_model_parallel_prev_rank())
         model.set_input_tensor(recv_SBH)
     kwargs = {"inference_context": ctx} if ctx is not None else {}
@@ -125,16 +126,17 @@ class MegatronEngine:
         self.last_logits_BTV: torch.Tensor | None = None
 
     def _generator(self, seed: int) -> torch.Generator:
-        return torch.Generator().manual_seed(seed + 1000003 * ps.get_data_parallel_rank())
+        # on the model's device: torch.multinomial on CUDA takes a CUDA generator
+        return torch.Generator(device=device()).manual_seed(seed + 1000003 * ps.get_data_parallel_rank())
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> Rollouts:
         cfg = self.model.config
-        ids_BP, lens_B = left_pad(prompts, self.pad_id)
+        ids_BP, lens_B = left_pad(prompts, self.pad_id, device())
         (b, p), t_max = ids_BP.shape, sampling.max_new_tokens
         pads_B = p - lens_B
         pos_BS = positions_from_pads(pads_B, p + t_max)
         ctx = StaticInferenceContext(b, p + t_max) if self.use_cache else None
-        gen, st = self._generator(sampling.seed), _State([], [], [], torch.ones(b, dtype=torch.bool), ["length"] * b)
+        gen, st = self._generator(sampling.seed), _State([], [], [], torch.ones(b, dtype=torch.bool, device=ids_BP.device), ["length"] * b)
         capture = RoutingCapture(self.model)
         cols_BS = torch.cat([ids_BP, ids_BP.new_full((b, t_max), self.pad_id)], dim=1)  # filled column by column
         # decoding steps read rows of it (views); no left padding: plain causal attention, no mask at all
@@ -157,7 +159,8 @@ class MegatronEngine:
         return self._finish(ids_BP, lens_B, pos_BS, st, capture, sampling)
 
     def _sample_step(self, logits, sampling, gen, st: _State, b: int) -> torch.Tensor:
-        tok_B, logp_B = torch.zeros(b, dtype=torch.long), torch.zeros(b)
+        dev = st.active_B.device
+        tok_B, logp_B = torch.zeros(b, dtype=torch.long, device=dev), torch.zeros(b, device=dev)
         if logits is not None:
             last_BV = logits[:, -1].float()
             tok_B, logp_B = sample(last_BV, sampling, gen, self.vocab_size)
@@ -170,7 +173,7 @@ class MegatronEngine:
         tok_B = torch.where(st.active_B, tok_B, torch.full_like(tok_B, self.pad_id))
         st.tokens_BT.append(tok_B)
         st.logp_BT.append(torch.where(st.active_B, logp_B, torch.zeros_like(logp_B)))
-        stopped_B = st.active_B & torch.isin(tok_B, torch.tensor(sampling.stop_token_ids, dtype=torch.long))
+        stopped_B = st.active_B & torch.isin(tok_B, torch.tensor(sampling.stop_token_ids, dtype=torch.long, device=tok_B.device))
         for i in stopped_B.nonzero().flatten().tolist():
             st.finish[i] = "stop"
         st.active_B = st.active_B & ~stopped_B
@@ -188,7 +191,7 @@ class MegatronEngine:
         t = resp_BT.shape[1]
         # a token is in the response if the sequence was still active when it was sampled
         mask_BT = torch.ones_like(resp_BT, dtype=torch.float)
-        stop_ids = torch.tensor(sampling.stop_token_ids, dtype=torch.long)
+        stop_ids = torch.tensor(sampling.stop_token_ids, dtype=torch.long, device=resp_BT.device)
         stopped_BT = torch.isin(resp_BT, stop_ids).long().cumsum(1)
         mask_BT[(stopped_BT - torch.isin(resp_BT, stop_ids).long()) > 0] = 0.0
         idx, gates = capture.stacked()
@@ -221,7 +224,7 @@ def teacher_forced_logprobs(model, rollouts: Rollouts, temperature: float | None
     extra = (-s) % tp if model.config.sequence_parallel else 0  # SP splits the sequence: pad to a multiple of tp
     if extra:
         tokens_BS = torch.cat([tokens_BS, tokens_BS.new_full((tokens_BS.shape[0], extra), rollouts.pad_id)], 1)
-        pos_BS = torch.cat([pos_BS, pos_BS[:, -1:] + torch.arange(1, extra + 1)], 1)
+        pos_BS = torch.cat([pos_BS, pos_BS[:, -1:] + torch.arange(1, extra + 1, device=pos_BS.device)], 1)
         mask = attention_mask(rollouts.pads_B, s + extra, s + extra)
     routing = rollouts.topk_idx_LBSK
     if extra:
@@ -232,7 +235,7 @@ def teacher_forced_logprobs(model, rollouts: Rollouts, temperature: float | None
         logits = stage_forward(model, tokens_BS, pos_BS, mask, None, model.config.hidden_size, model.config.params_dtype)
     cols = rollouts.response_cols
     b, t = rollouts.response_ids_BT.shape
-    logp_BT, logits_BTV = torch.zeros(b, t), None
+    logp_BT, logits_BTV = torch.zeros(b, t, device=tokens_BS.device), None
     if logits is not None:
         logits_BTV = logits[:, cols].float()
         logp_BT = token_logprobs(logits_BTV, rollouts.response_ids_BT, sampling, rollouts.vocab_size)

@@ -26,27 +26,25 @@ import torch
 from megatron_vp2o.rl.rollout.sampling import SamplingConfig
 
 
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(ids_BP, lens_B)``: prompts right-aligned in a ``pad_id``-filled ``[B, P]`` tensor."""
+def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids_BP, lens_B)``: prompts right-aligned in a ``pad_id``-filled ``[B, P]`` tensor on ``device``."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("prompts must be a non-empty list of non-empty token-id lists")
-    lens_B = torch.tensor([len(p) for p in prompts], dtype=torch.long)
-    ids_BP = torch.full((len(prompts), int(lens_B.max())), pad_id, dtype=torch.long)
-    for b, p in enumerate(prompts):
-        ids_BP[b, ids_BP.shape[1] - len(p):] = torch.tensor(p, dtype=torch.long)
-    return ids_BP, lens_B
+    lens = [len(p) for p in prompts]
+    rows = [[pad_id] * (max(lens) - len(p)) + list(p) for p in prompts]  # built on the host, one copy
+    return (torch.tensor(rows, dtype=torch.long, device=device), torch.tensor(lens, dtype=torch.long, device=device))
 
 
 def positions_from_pads(pads_B: torch.Tensor, num_cols: int) -> torch.Tensor:
     """``pos_BS[b, s] = max(0, s - pads_B[b])``: positions count from the first real token."""
-    return (torch.arange(num_cols).unsqueeze(0) - pads_B.unsqueeze(1)).clamp_min(0)
+    return (torch.arange(num_cols, device=pads_B.device).unsqueeze(0) - pads_B.unsqueeze(1)).clamp_min(0)
 
 
 def attention_mask(pads_B: torch.Tensor, num_q: int, num_k: int) -> torch.Tensor:
     """Bool ``[B, 1, num_q, num_k]``, True = masked: causal (queries are the last ``num_q`` columns)
     plus left-pad keys; a pad query keeps its own key so no softmax row is empty."""
-    q_col = torch.arange(num_k - num_q, num_k).view(1, 1, num_q, 1)
-    k_col = torch.arange(num_k).view(1, 1, 1, num_k)
+    q_col = torch.arange(num_k - num_q, num_k, device=pads_B.device).view(1, 1, num_q, 1)
+    k_col = torch.arange(num_k, device=pads_B.device).view(1, 1, 1, num_k)
     pad_key = k_col < pads_B.view(-1, 1, 1, 1)
     return ((k_col > q_col) | pad_key) & (k_col != q_col)
 
@@ -108,7 +106,7 @@ class Rollouts:
         """Teacher-forced input over the same columns, positions and mask as the generation."""
         full_BS1 = torch.cat([self.prompt_ids_BP, self.response_ids_BT], dim=1)
         s = full_BS1.shape[1] - 1
-        loss_mask_BS = torch.zeros(full_BS1.shape[0], s)
+        loss_mask_BS = torch.zeros(full_BS1.shape[0], s, device=full_BS1.device)
         loss_mask_BS[:, self.response_cols] = self.response_mask_BT.float()
         return TeacherForcedBatch(full_BS1[:, :-1], full_BS1[:, 1:], self.positions_BS,
                                   attention_mask(self.pads_B, s, s), loss_mask_BS)

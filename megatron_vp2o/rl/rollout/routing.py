@@ -31,6 +31,8 @@ import torch.distributed as dist
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.router_replay import RouterReplayAction
 
+from megatron_vp2o.device import device
+
 
 class ReplayError(RuntimeError):
     """Routing replay would silently route the wrong tokens."""
@@ -92,7 +94,8 @@ class RoutingCapture:
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(topk_idx_LBSK, gates_LBSK)`` over all captured forwards (columns concatenated)."""
         if not self.routers:
-            return torch.zeros(0, 0, 0, 0, dtype=torch.long), torch.zeros(0, 0, 0, 0)
+            dev = device()
+            return torch.zeros(0, 0, 0, 0, dtype=torch.long, device=dev), torch.zeros(0, 0, 0, 0, device=dev)
         probs_LBSE = torch.stack([torch.cat(chunks, dim=1) for chunks in self.probs])
         idx_LBSK, gates_LBSK = topk_and_gates(probs_LBSE, self.routers[0].topk)
         return idx_LBSK, gates_LBSK
@@ -176,7 +179,7 @@ def rope_positions(model, positions_BS: torch.Tensor):
             return cache[key]
         pos_BS = positions_BS
         if pos_BS.shape[1] < n:  # the static KV cache asks for max_sequence_length columns
-            extra = pos_BS[:, -1:] + torch.arange(1, n - pos_BS.shape[1] + 1)
+            extra = pos_BS[:, -1:] + torch.arange(1, n - pos_BS.shape[1] + 1, device=pos_BS.device)
             pos_BS = torch.cat([pos_BS, extra], dim=1)
         if same_rows:
             pos_BS = pos_BS[:1]
