@@ -96,5 +96,6 @@ def build_gpt(model: ModelConfig, config: TransformerConfig, moe_layer_cls=MoELa
         position_embedding_type="rope", rotary_base=model.rotary_base,
     )
     # parameters and buffers on the model's device, as megatron's get_model does with .cuda()
-    # (under use_cpu_initialization they are created on the CPU; a no-op on a CPU-only machine)
-    return gpt.to(device())
+    # (under use_cpu_initialization they are created on the CPU; a no-op on a CPU-only machine);
+    # a model built under ``torch.device("meta")`` stays there (plan/meta.py counts its parameters)
+    return gpt if any(p.is_meta for p in gpt.parameters()) else gpt.to(device())
