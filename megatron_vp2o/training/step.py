@@ -55,7 +55,7 @@ def reduce_report(losses_reduced: list[dict], key: str = "lm loss") -> torch.Ten
     Only the last pipeline stage holds losses; TP/CP replicas hold copies, so only the
     (tp=0, cp=0) rank of the last stage contributes before the world all-reduce.
     """
-    total = torch.zeros(2, dtype=torch.float64, device=device())
+    total = torch.zeros(2, dtype=torch.float64, device=model_device_default())
     contributes = (ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
                    and ps.get_context_parallel_rank() == 0)
     if contributes:
