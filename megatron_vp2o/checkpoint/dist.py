@@ -29,6 +29,10 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
+from megatron_vp2o.checkpoint.meta import latest_checkpoint  # noqa: F401  (re-exported: no megatron needed)
+from megatron_vp2o.checkpoint.state import load_state, save_state
+from megatron_vp2o.config import ConfigError
+
 OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 
 
@@ -45,20 +49,6 @@ def step_dir(root: str | Path, step: int) -> Path:
     return Path(root) / f"iter_{step:07d}"
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The newest complete checkpoint under ``root`` (or ``root`` itself if it is one), else None."""
-    root = Path(root)
-    if (root / "vp2o.json").is_file():
-        return root
-    marker = root / "latest"
-    if marker.is_file():
-        path = root / marker.read_text().strip()
-        if (path / "vp2o.json").is_file():
-            return path
-    done = sorted(p for p in root.glob("iter_*") if p.suffix != ".tmp" and (p / "vp2o.json").is_file())
-    return done[-1] if done else None
-
-
 def _module(models):
     """The bare model chunk (unwrapped from DDP)."""
     return models[0].module if hasattr(models[0], "module") else models[0]
@@ -72,8 +62,9 @@ def save_checkpoint(root: str | Path, step: int, trainable, meta: dict, extra: d
                     with_optimizer: bool = True, rank_state=None) -> Path:
     """Collective: every rank calls it. Returns the final directory.
 
-    ``extra``: small common state (rank 0's); ``rank_state``: anything ``torch.save`` can write that
-    differs per rank (e.g. an RL rollout buffer), stored as ``rank<r>.pt`` inside the checkpoint."""
+    ``extra``: small common state (rank 0's); ``rank_state``: per-rank state (e.g. an RL rollout
+    buffer) made of tensors, plain containers and megatron_vp2o dataclasses, stored as plain data in
+    ``rank<r>.pt`` inside the checkpoint (:mod:`.state`: loads with ``weights_only=True``)."""
     root = Path(root)
     final, tmp = step_dir(root, step), Path(str(step_dir(root, step)) + ".tmp")
     if _rank0():
@@ -90,7 +81,7 @@ def save_checkpoint(root: str | Path, step: int, trainable, meta: dict, extra: d
     dist_checkpointing.save(state, str(tmp))
     if rank_state is not None:
         rank = dist.get_rank() if dist.is_initialized() else 0
-        torch.save(rank_state, tmp / f"rank{rank}.pt")
+        save_state(rank_state, tmp / f"rank{rank}.pt")
     _barrier()
     if _rank0():
         (tmp / "vp2o.json").write_text(json.dumps(dict(meta, step=step), indent=1, default=str))
@@ -119,8 +110,8 @@ def _present(sharded: dict, found: Path) -> tuple[dict, list[str]]:
         elif any(part in name for part in OPTIONAL_KEY_PARTS):
             missing.append(name)
         else:
-            raise FileNotFoundError(f"checkpoint '{found}' has no tensor '{key}' (model parameter '{name}'); "
-                                    "is it a checkpoint of this model config?")
+            raise ConfigError(f"checkpoint '{found}' has no tensor '{key}' (model parameter '{name}'): it is a "
+                              "checkpoint of another model; set the model.* fields to those in its vp2o.json")
     return keep, missing
 
 
@@ -141,11 +132,12 @@ def load_model(path: str | Path, models, strict: bool = True) -> dict:
 
 
 def load_rank_state(path: str | Path):
-    """This rank's ``rank_state`` of :func:`save_checkpoint` (None if it saved none)."""
+    """This rank's ``rank_state`` of :func:`save_checkpoint` (None if it saved none). Read with
+    ``weights_only=True``: a file that is not plain data is refused (``CheckpointStateError``)."""
     found = latest_checkpoint(path)
     rank = dist.get_rank() if dist.is_initialized() else 0
     file = None if found is None else found / f"rank{rank}.pt"
-    return torch.load(file, weights_only=False) if file is not None and file.is_file() else None
+    return load_state(file) if file is not None and file.is_file() else None
 
 
 def capture_rng() -> dict:

@@ -10,8 +10,10 @@ defines ``add_parser(subparsers)``, ``run(args) -> int`` and ``NEEDS_PLATFORM`` 
 megatron platform layer must be active before ``run``).
 
 Runs the same as a single process or under ``torchrun --nproc-per-node N --no-python vp2o ...``.
-Config errors are reported as one line naming the field and the fix (exit code 2) before any
-process group is created or any file is written.
+Bad input is reported as one line on stderr naming the field or path and the fix, exit code 2
+(docs/errors.md lists the errors): argument errors by the parser, config and input errors by the
+pre-flight checks (``cli/checks.py``; a subcommand module may define ``validate(args)`` for its
+own), which run before the platform layer, megatron-core, any process group or any output file.
 """
 
 from __future__ import annotations
@@ -36,8 +38,15 @@ def _subcommand_modules() -> dict:
     return mods
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its errors on one stderr line (no usage block), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vp2o", description="VP2O RL for Mixture-of-Experts models on megatron-core")
+    p = OneLineParser(prog="vp2o", description="VP2O RL for Mixture-of-Experts models on megatron-core")
     sub = p.add_subparsers(dest="command", required=True)
     sft = sub.add_parser("sft", help="supervised fine-tuning (warm-up) of the MoE GPT")
     sft.add_argument("--config", required=True, help="YAML config (see examples/configs/)")
@@ -72,11 +81,11 @@ def _summary_table(title: str, summary: dict) -> None:
 
 
 def _run_job(args, runner, title: str) -> int:
-    """Load the config, run ``runner(cfg, out, resume)``, shut the process groups down, print the summary."""
-    from megatron_vp2o.config import load_config
+    """Run ``runner(cfg, out, resume)`` on the pre-flight-checked config, shut the process groups
+    down, print the summary."""
     from megatron_vp2o.distributed.init import shutdown
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = args.cfg
     try:
         summary = runner(cfg, args.out, resume=args.resume)
     finally:
@@ -106,28 +115,53 @@ def cmd_make_data(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    from megatron_vp2o.config import ConfigError
-
+def _parse(argv: list[str] | None):
     parser = _parser()
     args, extra = parser.parse_known_args(argv)  # overrides may come before or after options
     if extra and (not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         args.overrides = list(args.overrides) + extra
+    return args
+
+
+def _validate(args, modules: dict) -> None:
+    """Every check that needs no megatron: before the platform layer and any process group."""
+    from megatron_vp2o.cli.checks import PREFLIGHT
+
+    if args.command in PREFLIGHT:
+        args.cfg = PREFLIGHT[args.command](args)
+    elif hasattr(modules.get(args.command), "validate"):
+        modules[args.command].validate(args)
+
+
+def one_line(exc: BaseException) -> str:
+    """An error message folded onto one line."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megatron_vp2o.config import ConfigError
+
+    try:
+        args = _parse(argv)
+    except SystemExit as stop:  # argparse: --help (0) or a one-line usage error (2)
+        return stop.code if isinstance(stop.code, int) else 2
     handlers = {"sft": cmd_sft, "train": cmd_train, "make-data": cmd_make_data}
     needs_platform = {"sft": True, "train": True, "make-data": False}
-    for name, mod in _subcommand_modules().items():
+    modules = _subcommand_modules()
+    for name, mod in modules.items():
         handlers[name] = mod.run
         needs_platform[name] = getattr(mod, "NEEDS_PLATFORM", True)
-    if needs_platform[args.command]:
-        from megatron_vp2o import platform
-
-        platform.activate()  # once, at start-up: CUDA, or the CPU layer when CUDA is absent
     try:
+        _validate(args, modules)
+        if needs_platform[args.command]:
+            from megatron_vp2o import platform
+
+            platform.activate()  # once, at start-up: CUDA, or the CPU layer when CUDA is absent
         return handlers[args.command](args)
     except ConfigError as exc:
-        print(f"vp2o {args.command}: error: {exc}", file=sys.stderr)
+        print(f"vp2o {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
 
 

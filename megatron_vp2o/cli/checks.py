@@ -1,0 +1,131 @@
+"""Pre-flight checks of ``vp2o train`` / ``vp2o sft``: every input, before megatron is imported.
+
+:func:`preflight` runs in the CLI before the platform layer is activated, so before any process
+group, model or output file exists. It loads the config (types, ranges, finite numbers, unknown
+keys), checks the parallel layout against ``WORLD_SIZE``, reads every input file the run will read
+(prompts, SFT data, tokenizer), and compares the saved config of every checkpoint the run will load
+(``rl.policy`` / ``checkpoint.load`` / the ``--resume`` checkpoint) with our model config before
+any tensor is loaded. Each failure is one :class:`~megatron_vp2o.config.ConfigError` line naming
+the field or path and the fix; the runners' own checks stay as a second line of defence.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from megatron_vp2o.config import ConfigError, Layout, check_layout, load_config
+from megatron_vp2o.config.loader import read_text
+
+
+def world_size() -> int:
+    """``WORLD_SIZE`` (1 outside torchrun) as a positive integer."""
+    raw = os.environ.get("WORLD_SIZE", "1")
+    if not raw.strip().isdigit() or int(raw) < 1:
+        raise ConfigError(f"environment WORLD_SIZE={raw!r} must be a positive integer; launch with torchrun "
+                          "or unset it")
+    return int(raw)
+
+
+def check_out_dir(out: str) -> None:
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ConfigError(f"--out: '{out}' exists and is not a directory; choose a directory for the run's outputs")
+
+
+def check_tokenizer(cfg):
+    from megatron_vp2o.data.tokenizer import load_tokenizer
+
+    try:
+        tok = load_tokenizer(cfg.data.tokenizer)
+    except (OSError, ValueError, TypeError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"data.tokenizer: '{cfg.data.tokenizer}' holds no usable Hugging Face tokenizer "
+                          f"({reason}); point it at a directory with tokenizer.json") from None
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
+                          f"({tok.vocab_size}); set model.vocab_size >= {tok.vocab_size}")
+    return tok
+
+
+def check_prompts(path: str, field: str) -> None:
+    from megatron_vp2o.rl.prompts import load_prompts
+
+    text = read_text(path, field)
+    if not text.strip():
+        raise ConfigError(f"{field}: '{path}' is empty; add JSONL lines with 'prompt' and 'task'")
+    try:
+        records = load_prompts(path)
+    except ValueError as exc:
+        raise ConfigError(f"{field}: {str(exc).splitlines()[0]}") from None
+    if not records:
+        raise ConfigError(f"{field}: '{path}' holds no prompts; add JSONL lines with 'prompt' and 'task'")
+
+
+def check_sft_data(path: str) -> None:
+    from megatron_vp2o.data.sft import read_jsonl
+
+    text = read_text(path, "data.path")
+    if not text.strip():
+        raise ConfigError(f"data.path: '{path}' is empty; make data with `vp2o make-data digit-sum`")
+    read_jsonl(path)
+
+
+def check_resume(cfg, out: str, resume: bool) -> None:
+    """With ``--resume``: the checkpoint that would be resumed is of our model and its per-rank
+    state is plain data (refused otherwise, without being unpickled)."""
+    from megatron_vp2o.checkpoint.meta import check_same_model, latest_checkpoint
+    from megatron_vp2o.checkpoint.state import check_state_file
+
+    root = Path(cfg.checkpoint.dir or Path(out) / "checkpoints")
+    if not resume or not root.exists() or latest_checkpoint(root) is None:
+        return
+    found = check_same_model(root, cfg.model, "--resume")
+    for file in sorted(found.glob("rank*.pt")):
+        check_state_file(file)
+
+
+def check_rl_layout(cfg, layout: Layout) -> None:
+    rl = cfg.rl
+    if rl.prompts_per_step % layout.dp:
+        choices = [n for n in range(layout.dp, 4 * layout.dp + 1, layout.dp)]
+        raise ConfigError(f"rl.prompts_per_step={rl.prompts_per_step} must be divisible by the data-parallel size "
+                          f"{layout.dp} (world {layout.world} / tp x pp x cp); use e.g. one of {choices}")
+
+
+def preflight_train(args):
+    from megatron_vp2o.checkpoint.meta import check_same_model
+
+    cfg = load_config(args.config, args.overrides)
+    check_out_dir(args.out)
+    layout = check_layout(cfg, world_size())
+    check_rl_layout(cfg, layout)
+    check_tokenizer(cfg)
+    check_prompts(cfg.rl.prompts, "rl.prompts")
+    if cfg.rl.eval_prompts:
+        check_prompts(cfg.rl.eval_prompts, "rl.eval_prompts")
+    policy = cfg.rl.policy_path(cfg.checkpoint.load)
+    if policy is None:
+        raise ConfigError("rl.policy must point at the initial policy checkpoint (e.g. the shipped "
+                          "checkpoints/tiny_policy, or a converted HF model: `vp2o convert hf-to-mcore`)")
+    check_same_model(policy, cfg.model, "rl.policy" if cfg.rl.policy else "checkpoint.load")
+    check_resume(cfg, args.out, args.resume)
+    return cfg
+
+
+def preflight_sft(args):
+    from megatron_vp2o.checkpoint.meta import check_same_model
+
+    cfg = load_config(args.config, args.overrides)
+    check_out_dir(args.out)
+    check_layout(cfg, world_size())
+    check_tokenizer(cfg)
+    check_sft_data(cfg.data.path)
+    if cfg.checkpoint.load is not None:
+        check_same_model(cfg.checkpoint.load, cfg.model, "checkpoint.load")
+    check_resume(cfg, args.out, args.resume)
+    return cfg
+
+
+PREFLIGHT = {"train": preflight_train, "sft": preflight_sft}
