@@ -1,8 +1,16 @@
 """The ``rl`` config section: what the RL trainer (``vp2o train``) does each step.
 
 ``algo``: ``vp2o`` (Stein transport, specialisation losses, geometric trust regions, event-driven
-actor refresh; spec 2) or ``grpo`` (the baseline: PPO clipping, actors refreshed every step, a
-fixed number of inner epochs; spec 2.3). The ``ablate`` switches turn single VP2O parts off.
+actor refresh; spec 2) or ``grpo`` (the baseline: PPO clipping, actors refreshed every step, each
+rollout batch split into ``mini_batches`` optimizer steps for ``epochs`` passes; spec 2.3). The
+``ablate`` switches turn single VP2O parts off; ``budget`` ends a run at a rollout cost.
+
+GRPO mini-batches, ours beside verl's defaults (``actor_rollout_ref.actor``): verl splits each
+``data.train_batch_size`` (1024 prompts) into ``ppo_mini_batch_size`` (256 prompts) -> 4 optimizer
+steps per rollout batch, ``ppo_epochs`` 1, ``clip_ratio`` 0.2, no shuffling between epochs.
+Ours: ``mini_batches`` (default 4, whole groups per mini-batch), ``epochs`` 1,
+``policy_loss.clip_eps`` 0.2 (grpo_clip), mini-batches taken in buffer order. VP2O takes the
+same rollout batches; its learner steps per batch are event-driven (the refresh rule, spec 2.12).
 """
 
 from __future__ import annotations
@@ -26,6 +34,12 @@ class AblationConfig:
 
 
 @dataclass
+class BudgetConfig:
+    samples: int = 0  # end the run once this many training responses were generated (0: no budget; eval not counted)
+    eval_every: int = 0  # also evaluate each time this many more training responses were generated (0: off)
+
+
+@dataclass
 class RLConfig:
     algo: Literal["vp2o", "grpo"] = "vp2o"  # learner: VP2O or the GRPO-with-clipping baseline
     policy: Optional[str] = None  # initial policy checkpoint (megatron dist checkpoint; null: checkpoint.load)
@@ -37,16 +51,23 @@ class RLConfig:
     lr: Optional[float] = None  # constant learning rate for RL (null: train.lr with its schedule)
     prompts_per_step: int = 8  # prompts per rollout batch (all data-parallel ranks)
     refresh: Optional[Literal["every_step", "event"]] = None  # actor refresh (None: event for vp2o, every_step for grpo)
-    inner_epochs: int = 1  # grpo: learner updates per rollout batch
+    mini_batches: int = 4  # grpo: optimizer steps per rollout batch per epoch (whole groups each; verl: 4)
+    epochs: int = 1  # grpo: passes over each rollout batch (verl ppo_epochs: 1)
     micro_batch_size: int = 16  # sequences per learner micro-batch
     reward_timeout_s: float = 10.0  # per-call reward timeout
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     policy_loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
     ablate: AblationConfig = field(default_factory=AblationConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
 
     def __post_init__(self):
-        for name in ("steps", "prompts_per_step", "inner_epochs", "micro_batch_size", "eval_samples"):
+        for name in ("steps", "prompts_per_step", "mini_batches", "epochs", "micro_batch_size", "eval_samples"):
             check(getattr(self, name) >= 1, f"rl.{name}", "be >= 1", getattr(self, name))
+        check(self.algo != "grpo" or self.prompts_per_step % self.mini_batches == 0, "rl.mini_batches",
+              f"divide rl.prompts_per_step={self.prompts_per_step} (whole prompt groups per mini-batch)",
+              self.mini_batches)
+        check(self.budget.samples >= 0, "rl.budget.samples", "be >= 0 (0: no budget)", self.budget.samples)
+        check(self.budget.eval_every >= 0, "rl.budget.eval_every", "be >= 0 (0: off)", self.budget.eval_every)
         check(self.eval_every >= 0, "rl.eval_every", "be >= 0", self.eval_every)
         check(self.lr is None or self.lr > 0, "rl.lr", "be > 0 or null", self.lr)
         check(self.reward_timeout_s > 0, "rl.reward_timeout_s", "be > 0", self.reward_timeout_s)

@@ -22,8 +22,8 @@ from megatron_vp2o.data.tokenizer import load_tokenizer
 from megatron_vp2o.distributed.init import init_parallel, world_size_from_env
 from megatron_vp2o.monitor import MetricsLogger, Progress
 from megatron_vp2o.rl.actor import act, reward_metrics
-from megatron_vp2o.rl.batches import make_batches
-from megatron_vp2o.rl.learner import grads_finite, policy_forward_step, unwrap
+from megatron_vp2o.rl.batches import make_batches, mini_batches
+from megatron_vp2o.rl.learner import behaviour_stats, grads_finite, policy_forward_step, unwrap
 from megatron_vp2o.rl.prompts import load_prompts
 from megatron_vp2o.training.setup import build_trainable
 from megatron_vp2o.training.step import train_step
@@ -90,7 +90,8 @@ class Session:
 
     def _build(self):
         cfg = self.cfg
-        self.vp2o_cfg = vp2o_knobs(cfg) if cfg.rl.algo == "vp2o" else None
+        # vp2o.enabled=false: plain megatron layers and steps with the configured (unclipped) loss
+        self.vp2o_cfg = vp2o_knobs(cfg) if cfg.rl.algo == "vp2o" and cfg.vp2o.enabled else None
         layer_cls = MoELayer
         if self.vp2o_cfg is not None:
             from megatron_vp2o.moe.layer import vp2o_moe_layer
@@ -114,7 +115,6 @@ class Session:
 
             self.vp2o = init_vp2o(self.trainable, self.vp2o_cfg, self.layout.sequence_parallel,
                                   init_prototypes=self.resume_from is None)
-            self.vp2o.steps_since_refresh = self.loop_extra.get("vp2o_steps_since_refresh", 0)
             self.vp2o.counters.update(self.loop_extra.get("vp2o_counters", {}))
         from megatron_vp2o.rl.rollout import MegatronEngine
 
@@ -122,15 +122,36 @@ class Session:
                                      vocab_size=self.vocab_size)
         self.ref_model = self._build_reference()
         self.forward_step = partial(policy_forward_step, cfg=cfg.rl, vocab_size=self.vocab_size)
-        self.batches, self.last_reward_metrics = [], {}
+        self.batches = []
         start = self.loop_extra.get("step", 0)
         self.logger = MetricsLogger(self.out_dir, cfg.logging, to_dict(cfg), resume_step=start)
         self.progress = Progress(cfg.rl.steps, f"vp2o train ({cfg.rl.algo})", cfg.logging.progress, start=start)
+
+    # ---- actors (the trainer's refresh phases) ---------------------------------------------
+    def rollout(self, refresh_index: int):
+        return act(self.engine, self.tokenizer, self.prompts, self.cfg, refresh_index, self.cfg.train.seed)
+
+    def reward_metrics(self, batch) -> dict:
+        """reward/* of a training batch, plus ``rollout/new_samples`` / ``rollout/new_tokens`` (all ranks)."""
+        return reward_metrics(batch, self.cfg.rl.policy_loss.group_size)
+
+    def set_buffer(self, batch):
+        """Make ``batch`` the learner's buffer (reference log-probs, micro-batches); the anchors (vp2o)."""
+        batch.logp_ref_BT = self.reference_logprobs(batch.rollouts)
+        self.batches = self.make_batches(batch)
+        return self.capture_anchors() if self.vp2o is not None else None
 
     # ---- learner -------------------------------------------------------------------------
     def make_batches(self, batch):
         return make_batches(batch.rollouts, batch.adv_B, self.cfg.rl.micro_batch_size, self.pad_to,
                             logp_ref_BT=batch.logp_ref_BT, aggregation=self.cfg.rl.policy_loss.aggregation)
+
+    def behaviour_stats(self) -> dict:
+        """D_beh and ESS of the current learner on the buffer (spec 2.11)."""
+        return behaviour_stats(self.trainable, self.batches, self.cfg.rl, self.vocab_size, self.ess_temper)
+
+    def learner_step(self, anchors) -> dict:
+        return self.vp2o_step(anchors) if self.vp2o is not None else self.grpo_step()
 
     def _build_reference(self):
         """A frozen copy of the initial policy (plain MoE layers) for the KL penalty, or None."""
@@ -159,19 +180,33 @@ class Session:
 
         return capture_anchors(self.trainable, self.batches, self.vp2o, forward_step=self.forward_step)
 
-    def vp2o_step(self, anchors, behaviour):
+    def vp2o_step(self, anchors):
         from megatron_vp2o.training.vp2o_step import vp2o_train_step
 
         out = vp2o_train_step(self.trainable, self.batches, self.vp2o, forward_step=self.forward_step,
-                              anchors=anchors, behaviour=behaviour, guard=grads_finite)
+                              anchors=anchors, guard=grads_finite)
         out.pop("d_anc_trace", None)
-        for key in ("d_beh", "ess"):  # reported by the logprobs phase as vp2o/drift, vp2o/ess
-            out.pop(key, None)
         return _namespaced(out, "vp2o")
 
-    def grpo_step(self):
-        out = train_step(self.trainable, self.batches, self.forward_step, guard=grads_finite,
-                         report_keys=("clip_frac", "ratio_mean", "kl_ref"))
+    def grpo_step(self) -> dict:
+        """``rl.epochs`` passes of ``rl.mini_batches`` optimizer steps over the buffer (whole prompt
+        groups per mini-batch, buffer order; the loss normalised per mini-batch), as verl/TRL/NeMo-RL
+        run GRPO. Logs the averages over those steps of the clip fraction and the ratio pi/mu, and
+        the skipped count (a non-finite loss or gradient skips that optimizer step only)."""
+        rl = self.cfg.rl
+        minis = mini_batches(self.batches, rl.mini_batches, rl.policy_loss.group_size)
+        keys = ("clip_frac", "ratio_mean", "kl_ref")
+        outs = [train_step(self.trainable, mb, self.forward_step, guard=grads_finite, report_keys=keys)
+                for _ in range(rl.epochs) for mb in minis]
+        done = [o for o in outs if not o.get("skipped")] or outs
+        out = {k: sum(o[k] for o in done) / len(done) for k in ("loss", *keys) if all(k in o for o in done)}
+        out |= {k: v for k, v in done[-1].items() if k.startswith("timing/") or k in ("lr", "grad_norm")}
+        out |= {"grpo/clip_fraction": out.pop("clip_frac", float("nan")),
+                "grpo/ratio_mean": out.pop("ratio_mean", float("nan")), "grpo/optimizer_steps": len(outs)}
+        skipped = sum(1 for o in outs if o.get("skipped"))
+        if skipped == len(outs):
+            out |= {"skipped": True, "skip_reason": outs[0].get("skip_reason")}
+        out["grpo/skipped_minibatches"] = skipped
         return _namespaced(out, "learner")
 
     # ---- evaluation, checkpoints, summary ----------------------------------------------------
@@ -182,14 +217,17 @@ class Session:
         n = len(self.eval_prompts) - len(self.eval_prompts) % dp
         batch = act(self.engine, self.tokenizer, self.eval_prompts, self.cfg, 0, self.cfg.train.seed + EVAL_SEED,
                     per_step=n, group=self.cfg.rl.eval_samples)
-        return reward_metrics(batch, self.cfg.rl.eval_samples, prefix)
+        out = reward_metrics(batch, self.cfg.rl.eval_samples, prefix)
+        return {k: v for k, v in out.items() if not k.startswith("rollout/")}  # eval is not rollout cost
 
     def save(self, state):
         extra = {"step": state.step, "refreshes": state.refreshes, "steps_since_refresh": state.steps_since_refresh,
-                 "force_refresh": state.force_refresh, "skipped": state.skipped}
+                 "next_refresh": state.next_refresh, "forced": state.forced, "anchor_failed": state.anchor_failed,
+                 "skipped": state.skipped, "samples": state.samples, "tokens": state.tokens,
+                 "elapsed_s": state.elapsed_s}
         if self.vp2o is not None:
-            extra |= {"vp2o_steps_since_refresh": self.vp2o.steps_since_refresh, "vp2o_counters": dict(self.vp2o.counters)}
-        rank_state = {"buffer": state.buffer, "anchors": state.anchors, "last_reward_metrics": self.last_reward_metrics}
+            extra |= {"vp2o_counters": dict(self.vp2o.counters)}
+        rank_state = {"buffer": state.buffer, "anchors": state.anchors}
         meta = {"config": to_dict(self.cfg), "kind": "rl", "world_size": self.layout.world}
         save_checkpoint(self.ckpt_root, state.step, self.trainable, meta, extra=extra, rank_state=rank_state)
 
@@ -198,10 +236,11 @@ class Session:
             return state
         ex = self.loop_extra
         state.step, state.refreshes, state.skipped = ex["step"], ex["refreshes"], ex["skipped"]
-        state.steps_since_refresh, state.force_refresh = ex["steps_since_refresh"], ex["force_refresh"]
+        state.steps_since_refresh, state.next_refresh = ex["steps_since_refresh"], ex["next_refresh"]
+        state.forced, state.anchor_failed = ex["forced"], ex["anchor_failed"]
+        state.samples, state.tokens, state.elapsed_s = ex["samples"], ex["tokens"], ex["elapsed_s"]
         saved = load_rank_state(self.resume_from) or {}
         state.buffer, state.anchors = saved.get("buffer"), saved.get("anchors")
-        self.last_reward_metrics = saved.get("last_reward_metrics", {})
         if state.buffer is not None:
             self.batches = self.make_batches(state.buffer)
         return state

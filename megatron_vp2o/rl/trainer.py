@@ -1,17 +1,24 @@
 """``vp2o train``: VP2O (or the GRPO baseline) RL on megatron-core, as short timed phases.
 
-One learner step (spec 2.10-2.12; STYLE 8)::
+One RL step (spec 2.10-2.12; STYLE 8)::
 
-    logprobs      learner log-probs on the buffer -> drift D_beh, ESS         (vp2o, event refresh)
-    refresh?      no buffer | every_step | D_beh > delta | ESS < eta | anchor failed | max steps
+    refresh       when the last step's decision says so (``start`` on the first step):
       rollout     actors (= current weights) generate G responses per prompt, logging mu and routing
       reward      reward registry (failures recorded, never raised)
       advantages  group-relative advantages (spec 2.2); anchor snapshot of routing + prototypes
-    update        vp2o: Stein transport + specialisation losses + trust region (training/vp2o_step)
-                  grpo: clipped policy loss, plain megatron step
+    update        vp2o: one learner step: Stein transport + specialisation losses + anchor trust region
+                  grpo: ``rl.epochs`` x ``rl.mini_batches`` clipped optimizer steps on the batch
+    logprobs      the refresh rule for the next step, once, in `refresh_decision` (through
+                  algo.trust_region.refresh_needed): forced | every_step | anchor (this update failed its
+                  budget) | drift | ess (learner log-probs on the buffer -> D_beh, ESS) | max_steps | none
+    (budget)      a refresh due with ``rl.budget.samples`` spent ends the run (after a final evaluation)
     (checkpoint)  every ``checkpoint.every`` steps, atomically, with the buffer and counters
 
-A non-finite advantage, loss or gradient skips the step (logged); the weights do not change.
+Every step logs ``vp2o/refresh_reason`` (``none`` when the buffer is kept), ``rollout/samples`` and
+``rollout/tokens`` (cumulative training responses and response tokens generated) and
+``time/elapsed_s``; ``reward/*`` only on steps that generated a batch. A non-finite advantage
+forces a refresh (``forced``); a non-finite loss or gradient skips the step (logged); skipped
+steps leave the weights unchanged.
 """
 
 from __future__ import annotations
@@ -23,20 +30,27 @@ from pathlib import Path
 
 import torch
 
-from megatron_vp2o.rl.actor import ActorBatch, act, reward_metrics
-from megatron_vp2o.rl.learner import behaviour_stats
+from megatron_vp2o.algo import trust_region as tr
+from megatron_vp2o.rl.actor import ActorBatch
 from megatron_vp2o.rl.session import Session
+
+
+REFRESH_REASONS = ("none", "start", "every_step", "drift", "ess", "anchor", "max_steps", "forced")
 
 
 @dataclass
 class LoopState:
     step: int = 0
     refreshes: int = 0
-    steps_since_refresh: int = 0
-    force_refresh: bool = True
+    steps_since_refresh: int = 0  # learner updates on the current buffer (the one step counter)
+    next_refresh: str | None = "start"  # the reason the next step refreshes (None: it keeps the buffer)
+    forced: bool = False  # the buffer is unusable (non-finite advantages): refresh whatever the rule says
+    anchor_failed: bool = False  # the last update failed the anchor budget (reject / refresh decision)
     skipped: int = 0
+    samples: int = 0  # training responses generated (all ranks)
+    tokens: int = 0  # their response tokens
+    elapsed_s: float = 0.0  # wall-clock of the RL loop, summed over resumed segments
     buffer: ActorBatch | None = None
-    behaviour: dict | None = None
     anchors: list | None = None
     timing: dict = field(default_factory=dict)
 
@@ -48,91 +62,136 @@ def phase(state: LoopState, name: str):
     state.timing[f"timing/{name}"] = state.timing.get(f"timing/{name}", 0.0) + time.perf_counter() - t0
 
 
-def refresh(sess: Session, state: LoopState) -> dict:
+def refresh_every_step(cfg) -> bool:
+    """Actors refreshed for every learner update: rl.refresh=every_step (grpo's default), or a VP2O run
+    with its trust region off (``vp2o.trust_region.enabled=false``: "refresh every rollout batch")."""
+    return cfg.rl.refresh_policy == "every_step" or (cfg.rl.algo == "vp2o" and not cfg.vp2o.trust_region.enabled)
+
+
+def refresh_decision(state: LoopState, cfg, stats_fn) -> tuple[str, dict]:
+    """The refresh rule (spec 2.12, eq. 11), applied once per step, here only: (reason, logged stats).
+
+    Taken after each update, for the next step. Owed refreshes come first (``start``: no buffer;
+    ``forced``: the buffer is unusable), then
+    ``every_step``. Otherwise ``algo.trust_region.refresh_needed`` on the current buffer's statistics
+    (``stats_fn() -> {"drift", "ess"}``: the current learner against the buffer's mu; skipped when the
+    anchor already failed or the behaviour budget is ablated), the last update's anchor verdict and the
+    learner updates made on this buffer. NaN statistics count as violations. The reason names the
+    first violated condition in the order anchor, drift, ess, max_steps.
+    """
+    if state.buffer is None:
+        return "start", {}
+    if state.forced:
+        return "forced", {}
+    if refresh_every_step(cfg):
+        return "every_step", {}
+    tr_cfg, use_stats = cfg.vp2o.trust_region, cfg.rl.ablate.behaviour_budget and not state.anchor_failed
+    drift, ess, logged = float("nan"), float("nan"), {}
+    if use_stats:
+        stats = stats_fn()
+        drift, ess = float(stats["drift"]), float(stats["ess"])
+        logged = {"vp2o/drift": drift, "vp2o/ess": ess}
+    need = tr.refresh_needed(drift if use_stats else 0.0, ess if use_stats else 1.0, state.anchor_failed,
+                             state.steps_since_refresh, drift_delta=tr_cfg.drift_delta, ess_min=tr_cfg.ess_min,
+                             max_steps_per_refresh=tr_cfg.max_steps_per_refresh)
+    if not bool(need):
+        return "none", logged
+    if state.anchor_failed:
+        return "anchor", logged
+    if use_stats and not drift <= tr_cfg.drift_delta:
+        return "drift", logged
+    if use_stats and not ess >= tr_cfg.ess_min:
+        return "ess", logged
+    return "max_steps", logged
+
+
+def refresh(sess, state: LoopState) -> dict:
     """Actors <- learner; new rollouts, rewards, advantages, anchor snapshot (spec 2.12)."""
     with phase(state, "rollout"):
-        batch = act(sess.engine, sess.tokenizer, sess.prompts, sess.cfg, state.refreshes, sess.cfg.train.seed)
+        batch = sess.rollout(state.refreshes)
     with phase(state, "reward"):
-        metrics = reward_metrics(batch, sess.cfg.rl.policy_loss.group_size)
+        metrics = sess.reward_metrics(batch)
     with phase(state, "advantages"):
         state.buffer, state.refreshes, state.steps_since_refresh = batch, state.refreshes + 1, 0
-        batch.logp_ref_BT = sess.reference_logprobs(batch.rollouts)
-        sess.batches = sess.make_batches(batch)
-        state.anchors = sess.capture_anchors() if sess.vp2o is not None else None
+        state.forced, state.anchor_failed = False, False
+        state.anchors = sess.set_buffer(batch)
+    state.samples += int(metrics.pop("rollout/new_samples"))
+    state.tokens += int(metrics.pop("rollout/new_tokens"))
     return metrics
 
 
-def needs_refresh(sess: Session, state: LoopState) -> tuple[bool, dict]:
-    """The refresh rule (spec 2.12) on the current learner; also sets ``state.behaviour``."""
-    state.behaviour = None
-    if state.buffer is None or state.force_refresh or sess.cfg.rl.refresh_policy == "every_step":
-        return True, {}
-    with phase(state, "logprobs"):
-        stats = behaviour_stats(sess.trainable, sess.batches, sess.cfg.rl, sess.vocab_size, sess.ess_temper)
-    tr = sess.cfg.vp2o.trust_region
-    use = sess.cfg.rl.ablate.behaviour_budget
-    state.behaviour = stats if use else None
-    need = (use and (float(stats["drift"]) > tr.drift_delta or float(stats["ess"]) < tr.ess_min)) \
-        or state.steps_since_refresh >= tr.max_steps_per_refresh
-    return need, {"vp2o/drift": float(stats["drift"]), "vp2o/ess": float(stats["ess"])}
-
-
-def update(sess: Session, state: LoopState) -> dict:
-    """One learner update on the buffer (vp2o or grpo); skipped if anything is non-finite."""
+def update(sess, state: LoopState) -> dict:
+    """The learner updates on the buffer (vp2o: one step; grpo: its mini-batch epochs); a non-finite
+    advantage skips them and forces a refresh."""
     if not bool(torch.isfinite(state.buffer.adv_B).all()):
+        state.forced = True
         return {"skipped": True, "skip_reason": "non-finite advantages"}
     with phase(state, "update"):
-        if sess.vp2o is not None:
-            out = sess.vp2o_step(state.anchors if sess.cfg.rl.ablate.anchor_budget else None, state.behaviour)
-        else:
-            out = sess.grpo_step()
+        out = sess.learner_step(state.anchors if sess.cfg.rl.ablate.anchor_budget else None)
     state.steps_since_refresh += 1
-    if out.get("vp2o/refresh") or out.get("vp2o/decision") in ("reject", "refresh"):
-        state.force_refresh = True
+    state.anchor_failed = out.get("vp2o/decision") in ("reject", "refresh")
     return out
 
 
-def rl_step(sess: Session, state: LoopState) -> dict:
-    state.timing = {}
-    metrics = {}
-    need, stats = needs_refresh(sess, state)
-    metrics |= stats
-    if need:
+def budget_spent(cfg, state: LoopState) -> bool:
+    return cfg.rl.budget.samples > 0 and state.samples >= cfg.rl.budget.samples
+
+
+def rl_step(sess, state: LoopState) -> dict:
+    """One step (module docstring): the refresh decided at the end of the last step, the update, and
+    the decision for the next step (``state.next_refresh``)."""
+    state.timing, metrics = {}, {}
+    reason = state.next_refresh or "none"
+    if reason != "none":
         metrics |= refresh(sess, state)
-        state.force_refresh = False
-    else:
-        metrics |= sess.last_reward_metrics
-    sess.last_reward_metrics = {k: v for k, v in metrics.items() if k.startswith("reward/")}
     out = update(sess, state)
     if out.get("skipped"):
         state.skipped += 1
     metrics |= out
-    metrics |= {"loss": out.get("loss", float("nan")), "vp2o/refreshes": state.refreshes,
-                "vp2o/refreshed": need, "skipped_steps": state.skipped, **state.timing}
+    with phase(state, "logprobs"):
+        upcoming, stats = refresh_decision(state, sess.cfg, sess.behaviour_stats)
+    state.next_refresh = None if upcoming == "none" else upcoming
+    metrics |= stats | {"loss": out.get("loss", float("nan")), "vp2o/refreshes": state.refreshes,
+                        "vp2o/refresh_reason": reason, "vp2o/refreshed": reason != "none",
+                        "skipped_steps": state.skipped, "rollout/samples": state.samples,
+                        "rollout/tokens": state.tokens, **state.timing}
     return metrics
 
 
+def _eval_due(cfg, state: LoopState, samples_before: int) -> bool:
+    """Periodic evaluation: every ``rl.eval_every`` steps and each time ``rl.budget.eval_every``
+    more training responses were generated (so runs compare at equal rollout cost)."""
+    by_step = cfg.rl.eval_every and state.step % cfg.rl.eval_every == 0
+    every = cfg.rl.budget.eval_every
+    by_samples = every and state.samples // every > samples_before // every
+    return bool(by_step or by_samples)
+
+
 def run_rl(cfg, out_dir: str | Path, resume: bool = False) -> dict:
-    """Train for ``cfg.rl.steps`` learner updates; returns a summary."""
+    """Train for ``cfg.rl.steps`` steps, or until the next step would need a rollout batch beyond
+    ``rl.budget.samples``; returns a summary."""
     sess = Session.start(cfg, Path(out_dir), resume)
     state = sess.restore_loop_state(LoopState())
-    t_start = time.perf_counter()
+    t_start, elapsed0 = time.perf_counter(), state.elapsed_s
     first_eval = sess.evaluate("eval") if state.step == 0 else {}
     if first_eval:
-        sess.logger.log(0, first_eval)
-    while state.step < cfg.rl.steps:
+        sess.logger.log(0, first_eval | {"rollout/samples": 0, "rollout/tokens": 0, "time/elapsed_s": 0.0})
+    metrics, done = {}, budget_spent(cfg, state) and state.next_refresh is not None
+    while state.step < cfg.rl.steps and not done:
         state.step += 1
-        t0 = time.perf_counter()
+        t0, samples_before = time.perf_counter(), state.samples
         metrics = rl_step(sess, state)
         metrics["timing/step"] = time.perf_counter() - t0
-        if cfg.rl.eval_every and state.step % cfg.rl.eval_every == 0 and state.step < cfg.rl.steps:
+        state.elapsed_s = elapsed0 + time.perf_counter() - t_start
+        metrics["time/elapsed_s"] = state.elapsed_s
+        done = budget_spent(cfg, state) and state.next_refresh is not None
+        last = done or state.step == cfg.rl.steps
+        if last or _eval_due(cfg, state, samples_before):
             metrics |= sess.evaluate("eval")
-        if state.step == cfg.rl.steps:
-            metrics |= sess.evaluate("eval")
-        sess.logger.log(state.step, metrics)
+        sess.logger.log(state.step, metrics | ({"budget_end": True} if done else {}))
         sess.progress.update(f"reward {metrics.get('reward/mean', float('nan')):.3f}")
         periodic = cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0
-        if periodic or (cfg.checkpoint.save_final and state.step == cfg.rl.steps):
+        if periodic or (cfg.checkpoint.save_final and last):
             sess.save(state)
     sess.close()
-    return sess.summary(first_eval, metrics if cfg.rl.steps else {}, state, time.perf_counter() - t_start)
+    return sess.summary(first_eval, metrics, state, time.perf_counter() - t_start)

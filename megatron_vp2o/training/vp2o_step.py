@@ -51,10 +51,35 @@ class VP2OState:
     snapshot_key: tuple = ()
 
 
+class NoVP2OLayers(RuntimeError):
+    """A VP2O run whose built model has no VP2O MoE layer: every VP2O part would silently do nothing."""
+
+
+def require_vp2o_layers(model, layers) -> None:
+    """Refuse to run VP2O on a pipeline stage that has MoE layers but none of them is a VP2O layer
+    (e.g. a megatron-core spec form the swap does not know, compat row 1). Stages without any MoE
+    layer (a dense first pipeline stage) are fine; a whole model without MoE is refused too."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from megatron_vp2o import compat
+
+    module = model.module if hasattr(model, "module") else model
+    moe = [m for m in module.modules() if isinstance(m, MoELayer)]
+    if moe and len(layers) == len(moe):
+        return
+    if moe or ps.get_pipeline_model_parallel_world_size() == 1:  # (a dense stage of a pipeline is fine)
+        kinds = sorted({type(m).__name__ for m in moe}) or ["no MoE layer"]
+        raise NoVP2OLayers(
+            f"rl.algo=vp2o: the built model has {len(layers)} VP2O MoE layers of {len(moe)} MoE layers ({', '.join(kinds)}) "
+            f"on megatron-core {compat.MCORE_VERSION}; VP2O would do nothing. Build through "
+            "megatron_vp2o.model.spec (see megatron_vp2o/compat.py) or run rl.algo=grpo")
+
+
 def init_vp2o(trainable, cfg, sequence_parallel: bool, init_prototypes: bool = True) -> VP2OState:
     """Find the VP2O layers, build the groups, initialise prototypes (30 power steps, spec 2.4)."""
     groups = VP2OGroups.from_parallel_state(sequence_parallel)
     layers = vp2o_layers(trainable.model)
+    require_vp2o_layers(trainable.model, layers)
     for layer in layers:
         layer.spec_cfg = cfg.specialization
     if init_prototypes:
