@@ -174,7 +174,7 @@ def megatron_logits(model, ids_BS: torch.Tensor, vocab: int) -> torch.Tensor:
     """fp32 logits [B, S, vocab] of a plain forward (pp must be 1), gathered over TP."""
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from megatron_vp2o.training.step import causal_mask, position_ids
+    from megatron_vp2o.model.inputs import causal_mask, position_ids
 
     model.eval()
     with torch.no_grad():

@@ -97,6 +97,36 @@ def run_export(args) -> int:
     return 0
 
 
+def validate(args) -> None:
+    """Checks that need no megatron (``vp2o`` runs them before the platform layer): sizes, the
+    input directory or checkpoint, the output directory. Raises ConversionError (one line)."""
+    import math
+
+    from megatron_vp2o.checkpoint import convert_hf
+    from megatron_vp2o.checkpoint.hf import io
+    from megatron_vp2o.checkpoint.hf.archs import ConversionError
+    from megatron_vp2o.checkpoint.meta import find_checkpoint, read_meta
+
+    if args.direction == "hf-to-mcore":
+        for flag in ("tp", "pp", "ep", "etp"):
+            if getattr(args, flag) is not None and getattr(args, flag) < 1:
+                raise ConversionError(f"--{flag} must be >= 1 (got {getattr(args, flag)})")
+        if not (math.isfinite(args.tol) and args.tol >= 0):
+            raise ConversionError(f"--tol must be a finite number >= 0 (got {args.tol})")
+        try:
+            convert_hf.prepare_import(args.hf, dtype=args.dtype)
+        except OSError as exc:
+            raise ConversionError(f"--hf: '{args.hf}' cannot be read ({exc.strerror or exc}); check its permissions") from None
+    else:
+        if not (math.isfinite(args.max_shard_gb) and args.max_shard_gb > 0):
+            raise ConversionError(f"--max-shard-gb must be a finite number > 0 (got {args.max_shard_gb})")
+        found = find_checkpoint(args.ckpt, "--ckpt")
+        if not isinstance((read_meta(found, "--ckpt").get("config") or {}).get("model"), dict):
+            raise ConversionError(f"--ckpt: '{found}/vp2o.json' holds no model config; only checkpoints written by "
+                                  "vp2o (sft, train, convert) export")
+    io.check_output_dir(args.out)
+
+
 def run(args) -> int:
     from megatron_vp2o.config import ConfigError
 

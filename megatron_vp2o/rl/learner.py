@@ -4,7 +4,9 @@
 :class:`~megatron_vp2o.rl.batches.RLBatch` at the rollout's positions and returns the logits with a
 ``loss_func`` that evaluates the registered policy loss (``algo.grpo.POLICY_LOSSES``) on the learner
 log-probs. Log-probs use the actors' definition (``rollout.sampling.sampling_logprobs``: tempered,
-top-k/top-p filtered), so rho = pi/mu compares like with like.
+top-k/top-p filtered), so rho = pi/mu compares like with like; a label outside the learner's own
+top-k/top-p set is scored with that set extended by the label (``sampling.token_logprobs``), so
+its log-prob, the ratio and the drift stay finite.
 
 Normalisation (STYLE 9): the loss function returns the *sum* of the aggregation's terms and its
 count (sequences for ``seq_mean_token_mean``, tokens for ``token_mean``); megatron sums both over

@@ -17,16 +17,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_vp2o.device import device as model_device_default
-
-
-def causal_mask(seq_len: int, device=None) -> torch.Tensor:
-    """Bool [1, 1, S, S], True = masked (explicit, so no CUDA factory runs in autograd threads);
-    on ``device`` (default: the model's, :func:`megatron_vp2o.device.device`)."""
-    return torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=device or model_device_default()).triu(1)
-
-
-def position_ids(batch: int, seq_len: int, device=None) -> torch.Tensor:
-    return torch.arange(seq_len, device=device or model_device_default()).unsqueeze(0).expand(batch, -1)
+from megatron_vp2o.model.inputs import causal_mask, position_ids  # noqa: F401  (also imported from here)
 
 
 def lm_loss_func(loss_mask_BS: torch.Tensor, output_BS: torch.Tensor):

@@ -13,6 +13,20 @@ mass, so we log log_softmax(raw logits) instead (temperature 1, no filter) -- gr
 evaluation, not for importance-weighted RL; (3) top-p keeps the smallest prefix of the sorted
 distribution whose mass reaches p (always at least one token), computed after top-k, as in HF.
 
+The log-prob of a *given* token (:func:`token_logprobs`: the learner, teacher-forced rescoring, the
+reference policy) is the filtered distribution where that is well defined, i.e. where the token is
+inside the scoring model's own top-k/top-p set N:
+
+    log pi(v) = z_v - logsumexp_{u in N} z_u                    if v in N   (exactly log_softmax above)
+    log pi(v) = z_v - logsumexp_{u in N + {v}} z_u              if v not in N
+
+Outside N the filtered probability is 0 and its log -inf (a token the actor sampled from *its*
+nucleus can fall outside the learner's once the two differ); we then score it under the filtered
+distribution with its support extended by that one token. It is finite, continuous where the token
+enters N, and gives the token a gradient, so the importance ratio, the k3 drift D_beh and the ESS
+(spec 2.11) stay finite instead of forcing a refresh every step. The actor's own samples are always
+inside its N, so its behaviour log-prob mu is unchanged.
+
 Shape legend: B sequences, V vocabulary (padded), T response tokens.
 """
 
@@ -87,8 +101,18 @@ def sampling_logprobs(logits_XV: torch.Tensor, cfg: SamplingConfig, vocab_size: 
 
 def token_logprobs(logits_XV: torch.Tensor, tokens_X: torch.Tensor, cfg: SamplingConfig,
                    vocab_size: int | None = None) -> torch.Tensor:
-    """log mu(token) for each row: ``sampling_logprobs(...)`` gathered at ``tokens_X``."""
-    return sampling_logprobs(logits_XV, cfg, vocab_size).gather(-1, tokens_X.unsqueeze(-1)).squeeze(-1)
+    """log pi(token) per row under the filtered distribution, its support extended by the token
+    when the filter drops it (module doc); equals ``sampling_logprobs(...)`` gathered at
+    ``tokens_X`` wherever that is finite."""
+    logits_XV = mask_padded_vocab(logits_XV, vocab_size)
+    idx_X1 = tokens_X.unsqueeze(-1)
+    if cfg.greedy:
+        return torch.log_softmax(logits_XV.float(), dim=-1).gather(-1, idx_X1).squeeze(-1)
+    z_XV = filter_logits(logits_XV, cfg)
+    raw_X = (logits_XV.float() / cfg.temperature).gather(-1, idx_X1).squeeze(-1)
+    lse_X = torch.logsumexp(z_XV, dim=-1)
+    inside_X = torch.isfinite(z_XV.gather(-1, idx_X1).squeeze(-1))
+    return torch.where(inside_X, raw_X - lse_X, raw_X - torch.logaddexp(lse_X, raw_X))
 
 
 def sample(logits_BV: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None,
