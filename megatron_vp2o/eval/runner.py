@@ -1,0 +1,94 @@
+"""Evaluate megatron checkpoints on benchmarks: build the model once for this layout, load each
+checkpoint (resharded from whatever layout saved it), generate n samples per problem
+(eval/generate.py), score on rank 0 (eval/score.py).
+
+Also the in-training hook: :func:`evaluate_benchmarks` runs the same generate-and-score path on the
+trainer's own model and returns flat ``eval/<benchmark>/<metric>`` numbers for metrics.jsonl / wandb.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch.distributed as dist
+
+from megatron_vp2o.eval.generate import EvalEngine, encode_prompts, generate_samples
+from megatron_vp2o.eval.score import score_benchmark
+from megatron_vp2o.eval.tasks import EvalItem, load_items
+
+FLAT_KEYS = ("pass@1", "prompt_strict", "prompt_loose", "inst_strict", "inst_loose", "rating", "tokens/median")
+
+
+@dataclasses.dataclass
+class Benchmark:
+    name: str  # row label in the tables (default: the data file's stem)
+    task: str
+    path: str
+    items: list[EvalItem]
+
+
+def load_benchmarks(tasks: list[str], paths: list[str], template: str | None = None,
+                    names: list[str] | None = None) -> list[Benchmark]:
+    """Read every (task, file) pair; names default to the file stems and must be unique."""
+    from megatron_vp2o.eval.tasks import DataError
+
+    if len(tasks) != len(paths):
+        raise DataError(f"--task and --data come in pairs: got {len(tasks)} --task and {len(paths)} --data")
+    names = list(names or [Path(p).stem for p in paths])
+    if len(set(names)) != len(names):
+        raise DataError(f"benchmark names must be unique (file stems): {names}; rename a file")
+    return [Benchmark(n, t, str(p), load_items(t, p, template)) for n, t, p in zip(names, tasks, paths)]
+
+
+def _rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def evaluate_model(model, tokenizer, benchmarks: list[Benchmark], samples: int, sampling, seed: int,
+                   timeout_s: float = 10.0) -> dict:
+    """``{benchmark: {"summary", "problems", "responses"}}`` on rank 0 ({} elsewhere)."""
+    engine = EvalEngine(model, pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size)
+    out = {}
+    for bench in benchmarks:
+        ids = encode_prompts(tokenizer, [it.prompt for it in bench.items])
+        texts = generate_samples(engine, tokenizer, ids, samples, sampling, seed)
+        if _rank0():
+            out[bench.name] = dict(score_benchmark(bench.items, texts, _counter(tokenizer), timeout_s),
+                                   responses=texts)
+    return out
+
+
+def _counter(tokenizer):
+    return lambda text: len(tokenizer.encode(text)) if text else 0
+
+
+def evaluate_checkpoints(cfg, ckpts: list[str], benchmarks: list[Benchmark], samples: int, seed: int) -> list:
+    """Per checkpoint ``{"path", "step", "results"}`` (results on rank 0). Call under the platform."""
+    from megatron_vp2o.checkpoint import load_model
+    from megatron_vp2o.data.tokenizer import load_tokenizer
+    from megatron_vp2o.distributed.init import init_parallel
+    from megatron_vp2o.model import build_gpt, transformer_config
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    init_parallel(cfg)
+    model = build_gpt(cfg.model, transformer_config(cfg.model, cfg.parallel))
+    out = []
+    for path in ckpts:
+        meta = load_model(path, [model])
+        results = evaluate_model(model, tokenizer, benchmarks, samples, cfg.rl.sampling, seed, cfg.rl.reward_timeout_s)
+        out.append({"path": str(path), "step": meta.get("step"), "results": results})
+    return out
+
+
+def evaluate_benchmarks(model, tokenizer, benchmarks: list[Benchmark], samples: int, sampling, seed: int,
+                        timeout_s: float = 10.0, prefix: str = "eval") -> dict:
+    """Flat ``{prefix}/{benchmark}/{metric}`` numbers (rank 0; {} elsewhere) for training logs."""
+    results = evaluate_model(model, tokenizer, benchmarks, samples, sampling, seed, timeout_s)
+    flat = {}
+    for name, res in results.items():
+        for key in FLAT_KEYS:
+            value = res["summary"].get(key)
+            if isinstance(value, (int, float)):
+                flat[f"{prefix}/{name}/{key}"] = float(value)
+    return flat
