@@ -25,52 +25,54 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import importlib.util
+import pathlib
 from importlib import metadata
 
-from megatron.core.transformer.moe.moe_layer import MoELayer
-from megatron.core.transformer.spec_utils import ModuleSpec
+# megatron-core is imported inside the functions that need it: the config checks (row 3) run at
+# config-load time, before the ~7 s megatron import.
 
 try:
     MCORE_VERSION = metadata.version("megatron-core")
 except metadata.PackageNotFoundError:  # a source checkout of megatron-core on PYTHONPATH
-    from megatron.core import package_info
-
-    MCORE_VERSION = package_info.__version__
+    MCORE_VERSION = "unknown"
 
 #: Tested ends of the supported range (setup.py's ``install_requires`` says the same).
 TESTED_VERSIONS = ("0.16.1", "0.19.2")
 
 
-def grouped_gemm_util():
-    """megatron's legacy grouped-GEMM module (row 3), or None where the release removed it."""
-    try:
-        return importlib.import_module("megatron.core.transformer.moe.grouped_gemm_util")
-    except ImportError:
-        return None
-
-
-def _has_legacy_grouped_mlp() -> bool:
-    from megatron.core.transformer import transformer_config
-
-    fields = {f.name for f in dataclasses.fields(transformer_config.TransformerConfig)}
-    return "moe_use_legacy_grouped_gemm" in fields and grouped_gemm_util() is not None
+def _megatron_core_file(relative: str) -> bool:
+    """Whether megatron-core's package holds ``relative`` (found without importing megatron.core)."""
+    spec = importlib.util.find_spec("megatron")
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    return any((pathlib.Path(root) / "core" / relative).is_file() for root in roots)
 
 
 #: Whether ``expert_impl: grouped`` (megatron's legacy GroupedMLP) exists in this release (row 3).
-HAS_LEGACY_GROUPED_MLP: bool = _has_legacy_grouped_mlp()
+HAS_LEGACY_GROUPED_MLP: bool = _megatron_core_file("transformer/moe/grouped_gemm_util.py")
 
 
-def grouped_gemm_kwargs(expert_impl: str) -> dict:
-    """``TransformerConfig`` arguments selecting the experts' implementation (row 3).
+def grouped_gemm_util():
+    """megatron's legacy grouped-GEMM module (row 3), or None where the release removed it."""
+    if not HAS_LEGACY_GROUPED_MLP:
+        return None
+    return importlib.import_module("megatron.core.transformer.moe.grouped_gemm_util")
 
-    Raises ``ConfigError`` for ``grouped`` where the legacy GroupedMLP is gone (the local backend
-    would otherwise build SequentialMLP without a word)."""
+
+def check_expert_impl(expert_impl: str) -> None:
+    """Refuse ``expert_impl: grouped`` where the legacy GroupedMLP is gone (the local backend would
+    otherwise build SequentialMLP without a word; row 3). Called when the config is loaded."""
     if expert_impl == "grouped" and not HAS_LEGACY_GROUPED_MLP:
         from megatron_vp2o.config.loader import ConfigError
 
         raise ConfigError(
             f"model.expert_impl=grouped: megatron-core {MCORE_VERSION} has no legacy GroupedMLP; "
             "use te_grouped (Transformer Engine grouped GEMM, GPU) or sequential")
+
+
+def grouped_gemm_kwargs(expert_impl: str) -> dict:
+    """``TransformerConfig`` arguments selecting the experts' implementation (row 3)."""
+    check_expert_impl(expert_impl)
     kwargs = {"moe_grouped_gemm": expert_impl != "sequential"}
     if HAS_LEGACY_GROUPED_MLP:
         kwargs["moe_use_legacy_grouped_gemm"] = expert_impl == "grouped"
@@ -79,6 +81,9 @@ def grouped_gemm_kwargs(expert_impl: str) -> dict:
 
 def moe_layer_class(mlp_spec):
     """The MoE layer class a layer spec's ``mlp`` entry builds (either form of row 1), or None."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
     if isinstance(mlp_spec, ModuleSpec):
         cls = mlp_spec.module
     elif isinstance(mlp_spec, functools.partial):
@@ -91,6 +96,8 @@ def moe_layer_class(mlp_spec):
 def swap_moe_layer(mlp_spec, moe_layer_cls, router_cls=None):
     """``mlp_spec`` building ``moe_layer_cls`` (and ``router_cls`` as its router) instead of megatron's
     MoE layer; any other entry (a dense MLP layer) is returned unchanged (row 1)."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
     if moe_layer_class(mlp_spec) is None:
         return mlp_spec
     if isinstance(mlp_spec, functools.partial):  # 0.19: TransformerLayer passes pg_collection itself

@@ -70,3 +70,12 @@ def test_print_parity_numbers(worlds):
         r, c = results[name], compared[name]
         print(f"{name}: param {c['max_param_diff']:.2e} proto {c['proto_diff']:.2e} hook {r['hook_diff']:.2e} "
               f"decision {r['decision']}x{r['backtracks']} d_anc {r['d_anc']:.6f}")
+
+
+def test_vp2o_refuses_a_model_without_vp2o_layers(worlds):
+    """Both megatron-core spec forms: every MoE layer of the VP2O build is a VP2O layer with the VP2O
+    router, and init_vp2o refuses a model built with megatron's plain MoELayer, naming the fix."""
+    refusal = worlds[2]["_refusal"]
+    assert refusal["num_moe"] == refusal["num_vp2o"] == refusal["vp2o_routers"] >= 1, refusal
+    assert refusal["message"] is not None and "0 VP2O MoE layers" in refusal["message"], refusal
+    assert "rl.algo=grpo" in refusal["message"] and "MoELayer" in refusal["message"], refusal

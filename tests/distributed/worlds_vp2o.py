@@ -194,4 +194,26 @@ def compare(payload):
         worst = max(diffs, key=diffs.get)
         out[name] = {"max_param_diff": diffs[worst], "worst": worst,
                      "proto_diff": max(v for k, v in diffs.items() if "protos" in k)}
+    out["_refusal"] = _refusal_checks(cfg, ref)
     return out
+
+
+def _refusal_checks(cfg, vp2o_trainable) -> dict:
+    """VP2O on a model built with megatron's plain MoELayer is refused (both spec forms, compat
+    row 1); the VP2O build has one VP2O layer (with the VP2O router) per MoE layer."""
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from megatron_vp2o.moe.layer import VP2OTopKRouter, vp2o_layers
+    from megatron_vp2o.training.setup import build_trainable
+    from megatron_vp2o.training.vp2o_step import NoVP2OLayers, init_vp2o
+
+    plain = build_trainable(cfg, moe_layer_cls=MoELayer)
+    try:
+        init_vp2o(plain, cfg.vp2o, cfg.parallel.use_sequence_parallel)
+        message = None
+    except NoVP2OLayers as exc:
+        message = str(exc)
+    moe = [m for m in vp2o_trainable.module.modules() if isinstance(m, MoELayer)]
+    layers = vp2o_layers(vp2o_trainable.model)
+    return {"message": message, "num_moe": len(moe), "num_vp2o": len(layers),
+            "vp2o_routers": sum(isinstance(layer.router, VP2OTopKRouter) for layer in layers)}

@@ -17,6 +17,8 @@ def checks():
 
 @pytest.mark.parametrize("layout", ["sequential", "grouped"])
 def test_accessor_reads_and_writes_each_layout(checks, layout):
+    if checks[layout] is None:
+        pytest.skip("megatron-core without the legacy GroupedMLP (compat row 3)")
     got = checks[layout]
     assert got["fc2"] and got["roundtrip"] and got["fc2_flat_shape"] and got["mask"], got
     assert got["shape"] == (8, 32, 32)
