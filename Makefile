@@ -3,13 +3,28 @@
 # Both create .venv and install what is missing. An existing torch is never replaced: with no
 # torch, torch==2.13.0 (a local CPU build on our machines) is installed first, and the installed
 # torch version is passed to every later pip call as a constraint.
+#   make test-latest   the same suite's megatron-facing tests on megatron-core 0.19.2 (second venv)
+#   make gpu-check     the GPU acceptance check (skips with one line where there is no CUDA)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vp2o-installed
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: install demo compare test bench clean
+# megatron-core's newest release, tested in a second venv. 0.17-0.19 declare Python >= 3.12 but ship
+# cp311 wheels that run on 3.11: on our 3.11 machines it is installed over the default install with
+# --no-deps --ignore-requires-python (users on 3.12 get it from a plain pip install), plus triton,
+# which 0.19's pipeline schedules import unconditionally.
+MCORE_LATEST ?= 0.19.2
+VENV_LATEST ?= .venv-latest
+PY_LATEST := $(VENV_LATEST)/bin/python
+STAMP_LATEST := $(VENV_LATEST)/.vp2o-installed-$(MCORE_LATEST)
+# What test-latest runs: everything that touches megatron-core (the pure algo/ tests and the reward
+# and sandbox tests do not, and run once, in make test).
+LATEST_TESTS ?= tests/foundation tests/distributed tests/moe tests/e2e tests/convert tests/rl/test_rollout.py \
+	tests/algo/test_device_boundary.py
+
+.PHONY: install install-latest demo compare test test-latest gpu-check bench clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +35,18 @@ $(STAMP): setup.py
 
 install: $(STAMP)
 
+$(STAMP_LATEST): setup.py
+	test -x $(PY_LATEST) || $(PYTHON) -m venv $(VENV_LATEST)
+	$(PY_LATEST) -c "import torch" 2>/dev/null || $(PY_LATEST) -m pip install -q "torch==$(TORCH_VERSION)"
+	$(PY_LATEST) -c "import torch; print('torch==' + torch.__version__)" > $(VENV_LATEST)/torch-constraint.txt
+	$(PY_LATEST) -m pip install -q -c $(VENV_LATEST)/torch-constraint.txt -e ".[dev,rewards]"
+	$(PY_LATEST) -m pip install -q --no-deps --ignore-requires-python "megatron-core==$(MCORE_LATEST)"
+	$(PY_LATEST) -m pip install -q -c $(VENV_LATEST)/torch-constraint.txt triton
+	$(PY_LATEST) -c "import megatron.core, importlib.metadata as m; v = m.version('megatron-core'); assert v == '$(MCORE_LATEST)', v"
+	touch $(STAMP_LATEST)
+
+install-latest: $(STAMP_LATEST)
+
 demo: install
 	rm -rf runs/demo
 	$(VENV)/bin/vp2o train --config examples/configs/tiny_cpu.yaml --out runs/demo $(ARGS)
@@ -29,6 +56,12 @@ compare: install
 
 test: install
 	$(PY) -m pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
+
+test-latest: install-latest
+	$(PY_LATEST) -m pytest $(LATEST_TESTS) -q -p no:cacheprovider $(PYTEST_ARGS)
+
+gpu-check: install
+	$(PY) tools/gpu_check.py $(ARGS)
 
 bench: install
 	$(PY) bench/bench_algo.py --quick

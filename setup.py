@@ -18,7 +18,7 @@ setup(
     packages=find_packages(include=["megatron_vp2o", "megatron_vp2o.*"]),
     include_package_data=True,
     install_requires=[
-        "megatron-core>=0.16.1,<0.20",
+        "megatron-core>=0.16.1,<=0.19.2",  # tested: 0.16.1 (make test) and 0.19.2 (make test-latest)
         "numpy",
         "pyyaml>=6",
         "rich>=13",
