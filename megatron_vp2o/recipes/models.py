@@ -103,7 +103,7 @@ def qwen3_30b_a3b(nodes: int = 2, ckpt: str = "/checkpoints/qwen3-30b-a3b") -> C
         model=qwen3_30b_a3b_model(), parallel=parallel,
         train=TrainConfig(steps=500, micro_batch_size=1, global_batch_size=dp, lr=1e-6, min_lr=1e-6, warmup_steps=0,
                           weight_decay=0.01, clip_grad=1.0, seed=1234),
-        data=DataConfig(path="/data/sft/unused.jsonl", tokenizer=f"{ckpt}/hf"),
+        data=DataConfig(tokenizer=f"{ckpt}/hf"),
         checkpoint=CheckpointConfig(every=20),
         logging=LoggingConfig(progress=False, wandb=True, wandb_project="vp2o-qwen3-30b-a3b"),
         rl=_rl_config(nodes, ckpt, prompts_per_step=64, max_new_tokens=3072),
@@ -118,7 +118,7 @@ def paper_33b_a4b(nodes: int = 8, ckpt: str = "/checkpoints/qwen3-moe-33b-a4b") 
         model=paper_33b_a4b_model(), parallel=parallel,
         train=TrainConfig(steps=1000, micro_batch_size=1, global_batch_size=dp, lr=1e-6, min_lr=1e-6,
                           warmup_steps=0, weight_decay=0.01, clip_grad=1.0, seed=1234),
-        data=DataConfig(path="/data/sft/unused.jsonl", tokenizer=f"{ckpt}/hf"),
+        data=DataConfig(tokenizer=f"{ckpt}/hf"),
         checkpoint=CheckpointConfig(every=50),
         logging=LoggingConfig(progress=False, wandb=True, wandb_project="vp2o-33b"),
         rl=_rl_config(nodes, ckpt, prompts_per_step=128, max_new_tokens=4096),
@@ -133,3 +133,22 @@ def get_recipe(name: str):
     if name not in RECIPES:
         raise ConfigError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
     return RECIPES[name]
+
+
+def _diff(value, default):
+    """The parts of a nested dict ``value`` that differ from ``default`` (tuples as lists)."""
+    if isinstance(value, dict) and isinstance(default, dict):
+        out = {k: _diff(v, default.get(k)) for k, v in value.items() if v != default.get(k)}
+        return {k: v for k, v in out.items() if v != {}}
+    return list(value) if isinstance(value, tuple) else value
+
+
+def recipe_yaml(cfg: Config, header: str = "") -> str:
+    """YAML of ``cfg`` with only the fields that differ from the defaults (loads back equal)."""
+    import yaml
+
+    from megatron_vp2o.config import to_dict
+
+    body = yaml.safe_dump(_diff(to_dict(cfg), to_dict(Config())), sort_keys=False, default_flow_style=False, width=100)
+    lines = [f"# {line}".rstrip() for line in header.strip().splitlines()] if header else []
+    return "\n".join(lines + [body])

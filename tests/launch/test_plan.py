@@ -1,0 +1,57 @@
+"""Contract: `vp2o plan`'s parameter, gradient, optimizer and trust-region snapshot bytes equal what
+the live objects of the tiny recipe hold (built by the trainer's builder in a 1-rank world, fp32
+and bf16), the fits verdict follows peak vs usable memory, and bad input is one line, exit 2."""
+
+import dataclasses
+
+import pytest
+
+from harness import run_world
+from megatron_vp2o.cli.main import main
+from megatron_vp2o.plan import plan_rank
+from megatron_vp2o.recipes import qwen3_30b_a3b, tiny_cpu
+
+
+@pytest.fixture(scope="module")
+def live():
+    return run_world(1, "launch.worlds_plan:measure", None, timeout_s=240)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_plan_bytes_equal_live_objects(live, dtype):
+    cfg = tiny_cpu()
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, params_dtype=dtype))
+    plan = plan_rank(cfg, world=1)
+    assert plan.params.tensors == live[dtype]["tensors"]
+    for row in ("params", "grads", "optimizer", "tr_snapshot"):
+        assert plan.bytes[row] == live[dtype][row], (row, plan.bytes[row], live[dtype][row])
+
+
+def test_snapshot_follows_the_algorithm():
+    cfg = tiny_cpu()
+    vp2o = plan_rank(cfg, 1).bytes
+    assert vp2o["tr_snapshot"] == vp2o["params"] + vp2o["optimizer"]
+    grpo = plan_rank(dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, algo="grpo")), 1).bytes
+    assert (grpo["tr_snapshot"], grpo["stein"], grpo["prototypes"], grpo["backtrack"]) == (0, 0, 0, 0)
+    tr_off = dataclasses.replace(cfg.vp2o, trust_region=dataclasses.replace(cfg.vp2o.trust_region, enabled=False))
+    freeze_only = plan_rank(dataclasses.replace(cfg, vp2o=tr_off), 1)
+    assert 0 < freeze_only.bytes["tr_snapshot"] < vp2o["tr_snapshot"]  # expert parameters and their state only
+
+
+def test_fits_is_peak_against_usable_memory():
+    plan = plan_rank(qwen3_30b_a3b(4), 32)
+    assert plan.peak_bytes(True) < plan.usable < plan.peak_bytes(False)
+    assert plan.fits(True) and not plan.fits(False)
+    one_node = plan_rank(qwen3_30b_a3b(1), 8)
+    assert not one_node.fits(True) and one_node.peak_bytes(True) > one_node.capacity
+
+
+def test_plan_cli_table_and_errors(capsys):
+    assert main(["plan", "--recipe", "qwen3_30b_a3b", "--nodes", "2,4", "rl.algo=grpo"]) == 0
+    out = capsys.readouterr().out
+    assert "rl.algo=grpo" in out and "[1] 32 GPUs" in out and "fits (full recompute)" in out
+    assert main(["plan", "--recipe", "qwen3_30b_a3b", "--nodes", "two"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--nodes must be" in err[0]
+    assert main(["plan", "--config", "examples/configs/tiny_cpu.yaml", "parallel.ep=3"]) == 2
+    assert "parallel.ep" in capsys.readouterr().err
