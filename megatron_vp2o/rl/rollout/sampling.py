@@ -56,6 +56,8 @@ class SamplingConfig:
             raise ValueError(f"sampling.top_k must be >= 0 (0 = off), got {self.top_k}")
         if self.max_new_tokens < 1:
             raise ValueError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.seed < 0:
+            raise ValueError(f"sampling.seed must be >= 0, got {self.seed}")
         if any(t < 0 for t in self.stop_token_ids):
             raise ValueError(f"sampling.stop_token_ids must be non-negative token ids, got {self.stop_token_ids}")
 
