@@ -3,7 +3,7 @@
 # see megatron_vp2o/compat.py for the supported range).
 #   docker build -t megatron-vp2o .
 #   docker run --gpus all --ipc=host -v $PWD/runs:/runs megatron-vp2o train --config examples/configs/tiny_cpu.yaml --out /runs/rl
-#   docker run --gpus all --ipc=host --entrypoint make megatron-vp2o gpu-check VENV=/usr
+#   docker run --gpus all --ipc=host --entrypoint python megatron-vp2o tools/gpu_check.py   # the GPU acceptance check
 ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.11-py3
 FROM ${BASE_IMAGE}
 ARG MCORE_VERSION=0.19.2

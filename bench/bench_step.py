@@ -177,7 +177,39 @@ def main() -> None:
     print(f"| layer 1 EP=1 (measured) | {m['exchange/bytes_moved/layer1']:>10.0f} | "
           f"{m['exchange/bytes_needed/layer1']:>10.0f} | {m['exchange/local_grad_bytes/layer1']:>10.0f} |")
     print("\n".join(exchange_table(state, int(row_bytes))))
+    tokens = sum(m.tokens.numel() for m in mbs)
+    for name, runs in (("grpo", p_runs), ("vp2o", v_runs)):
+        print(mfu_line(name, vp2o.module, cfg, tokens, median_of(runs, "wall")))
     print(f"ratio vp2o/grpo {statistics.median(ratios):.3f}")
+
+
+# Dense peak throughput (FLOP/s) by device name and dtype: bf16 tensor cores, fp32 through TF32.
+PEAK_FLOPS = {"H100": {"bf16": 989e12, "fp32": 495e12}, "H200": {"bf16": 989e12, "fp32": 495e12},
+              "A100": {"bf16": 312e12, "fp32": 156e12}}
+
+
+def model_flops_per_step(module, cfg, tokens: int) -> float:
+    """6 x active parameters x tokens (forward + backward; each token meets the dense weights and K of
+    E experts) + causal attention scores and values, 6 x L x S x D x tokens (half of 12 for causality)."""
+    experts = sum(p.numel() for n, p in module.named_parameters() if ".experts." in n)
+    dense = sum(p.numel() for n, p in module.named_parameters() if ".experts." not in n)
+    m = cfg.model
+    active = dense + experts * m.moe_router_topk / m.num_experts
+    return 6.0 * active * tokens + 6.0 * m.num_layers * m.seq_length * m.hidden_size * tokens
+
+
+def mfu_line(name: str, module, cfg, tokens: int, seconds: float) -> str:
+    """Model FLOP utilisation of a step that took ``seconds`` (on CUDA; the CPU has no peak here)."""
+    flops = model_flops_per_step(module, cfg, tokens)
+    if not torch.cuda.is_available():
+        return f"mfu {name}: n/a on CPU ({flops / seconds / 1e9:.2f} GFLOP/s achieved)"
+    dtype = "bf16" if cfg.model.params_dtype == "bf16" else "fp32"
+    device = torch.cuda.get_device_name()
+    peak = next((v[dtype] for k, v in PEAK_FLOPS.items() if k in device), None)
+    achieved = flops / seconds
+    if peak is None:
+        return f"mfu {name}: unknown peak for {device} ({achieved / 1e12:.2f} TFLOP/s achieved)"
+    return f"mfu {name} {achieved / peak:.4f} ({achieved / 1e12:.2f} of {peak / 1e12:.0f} TFLOP/s {dtype}, {device})"
 
 
 if __name__ == "__main__":
