@@ -38,7 +38,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: train.seed)")
     p.add_argument("--out", default=None, help="output directory (results.json, results.md, responses/)")
     p.add_argument("--config", default=None, help="YAML config (default: the first checkpoint's saved config)")
-    p.add_argument("--template", default=None, help="prompt template replacing the task's, e.g. '{problem}'")
+    p.add_argument("--template", action="append", default=[],
+                   help="prompt template replacing the task's, e.g. '{problem}': once for all --task, or once "
+                        "per --task ('' keeps that task's own)")
     p.add_argument("--compare", nargs=2, metavar=("BASELINE", "VP2O"), help="two results.json (or their dirs)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.ep=2 rl.sampling.temperature=0.6")
     return p
@@ -74,6 +76,8 @@ def check_args(args) -> None:
         raise ConfigError("--task and --data are required (e.g. --task math --data data/eval/math_aime_sample.jsonl)")
     if args.responses and len(args.responses) != len(args.task):
         raise ConfigError(f"--responses comes once per --task/--data pair ({len(args.task)}), got {len(args.responses)}")
+    if len(args.template) not in (0, 1, len(args.task)):
+        raise ConfigError(f"--template comes once, or once per --task ({len(args.task)}), got {len(args.template)}")
     if args.samples is not None and args.samples < 1:
         raise ConfigError(f"--samples must be >= 1, got {args.samples}")
     if args.out is None:
@@ -145,7 +149,7 @@ def run_generate(args) -> int:
     ckpts = _checkpoints(args.ckpt)
     cfg = _config(args, ckpts)
     check_layout(cfg, world_size_from_env())
-    benchmarks = load_benchmarks(args.task, args.data, args.template)
+    benchmarks = load_benchmarks(args.task, args.data, _templates(args))
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     for bench in benchmarks:  # fail before any process group exists
         encode_prompts(tokenizer, [it.prompt for it in bench.items])
@@ -193,7 +197,7 @@ def run_responses(args) -> int:
     from megatron_vp2o.eval.score import score_benchmark
 
     cfg = _config(args, [])
-    benchmarks = load_benchmarks(args.task, args.data, args.template)
+    benchmarks = load_benchmarks(args.task, args.data, _templates(args))
     texts = [read_responses(path, b.items) for path, b in zip(args.responses, benchmarks)]
     counter = None if cfg is None else _counter(load_tokenizer(cfg.data.tokenizer))
     timeout = 10.0 if cfg is None else cfg.rl.reward_timeout_s
@@ -201,6 +205,12 @@ def run_responses(args) -> int:
     ck = {"label": "responses", "path": ",".join(args.responses), "step": None, "results": results}
     _finish(Path(args.out), report.build_results(_settings(args, cfg, len(texts[0][0]), None), benchmarks, [ck]))
     return 0
+
+
+def _templates(args) -> list:
+    """One template (or None: the task's own) per --task."""
+    given = args.template * len(args.task) if len(args.template) == 1 else args.template or [None] * len(args.task)
+    return [t or None for t in given]
 
 
 def _finish(out: Path, results: dict) -> None:

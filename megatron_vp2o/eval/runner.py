@@ -28,9 +28,10 @@ class Benchmark:
     items: list[EvalItem]
 
 
-def load_benchmarks(tasks: list[str], paths: list[str], template: str | None = None,
+def load_benchmarks(tasks: list[str], paths: list[str], templates: list | None = None,
                     names: list[str] | None = None) -> list[Benchmark]:
-    """Read every (task, file) pair; names default to the file stems and must be unique."""
+    """Read every (task, file) pair (``templates[i]``: None keeps the task's own); names default to
+    the file stems and must be unique."""
     from megatron_vp2o.eval.tasks import DataError
 
     if len(tasks) != len(paths):
@@ -38,7 +39,8 @@ def load_benchmarks(tasks: list[str], paths: list[str], template: str | None = N
     names = list(names or [Path(p).stem for p in paths])
     if len(set(names)) != len(names):
         raise DataError(f"benchmark names must be unique (file stems): {names}; rename a file")
-    return [Benchmark(n, t, str(p), load_items(t, p, template)) for n, t, p in zip(names, tasks, paths)]
+    templates = list(templates or [None] * len(tasks))
+    return [Benchmark(n, t, str(p), load_items(t, p, tp)) for n, t, p, tp in zip(names, tasks, paths, templates)]
 
 
 def _rank0() -> bool:

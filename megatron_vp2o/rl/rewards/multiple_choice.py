@@ -6,7 +6,7 @@ tolerates the usual answer formats, most explicit first:
   1. an answer statement: "Answer: (C)", "answer: C", "The answer is C", "the correct answer is **(C)**"
      (the last one in the response counts);
   2. a boxed letter: \\boxed{C}, \\boxed{(C)}, \\boxed{\\text{C}};
-  3. the whole response is a letter: "C", "(C)", "C.", "C) because ...";
+  3. the response starts with a letter: "C", "(C)", "C.", "C) because ..." (and names no other "(X)");
   4. a single parenthesised letter "(C)" anywhere.
 
 Letters beyond ``num_choices`` are ignored. A hedge is no answer: several different boxed
@@ -34,10 +34,10 @@ def extract_choice(response: str, num_choices: int = 10) -> str | None:
     boxed = {m for m in _BOXED.findall(response) if m in valid}
     if boxed:
         return boxed.pop() if len(boxed) == 1 else None
-    alone = _ALONE.match(response)
-    if alone and alone.group(1) in valid:
-        return alone.group(1)
     parens = {m for m in _PAREN.findall(response) if m in valid}
+    alone = _ALONE.match(response)
+    if alone and alone.group(1) in valid and parens <= {alone.group(1)}:
+        return alone.group(1)
     return parens.pop() if len(parens) == 1 else None
 
 

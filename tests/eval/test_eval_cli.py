@@ -1,0 +1,116 @@
+"""Contract: `vp2o eval` of the shipped tiny policy on the shipped samples of every task gives the same
+texts and scores on 1 rank and under torchrun EP=2 (same seed); `--responses` with those texts gives
+the same numbers; `--compare` of the two runs shows zero deltas; results.json has the documented keys."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_vp2o.cli.main import main
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIG = "examples/configs/tiny_cpu.yaml"
+# (task, file, template): the digit-sum file in the math layout with the bare prompt the tiny policy was
+# trained on (non-zero scores); the others with their task's own template ('')
+BENCHES = [("math", "data/eval/math_digit_sum.jsonl", "{problem}"), ("math", "data/eval/math_aime_sample.jsonl", ""),
+           ("multiple_choice", "data/eval/gpqa_sample.csv", ""),
+           ("multiple_choice", "data/eval/mmlu_pro_sample.jsonl", ""),
+           ("ifeval", "data/eval/ifeval_sample.jsonl", ""), ("code", "data/eval/code_sample.jsonl", "")]
+LABEL = "tiny_policy-iter_0001000"
+
+
+def bench_args(with_templates: bool = True) -> list[str]:
+    out = []
+    for task, path, template in BENCHES:
+        out += ["--task", task, "--data", path] + (["--template", template] if with_templates else [])
+    return out
+
+
+def _env():
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    from megatron_vp2o.rl.sandbox import UNCONFINED_ENV, _bwrap_problem
+    import shutil
+
+    if _bwrap_problem(shutil.which("bwrap")) is not None:
+        env[UNCONFINED_ENV] = "1"
+    return env
+
+
+def _eval(out: Path, nproc: int) -> Path:
+    args = ["eval", "--ckpt", "checkpoints/tiny_policy", "--config", CONFIG, *bench_args(), "--samples", "4",
+            "--seed", "7", "--out", str(out)]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "megatron_vp2o.cli.main", *args]
+    else:
+        from harness import free_port
+
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+               f"--master-port={free_port()}", "--master-addr=127.0.0.1", "-m", "megatron_vp2o.cli.main", *args,
+               "parallel.ep=2"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    return _eval(tmp / "one", 1), _eval(tmp / "ep2", 2)
+
+
+def _results(out: Path) -> dict:
+    return json.loads((out / "results.json").read_text())
+
+
+def test_results_have_the_documented_keys(runs):
+    res = _results(runs[0])
+    assert set(res["benchmarks"]) == {Path(p).stem for _, p, _ in BENCHES}
+    [ck] = res["checkpoints"]
+    assert ck["label"] == LABEL and ck["step"] == 1000
+    for name, r in ck["results"].items():
+        s = r["summary"]
+        assert {"pass@1", "pass@2", "pass@4", "avg@4", "tokens/median", "tokens/mean"} <= set(s), name
+        assert s["pass@1"] <= s["pass@2"] <= s["pass@4"] and len(r["problems"]) == s["problems"]
+        assert all(p["n"] == 4 for p in r["problems"])
+    results = ck["results"]
+    assert {"maj@1", "maj@4"} <= set(results["gpqa_sample"]["summary"])
+    assert {"prompt_strict", "prompt_loose", "inst_strict", "inst_loose"} <= set(results["ifeval_sample"]["summary"])
+    assert "rating" in results["code_sample"]["summary"]
+    assert results["math_digit_sum"]["summary"]["pass@1"] > 0  # the policy's own task, in the math layout
+    assert (runs[0] / "results.md").read_text().count("| " + LABEL) == len(BENCHES)
+
+
+def test_one_rank_and_ep2_give_the_same_texts_and_scores(runs):
+    one, ep2 = runs
+    for _, path, _ in BENCHES:
+        name = Path(path).stem
+        a = (one / "responses" / LABEL / f"{name}.jsonl").read_text()
+        assert a == (ep2 / "responses" / LABEL / f"{name}.jsonl").read_text(), name
+    a, b = _results(one)["checkpoints"][0]["results"], _results(ep2)["checkpoints"][0]["results"]
+    assert a == b
+
+
+def test_responses_give_the_same_scores_as_generation(runs, tmp_path, capsys):
+    gen = runs[0]
+    out = tmp_path / "scored"
+    responses = []
+    for _, path, _ in BENCHES:
+        responses += ["--responses", str(gen / "responses" / LABEL / f"{Path(path).stem}.jsonl")]
+    assert main(["eval", *responses, *bench_args(), "--config", CONFIG, "--out", str(out)]) == 0
+    scored = _results(out)["checkpoints"][0]["results"]
+    generated = _results(gen)["checkpoints"][0]["results"]
+    assert scored == generated
+
+
+def test_compare_of_equal_runs_has_zero_deltas(runs, tmp_path, capsys):
+    assert main(["eval", "--compare", str(runs[0]), str(runs[1] / "results.json"), "--out", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    lines = [line for line in table.splitlines() if line.startswith("| ") and "benchmark" not in line]
+    assert len(lines) >= len(BENCHES) and all("+0 [+0, +0]" in line for line in lines)
+    assert (tmp_path / "compare.md").read_text() == table
