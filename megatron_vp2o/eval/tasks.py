@@ -16,7 +16,8 @@ Each task reads the fields of its benchmark's public layout (first name found wi
                    assert-based test source; optional ``rating`` (Codeforces problem rating),
                    ``time_limit`` (seconds per test)
 
-A row's id is its ``id`` / ``ID`` / ``key`` / ``question_id`` field, else its 0-based line number.
+A row's id is its ``id`` / ``ID`` / ``key`` / ``question_id`` / ``Record ID`` field, else its 0-based
+row number.
 Prompts are built by one-line templates (fields joined by spaces, so they encode with any
 tokenizer, the tiny recipe's printable-ASCII one included); ``--template`` replaces them.
 Every malformed row raises :class:`DataError` naming the file, the row and the field.
@@ -98,7 +99,7 @@ def _field(row: dict, names: tuple, where: str, task: str, required: bool = True
 
 
 def _row_id(row: dict, index: int) -> str:
-    for name in ("id", "ID", "key", "question_id"):
+    for name in ("id", "ID", "key", "question_id", "Record ID"):
         if row.get(name) is not None:
             return str(row[name])
     return str(index)
