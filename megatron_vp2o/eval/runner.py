@@ -17,6 +17,7 @@ from megatron_vp2o.eval.generate import EvalEngine, encode_prompts, generate_sam
 from megatron_vp2o.eval.score import score_benchmark
 from megatron_vp2o.eval.tasks import EvalItem, load_items
 
+RL_EVAL_SEED = 1_000_003  # rl.eval samples with seed train.seed + this (`vp2o eval --seed` reproduces it)
 FLAT_KEYS = ("pass@1", "prompt_strict", "prompt_loose", "inst_strict", "inst_loose", "rating", "tokens/median")
 
 
@@ -85,12 +86,38 @@ def evaluate_checkpoints(cfg, ckpts: list[str], benchmarks: list[Benchmark], sam
 
 def evaluate_benchmarks(model, tokenizer, benchmarks: list[Benchmark], samples: int, sampling, seed: int,
                         timeout_s: float = 10.0, prefix: str = "eval") -> dict:
-    """Flat ``{prefix}/{benchmark}/{metric}`` numbers (rank 0; {} elsewhere) for training logs."""
+    """Flat ``{prefix}/{benchmark}/{metric}`` numbers (pass@k, avg@n, maj@k and FLAT_KEYS; rank 0,
+    {} elsewhere) for training logs."""
     results = evaluate_model(model, tokenizer, benchmarks, samples, sampling, seed, timeout_s)
     flat = {}
     for name, res in results.items():
-        for key in FLAT_KEYS:
-            value = res["summary"].get(key)
-            if isinstance(value, (int, float)):
+        for key, value in res["summary"].items():
+            if (key in FLAT_KEYS or key.split("@")[0] in ("pass", "avg", "maj")) and isinstance(value, (int, float)):
                 flat[f"{prefix}/{name}/{key}"] = float(value)
     return flat
+
+
+def rl_benchmarks(entries) -> list[Benchmark]:
+    """The ``rl.eval`` entries (task, data, template) read as benchmarks; errors name ``rl.eval[i]``."""
+    from megatron_vp2o.eval.tasks import DataError
+
+    out = []
+    for i, entry in enumerate(entries):
+        try:
+            out += load_benchmarks([entry.task], [entry.data], [entry.template])
+        except DataError as err:
+            raise DataError(f"rl.eval[{i}]: {err}") from None
+    if len({b.name for b in out}) != len(out):
+        raise DataError(f"rl.eval: benchmark file stems must be unique, got {[b.name for b in out]}")
+    return out
+
+
+def evaluate_rl(sess, prefix: str = "eval") -> dict:
+    """The ``rl.eval`` benchmarks on the trainer's current weights (``Session.evaluate``): the same
+    generate-and-score path as ``vp2o eval``, with ``rl.eval_samples`` samples at ``rl.sampling``
+    and one fixed seed, so successive evaluations differ only through the weights."""
+    if not sess.cfg.rl.eval:
+        return {}
+    tokenizer, rl = sess.tokenizer, sess.cfg.rl
+    return evaluate_benchmarks(sess.engine.model, tokenizer, rl_benchmarks(rl.eval), rl.eval_samples, rl.sampling,
+                               sess.cfg.train.seed + RL_EVAL_SEED, rl.reward_timeout_s, prefix)

@@ -40,6 +40,15 @@ class BudgetConfig:
 
 
 @dataclass
+class EvalTaskConfig:
+    """One benchmark evaluated during training by `vp2o eval`'s code (docs/evaluation.md)."""
+
+    task: Literal["math", "multiple_choice", "ifeval", "code"] = "math"  # the benchmark's task
+    data: str = ""  # benchmark file in the task's public layout (e.g. data/eval/math_aime_sample.jsonl)
+    template: Optional[str] = None  # prompt template (null: the task's own; '{problem}' for the bare problem)
+
+
+@dataclass
 class RLConfig:
     algo: Literal["vp2o", "grpo"] = "vp2o"  # learner: VP2O or the GRPO-with-clipping baseline
     policy: Optional[str] = None  # initial policy checkpoint (megatron dist checkpoint; null: checkpoint.load)
@@ -47,6 +56,7 @@ class RLConfig:
     eval_prompts: Optional[str] = "data/prompts/digit_sum_eval.jsonl"  # evaluated at start/end (null: off)
     eval_every: int = 0  # also evaluate every n steps (0: only at start and end)
     eval_samples: int = 8  # samples per eval prompt (for pass@1 and distinct correct answers)
+    eval: list[EvalTaskConfig] = field(default_factory=list)  # benchmarks evaluated with eval_prompts -> eval/<file>/*
     steps: int = 30  # learner updates
     lr: Optional[float] = None  # constant learning rate for RL (null: train.lr with its schedule)
     prompts_per_step: int = 8  # prompts per rollout batch (all data-parallel ranks)

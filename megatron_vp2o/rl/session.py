@@ -20,6 +20,7 @@ from megatron_vp2o.checkpoint.dist import load_rank_state
 from megatron_vp2o.config import ConfigError, check_layout, to_dict
 from megatron_vp2o.data.tokenizer import load_tokenizer
 from megatron_vp2o.distributed.init import init_parallel, world_size_from_env
+from megatron_vp2o.eval.runner import evaluate_rl, rl_benchmarks
 from megatron_vp2o.monitor import MetricsLogger, Progress
 from megatron_vp2o.rl.actor import act, reward_metrics
 from megatron_vp2o.rl.batches import make_batches, mini_batches
@@ -39,6 +40,7 @@ def check_inputs(cfg):
     tok = load_tokenizer(cfg.data.tokenizer)
     prompts = _prompt_file(rl.prompts, "rl.prompts")
     evals = _prompt_file(rl.eval_prompts, "rl.eval_prompts") if rl.eval_prompts else []
+    rl_benchmarks(rl.eval)  # rl.eval files exist and parse (eval/runner.py)
     policy = rl.policy_path(cfg.checkpoint.load)
     if policy is None:
         raise ConfigError("rl.policy must point at the initial policy checkpoint (e.g. the shipped "
@@ -211,14 +213,15 @@ class Session:
 
     # ---- evaluation, checkpoints, summary ----------------------------------------------------
     def evaluate(self, prefix: str) -> dict:
+        bench = evaluate_rl(self, prefix)  # rl.eval benchmarks: eval/<benchmark>/<metric>
         if not self.eval_prompts:
-            return {}
+            return bench
         dp = ps.get_data_parallel_world_size()
         n = len(self.eval_prompts) - len(self.eval_prompts) % dp
         batch = act(self.engine, self.tokenizer, self.eval_prompts, self.cfg, 0, self.cfg.train.seed + EVAL_SEED,
                     per_step=n, group=self.cfg.rl.eval_samples)
         out = reward_metrics(batch, self.cfg.rl.eval_samples, prefix)
-        return {k: v for k, v in out.items() if not k.startswith("rollout/")}  # eval is not rollout cost
+        return bench | {k: v for k, v in out.items() if not k.startswith("rollout/")}  # eval is not rollout cost
 
     def save(self, state):
         extra = {"step": state.step, "refreshes": state.refreshes, "steps_since_refresh": state.steps_since_refresh,

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from megatron_vp2o.cli.main import main
+from megatron_vp2o.eval.runner import RL_EVAL_SEED
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = "examples/configs/tiny_cpu.yaml"
@@ -23,6 +24,7 @@ BENCHES = [("math", "data/eval/math_digit_sum.jsonl", "{problem}"), ("math", "da
            ("multiple_choice", "data/eval/mmlu_pro_sample.jsonl", ""),
            ("ifeval", "data/eval/ifeval_sample.jsonl", ""), ("code", "data/eval/code_sample.jsonl", "")]
 LABEL = "tiny_policy-iter_0001000"
+TRAIN_SEED = 7  # the eval runs sample with train.seed + RL_EVAL_SEED: what `vp2o train` uses for rl.eval
 
 
 def bench_args(with_templates: bool = True) -> list[str]:
@@ -44,7 +46,7 @@ def _env():
 
 def _eval(out: Path, nproc: int) -> Path:
     args = ["eval", "--ckpt", "checkpoints/tiny_policy", "--config", CONFIG, *bench_args(), "--samples", "4",
-            "--seed", "7", "--out", str(out)]
+            "--seed", str(TRAIN_SEED + RL_EVAL_SEED), "--out", str(out)]
     if nproc == 1:
         cmd = [sys.executable, "-m", "megatron_vp2o.cli.main", *args]
     else:
@@ -114,3 +116,27 @@ def test_compare_of_equal_runs_has_zero_deltas(runs, tmp_path, capsys):
     lines = [line for line in table.splitlines() if line.startswith("| ") and "benchmark" not in line]
     assert len(lines) >= len(BENCHES) and all("+0 [+0, +0]" in line for line in lines)
     assert (tmp_path / "compare.md").read_text() == table
+
+
+def test_rl_eval_during_training_is_the_same_evaluation(runs, tmp_path):
+    """rl.eval at step 0 (the initial policy) gives vp2o eval's numbers; they land in metrics.jsonl."""
+    entries = ", ".join(f'{{task: {t}, data: {p}' + (f', template: "{tp}"}}' if tp else "}") for t, p, tp in BENCHES[:3])
+    out = tmp_path / "train"
+    cmd = [sys.executable, "-m", "megatron_vp2o.cli.main", "train", "--config", CONFIG, "--out", str(out),
+           "logging.progress=false", "rl.eval_prompts=null", "rl.algo=grpo", "rl.prompts_per_step=4",
+           "rl.policy_loss.group_size=4", "rl.steps=1", f"train.seed={TRAIN_SEED}", "rl.eval_samples=4",
+           f"rl.eval=[{entries}]"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first, last = rows[0], rows[-1]
+    assert first["step"] == 0 and last["step"] == 1
+    results = _results(runs[0])["checkpoints"][0]["results"]
+    for _, path, _ in BENCHES[:3]:
+        name = Path(path).stem
+        for key in ("pass@1", "pass@4", "avg@4", "maj@4", "tokens/median"):
+            assert first[f"eval/{name}/{key}"] == pytest.approx(results[name]["summary"][key]), (name, key)
+            assert f"eval/{name}/{key}" in last
+    bad = subprocess.run(cmd[:-1] + ["rl.eval=[{task: math, data: /no/such.jsonl}]"], cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "rl.eval[0]" in bad.stderr and "/no/such.jsonl" in bad.stderr
