@@ -27,7 +27,7 @@ setup(
         "transformers>=4.51",  # tokenizers, HF conversion reference
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout", "tensorboard", "wandb", "matplotlib"],  # matplotlib: vp2o plot tests
+        "dev": ["pytest>=8", "pytest-timeout", "tensorboard", "wandb", "matplotlib", "hypothesis"],  # matplotlib: vp2o plot tests; hypothesis: tests/cli/test_fuzz.py
         "rewards": ["math-verify", "reasoning-gym"],
         "launch": ["nemo-run", "leptonai==0.27.3"],
         "plots": ["matplotlib"],

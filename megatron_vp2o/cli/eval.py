@@ -19,7 +19,6 @@ nothing written.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -96,7 +95,9 @@ def _config(args, ckpts):
         if args.overrides:
             raise ConfigError("overrides need --config (or --ckpt, whose saved config they modify)")
         return None
-    saved = json.loads((ckpts[0] / "vp2o.json").read_text()).get("config")
+    from megatron_vp2o.checkpoint.meta import read_meta
+
+    saved = read_meta(ckpts[0], "--ckpt").get("config")
     if not saved or "model" not in saved:
         raise ConfigError(f"--ckpt '{ckpts[0]}' saved no config; pass --config")
     # only what evaluation needs (older checkpoints may hold keys this version no longer has);
@@ -109,7 +110,7 @@ def _config(args, ckpts):
 
 
 def _checkpoints(paths: list[str]) -> list[Path]:
-    from megatron_vp2o.checkpoint.dist import latest_checkpoint
+    from megatron_vp2o.checkpoint.meta import latest_checkpoint  # no megatron import before the checks
     from megatron_vp2o.config import ConfigError
 
     out = []
@@ -146,8 +147,12 @@ def run_generate(args) -> int:
     from megatron_vp2o.eval.generate import encode_prompts
     from megatron_vp2o.eval.runner import evaluate_checkpoints, load_benchmarks
 
+    from megatron_vp2o.checkpoint.meta import check_same_model
+
     ckpts = _checkpoints(args.ckpt)
     cfg = _config(args, ckpts)
+    for found in ckpts:  # the saved model config against ours, before any tensor is loaded
+        check_same_model(found, cfg.model, "--ckpt")
     check_layout(cfg, world_size_from_env())
     benchmarks = load_benchmarks(args.task, args.data, _templates(args))
     tokenizer = load_tokenizer(cfg.data.tokenizer)

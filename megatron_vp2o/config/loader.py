@@ -190,7 +190,7 @@ def read_text(path: str | Path, what: str) -> str:
     path = Path(path)
     if not path.is_file():
         kind = "is a directory, not a file" if path.is_dir() else "does not exist"
-        raise ConfigError(f"{what}: '{path}' {kind}")
+        raise ConfigError(f"{what}: '{path}' {kind}; point {what.split()[0]} at an existing file")
     try:
         return path.read_text(encoding="utf-8")
     except OSError as exc:

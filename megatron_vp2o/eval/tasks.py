@@ -72,12 +72,18 @@ def read_rows(path: str | Path) -> list[tuple[str, dict]]:
             raise DataError(f"--data: reading '{path}' needs pyarrow (pip install pyarrow), "
                             "or convert it to JSONL") from None
         return [(f"{path}:{i}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
-    if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            return [(f"{path}:{i + 2}", dict(row)) for i, row in enumerate(csv.DictReader(f))]
-    text = path.read_text(encoding="utf-8")
+    try:
+        if suffix == ".csv":
+            with path.open(newline="", encoding="utf-8") as f:
+                return [(f"{path}:{i + 2}", dict(row)) for i, row in enumerate(csv.DictReader(f))]
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"--data: '{path}' is not UTF-8 text") from None
     if text.lstrip().startswith("["):
-        rows = json.loads(text)
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: invalid JSON: {err}") from None
         return [(f"{path}:[{i}]", row) for i, row in enumerate(rows)]
     out = []
     for lineno, line in enumerate(text.splitlines(), start=1):

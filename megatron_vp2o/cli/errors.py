@@ -1,0 +1,135 @@
+"""The catalogue of user-facing errors: the error classes (what each means, the fix) and example
+messages produced by running real command lines through the CLI's checks.
+
+``docs/errors.md`` is generated from this module -- ``python -m megatron_vp2o.cli.errors --write``
+-- and ``tests/cli/test_errors_doc.py`` fails when the file and the code disagree (a message
+changed, a class added without a row here).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import sys
+from pathlib import Path
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "errors.md"
+TINY = "examples/configs/tiny_cpu.yaml"
+
+# (class, where it is defined, what it means, the fix)
+CLASSES = (
+    ("usage error", "megatron_vp2o.cli.main.OneLineParser",
+     "the command line itself is wrong: an unknown subcommand or option, a missing required option, "
+     "an option value of the wrong type or outside its choices",
+     "run `vp2o <command> --help` and correct the option"),
+    ("ConfigError", "megatron_vp2o.config.loader",
+     "a config field or an input is unusable: unknown key, wrong type, out-of-range or non-finite "
+     "number, malformed YAML, impossible parallel layout for WORLD_SIZE, a missing/empty/unreadable "
+     "input file, a checkpoint that is missing, damaged or of another model",
+     "change the named field or path as the message says; the message names it as `section.field`"),
+    ("ConversionError", "megatron_vp2o.checkpoint.hf.archs",
+     "`vp2o convert` input is unusable: the HF directory, its config.json or safetensors, the "
+     "layout flags, or an output directory that already has content (a ConfigError)",
+     "fix the named directory or flag; nothing was written"),
+    ("CheckpointStateError", "megatron_vp2o.checkpoint.state",
+     "a per-rank resume file (`rank<r>.pt`) is not plain data (tensors and plain containers): an "
+     "old-format or foreign pickle; it was refused without being unpickled (a ConfigError)",
+     "resume from a checkpoint written by this version, or start without --resume"),
+    ("DataError", "megatron_vp2o.eval.tasks",
+     "a `vp2o eval` benchmark or responses file is missing, not UTF-8, not valid JSON/CSV, or lacks "
+     "a field its task needs (a ConfigError)",
+     "fix the named file and line, or pass the matching --task"),
+)
+
+# (what goes wrong, environment, argument list): each runs through the parser and the pre-flight
+# checks only (never the run itself) from the repository root.
+EXAMPLES = (
+    ("unknown key", {}, ["train", "--config", TINY, "--out", "runs/x", "logging.tensorbord=true"]),
+    ("wrong type", {}, ["train", "--config", TINY, "--out", "runs/x", "train.steps=abc"]),
+    ("out of range", {}, ["train", "--config", TINY, "--out", "runs/x", "rl.sampling.top_p=1.5"]),
+    ("non-finite number", {}, ["train", "--config", TINY, "--out", "runs/x", "train.lr=.inf"]),
+    ("malformed YAML value", {}, ["train", "--config", TINY, "--out", "runs/x", "rl.lr=[1"]),
+    ("override below a value", {}, ["train", "--config", TINY, "--out", "runs/x", "train.lr.x=1"]),
+    ("missing config file", {}, ["train", "--config", "nope.yaml", "--out", "runs/x"]),
+    ("impossible layout", {"WORLD_SIZE": "2"}, ["train", "--config", TINY, "--out", "runs/x", "parallel.ep=3"]),
+    ("prompts vs data-parallel size", {"WORLD_SIZE": "2"},
+     ["train", "--config", TINY, "--out", "runs/x", "rl.prompts_per_step=3"]),
+    ("missing input file", {}, ["train", "--config", TINY, "--out", "runs/x", "rl.prompts=data/prompts/nope.jsonl"]),
+    ("missing checkpoint", {}, ["train", "--config", TINY, "--out", "runs/x", "rl.policy=checkpoints/nope"]),
+    ("checkpoint of another model", {}, ["train", "--config", TINY, "--out", "runs/x", "model.num_experts=16"]),
+    ("missing SFT data", {}, ["sft", "--config", TINY, "--out", "runs/x", "data.path=data/sft/nope.jsonl"]),
+    ("bad WORLD_SIZE", {"WORLD_SIZE": "two"}, ["sft", "--config", TINY, "--out", "runs/x"]),
+    ("conversion input", {}, ["convert", "hf-to-mcore", "--hf", "hf/nope", "--out", "runs/x"]),
+    ("conversion layout", {}, ["convert", "hf-to-mcore", "--hf", "hf/nope", "--out", "runs/x", "--tp", "0"]),
+    ("export input", {}, ["convert", "mcore-to-hf", "--ckpt", "checkpoints/nope", "--out", "runs/x"]),
+    ("unknown option", {}, ["train", "--config", TINY, "--out", "runs/x", "--bogus"]),
+    ("option of the wrong type", {}, ["convert", "hf-to-mcore", "--hf", "h", "--out", "o", "--tp", "two"]),
+)
+
+
+@contextlib.contextmanager
+def _environ(env: dict):
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def example_message(argv: list[str], env: dict | None = None) -> str:
+    """The stderr line ``vp2o ARGV`` prints, from the parser and pre-flight checks only."""
+    from megatron_vp2o.cli.main import _parse, _subcommand_modules, _validate, one_line
+    from megatron_vp2o.config import ConfigError
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), _environ(env or {}):
+        try:
+            args = _parse(argv)
+        except SystemExit:
+            return err.getvalue().strip()
+        try:
+            _validate(args, _subcommand_modules())
+        except ConfigError as exc:
+            return f"vp2o {args.command}: error: {one_line(exc)}"
+    raise RuntimeError(f"example {argv} passes validation; it documents no error")
+
+
+def render() -> str:
+    lines = ["# Errors", "",
+             "Generated by `python -m megatron_vp2o.cli.errors --write` from `megatron_vp2o/cli/errors.py`;",
+             "`tests/cli/test_errors_doc.py` fails when this file and the code disagree.", "",
+             "Every bad input ends the same way: **one line on stderr** that names the field (`section.field`),",
+             "option or path and the fix, **exit code 2**, and nothing started or written: the checks run before",
+             "megatron-core is imported, before any process group, model or output file exists. Other failures",
+             "(a crash inside a run) exit 1 with a traceback.", "",
+             "## Error classes", "", "| error | defined in | meaning | fix |", "|---|---|---|---|"]
+    lines += [f"| `{name}` | `{where}` | {meaning} | {fix} |" for name, where, meaning, fix in CLASSES]
+    lines += ["", "## Examples", "",
+              "Run from the repository root; `WORLD_SIZE` is what `torchrun` sets.", ""]
+    for title, env, argv in EXAMPLES:
+        prefix = "".join(f"{k}={v} " for k, v in env.items())
+        lines += [f"**{title}**: `{prefix}vp2o {' '.join(argv)}`", "", "```",
+                  example_message(argv, env), "```", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    text = render()
+    if "--write" in argv:
+        DOC.write_text(text)
+        print(f"wrote {DOC}")
+    else:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    os.chdir(DOC.parents[1])
+    sys.exit(main())
