@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Optional, Tuple
 
 from .grpo import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES
 from .kernels import KERNELS
+from .specialization import ORTHO_FORMS
 from .trust_region import ON_VIOLATION
 
 ESS_LEVELS = ("sequence", "token")
@@ -156,12 +157,15 @@ class SpecializationConfig:
     ortho_coef: float = 1e-4
     #: Weight of the routing variance loss; 0 disables it.
     var_coef: float = 1e-3
+    #: Orthogonality form: "projection" (spec 2.9, grows with |x|^2) or "cosine" (squared cosine, scale-free).
+    ortho_form: str = "projection"
 
     def __post_init__(self) -> None:
         s = self.SECTION
         for field in ("ortho_coef", "var_coef"):
             value = getattr(self, field)
             _require(_is_number(value) and value >= 0, s, field, ">= 0", value)
+        _require(self.ortho_form in ORTHO_FORMS, s, "ortho_form", "one of {projection, cosine}", self.ortho_form)
 
 
 @dataclass

@@ -111,7 +111,7 @@ class _GatedSumOrthogonality(torch.autograd.Function):
     fused multiply-adds. Pairwise form; K <= _PAIRWISE_MAX_K, float32/64 (the caller checks)."""
 
     @staticmethod
-    def forward(ctx, x_TKD, gates_TK):
+    def forward(ctx, x_TKD, gates_TK, weight_T):
         top_k = x_TKD.shape[-2]
         xs, gs = x_TKD.unbind(-2), gates_TK.unbind(-1)
         sq_norm_TK = torch.linalg.vector_norm(x_TKD, dim=-1).square()
@@ -120,16 +120,18 @@ class _GatedSumOrthogonality(torch.autograd.Function):
         pairs = [(j, k) for j in range(top_k) for k in range(j + 1, top_k)]
         dot_TP = torch.stack([torch.linalg.vecdot(xs[j], xs[k]) for j, k in pairs], -1)
         pair_scale_TP = torch.stack([scale_TK[..., j] + scale_TK[..., k] for j, k in pairs], -1)
+        if weight_T is not None:  # token weights (the response mask) enter as a per-token factor
+            pair_scale_TP = pair_scale_TP * weight_T.unsqueeze(-1)
         total = (dot_TP * dot_TP * pair_scale_TP).sum()
         y_TD = xs[0] * gs[0].unsqueeze(-1)
         for k in range(1, top_k):
             y_TD.addcmul_(xs[k], gs[k].unsqueeze(-1))
-        ctx.save_for_backward(x_TKD, gates_TK, sq_norm_TK, inv_TK, dot_TP, pair_scale_TP)
+        ctx.save_for_backward(x_TKD, gates_TK, sq_norm_TK, inv_TK, dot_TP, pair_scale_TP, weight_T)
         return y_TD, total
 
     @staticmethod
     def backward(ctx, grad_y_TD, grad_total):
-        x_TKD, gates_TK, sq_norm_TK, inv_TK, dot_TP, pair_scale_TP = ctx.saved_tensors
+        x_TKD, gates_TK, sq_norm_TK, inv_TK, dot_TP, pair_scale_TP, weight_T = ctx.saved_tensors
         top_k = x_TKD.shape[-2]
         xs = x_TKD.unbind(-2)
         pairs = [(j, k) for j in range(top_k) for k in range(j + 1, top_k)]
@@ -140,27 +142,55 @@ class _GatedSumOrthogonality(torch.autograd.Function):
         own = [sum(sq_dot_TP[..., q] for q, pair in enumerate(pairs) if k in pair)
                for k in range(top_k)]  # sum of squared dots over each slot's pairs
         self_TK = 2.0 * grad_total * dscale_TK * torch.stack(own, -1)
+        if weight_T is not None:
+            self_TK = self_TK * weight_T.unsqueeze(-1)
         grad_TKD = x_TKD * self_TK.unsqueeze(-1)
         grad_TKD.addcmul_(grad_y_TD.unsqueeze(-2), gates_TK.unsqueeze(-1))
         gs = grad_TKD.unbind(-2)  # views: the pair terms are added in place
         for q, (j, k) in enumerate(pairs):
             gs[j].addcmul_(xs[k], partner_TP[..., q:q + 1])
             gs[k].addcmul_(xs[j], partner_TP[..., q:q + 1])
-        return grad_TKD, grad_gates_TK
+        return grad_TKD, grad_gates_TK, None
+
+
+def orthogonality_cosine_per_token(expert_out_TKD: torch.Tensor) -> torch.Tensor:
+    """Scale-invariant form (OURS): per-token sum over ordered top-k pairs j != k of the squared
+    cosine cos^2(x_j, x_k) = <x_j, x_k>^2 / ((||x_j||^2 + eps)(||x_k||^2 + eps)) -> [T], in [0, K(K-1)].
+
+    Why: the spec's projection form equals <x_j, x_k>^2 (1/||x_j||^2 + 1/||x_k||^2), which grows with
+    the square of the output norms, so one coefficient cannot suit models (or training phases)
+    whose expert outputs differ in scale; the cosine form measures only the angle."""
+    x_TKD = expert_out_TKD.to(torch.promote_types(expert_out_TKD.dtype, torch.float32))
+    gram_TKK = torch.matmul(x_TKD, x_TKD.transpose(-1, -2))
+    inv_TK = 1.0 / (torch.diagonal(gram_TKK, dim1=-2, dim2=-1) + ORTHO_EPS)
+    cos2_TKK = gram_TKK * gram_TKK * inv_TK.unsqueeze(-1) * inv_TK.unsqueeze(-2)
+    off_diag_KK = ~torch.eye(x_TKD.shape[-2], dtype=torch.bool, device=x_TKD.device)
+    return torch.where(off_diag_KK, cos2_TKK, 0.0).sum((-1, -2))
+
+
+ORTHO_FORMS = ("projection", "cosine")
 
 
 def gated_sum_and_orthogonality(
-    expert_out_TKD: torch.Tensor, gates_TK: torch.Tensor
+    expert_out_TKD: torch.Tensor, gates_TK: torch.Tensor, token_weight_T: torch.Tensor | None = None,
+    form: str = "projection",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y = sum_k g_k x_k [T, D], orthogonality sum over tokens and ordered pairs): the MoE output
     formed from the raw per-slot outputs and the ortho loss's numerator (spec 2.9) in one pass
-    each way (`_GatedSumOrthogonality`) for K <= 4 in float32/64; composite otherwise."""
-    fused = (2 <= expert_out_TKD.shape[-2] <= _PAIRWISE_MAX_K and expert_out_TKD.dim() == 3
-             and expert_out_TKD.dtype in (torch.float32, torch.float64))
+    each way (`_GatedSumOrthogonality`) for K <= 4 in float32/64; composite otherwise.
+    ``token_weight_T`` (0/1: the response mask, spec 2.9) weights each token's term in the sum.
+    ``form``: "projection" (spec 2.9) or "cosine" (`orthogonality_cosine_per_token`, composite)."""
+    if form not in ORTHO_FORMS:
+        raise ValueError(f"form must be one of {{{', '.join(ORTHO_FORMS)}}} (got {form!r})")
+    fused = (form == "projection" and 2 <= expert_out_TKD.shape[-2] <= _PAIRWISE_MAX_K
+             and expert_out_TKD.dim() == 3 and expert_out_TKD.dtype in (torch.float32, torch.float64))
+    weight_T = None if token_weight_T is None else token_weight_T.to(expert_out_TKD.dtype)
     if fused:
-        return _GatedSumOrthogonality.apply(expert_out_TKD, gates_TK.to(expert_out_TKD.dtype))
+        return _GatedSumOrthogonality.apply(expert_out_TKD, gates_TK.to(expert_out_TKD.dtype), weight_T)
     y_TD = (expert_out_TKD * gates_TK.to(expert_out_TKD.dtype).unsqueeze(-1)).sum(-2)
-    return y_TD, orthogonality_per_token(expert_out_TKD).sum()
+    per_token = orthogonality_cosine_per_token if form == "cosine" else orthogonality_per_token
+    per_token_T = per_token(expert_out_TKD)
+    return y_TD, (per_token_T if weight_T is None else per_token_T * weight_T).sum()
 
 
 def routing_variance_loss_sum(
@@ -180,18 +210,24 @@ def routing_variance_loss_sum(
 
 
 def routing_variance_loss_sum_from_logits(
-    logits_TE: torch.Tensor,
+    logits_TE: torch.Tensor, token_weight_T: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`routing_variance_loss_sum` of p = softmax(logits) over all tokens, by the identity
-    sum_e p_e = 1:  Var_e(p) = (sum_e p_e^2 - 1/E) / (E - 1)  (3 ops on [T, E] instead of 7; the
-    gradient w.r.t. the logits is the same, since softmax's Jacobian annihilates the per-row
-    constant the centring adds)."""
+    """`routing_variance_loss_sum` of p = softmax(logits) over all tokens (or the tokens of the
+    0/1 ``token_weight_T``: count = their number), by the identity sum_e p_e = 1:
+    Var_e(p) = (sum_e p_e^2 - 1/E) / (E - 1)  (3 ops on [T, E] instead of 7; the gradient w.r.t.
+    the logits is the same, since softmax's Jacobian annihilates the per-row constant the
+    centring adds)."""
     dtype = torch.promote_types(logits_TE.dtype, torch.float32)
     probs_TE = torch.softmax(logits_TE.to(dtype), dim=-1)
     num_experts = probs_TE.shape[-1]
-    num_tokens = probs_TE.numel() // num_experts
-    total = -((probs_TE * probs_TE).sum() - num_tokens / num_experts) / (num_experts - 1)
-    return total, torch.tensor(float(num_tokens), dtype=total.dtype, device=total.device)
+    if token_weight_T is None:
+        num_tokens = probs_TE.numel() // num_experts
+        total = -((probs_TE * probs_TE).sum() - num_tokens / num_experts) / (num_experts - 1)
+        return total, torch.tensor(float(num_tokens), dtype=total.dtype, device=total.device)
+    weight_T = token_weight_T.to(dtype).reshape(-1)
+    sq_T = (probs_TE * probs_TE).sum(-1).reshape(-1)
+    total = -((sq_T - 1.0 / num_experts) * weight_T).sum() / (num_experts - 1)
+    return total, weight_T.sum()
 
 
 def routing_variance_loss(

@@ -198,8 +198,9 @@ def _main_mask(entry, mask_of):
 def anchor_statistic(layers, anchors) -> torch.Tensor:
     """D_anc over all layers, tokens and ranks (spec 2.10), identical on every rank.
 
-    ``anchors[i]`` = (anchor protos [E, D], anchor top-k [T, K], anchor gates [T, K]) for
-    ``layers[i]``, tokens in the order the layer captured them (micro-batches concatenated).
+    ``anchors[i]`` = (anchor protos [E, D], anchor top-k [T, K], anchor gates [T, K], ...) for
+    ``layers[i]``, tokens in the order the layer captured them (micro-batches concatenated); only
+    the tokens the layer counted (its response mask, captured with the routing) enter the mean.
     Layers with equal shapes are evaluated as one batch [L, ...].
     """
     sums = torch.zeros(2, dtype=torch.float64, device=device())
@@ -207,11 +208,12 @@ def anchor_statistic(layers, anchors) -> torch.Tensor:
     for layer, anchor in zip(layers, anchors):
         topk_TK = torch.cat([c[0] for c in layer.captured])
         gates_TK = torch.cat([c[1] for c in layer.captured])
-        entry = (topk_TK, gates_TK, layer.protos_ED, anchor[1], anchor[2], anchor[0])
+        counted_T = torch.cat([c[2] for c in layer.captured])  # response tokens (spec 2.10)
+        entry = (topk_TK, gates_TK, layer.protos_ED, anchor[1], anchor[2], anchor[0], counted_T)
         batches.setdefault(tuple(tuple(t.shape) for t in entry), []).append(entry)
     for entries in batches.values():
-        topk, gates, protos, anc_topk, anc_gates, anc_protos = (torch.stack(ts) for ts in zip(*entries))
-        total, count = tr.anchor_distance_sum(topk, gates, protos, anc_topk, anc_gates, anc_protos)
+        topk, gates, protos, anc_topk, anc_gates, anc_protos, counted = (torch.stack(ts) for ts in zip(*entries))
+        total, count = tr.anchor_distance_sum(topk, gates, protos, anc_topk, anc_gates, anc_protos, counted)
         sums += torch.stack([total.double(), count.double()])
     total, count = world_sum(sums).unbind()
     return total / count.clamp_min(1.0)

@@ -45,6 +45,8 @@ D hidden, N rows after dispatch.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
@@ -104,15 +106,29 @@ class VP2OMoELayer(MoELayer):
         self.captured: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.loss_norm: tuple[float, float] | None = None  # (N/(K T_glob), N/T_glob)
         self.loss_log = torch.zeros(4, device=dev)  # detached [ortho, var, entropy sum, tokens] of this step
-        self._pending = ([], [], [])  # per micro-batch: (mask_TE, logits_TE), (slot, loss) not yet folded in
+        self._pending = ([], [], [], [])  # per micro-batch: mask_TE, logits_TE, (slot, loss), weight_T not yet folded in
         self._route = None
+        self.token_mask = None  # [S*B] (or [B, S]) 0/1 tokens that count (the response), set per forward; None: all
 
     # --- per-step bookkeeping ------------------------------------------------------------------
     def reset_step_stats(self) -> None:
         self.counts_EE.zero_()
         self.captured = []
         self.loss_log = torch.zeros(4, device=self.counts_EE.device)
-        self._pending = ([], [], [])
+        self._pending = ([], [], [], [])
+
+    def token_weights(self, num_tokens: int, like: torch.Tensor) -> torch.Tensor:
+        """0/1 weight per routed token [T] (T = S*B sequence-major, this TP rank's slice under
+        sequence parallelism) from ``token_mask``; ones when none is set."""
+        mask = self.token_mask
+        if mask is None:
+            return torch.ones(num_tokens, dtype=like.dtype, device=like.device)
+        flat_T = mask.reshape(-1).to(device=like.device, dtype=like.dtype)
+        if flat_T.numel() != num_tokens and self.config.sequence_parallel:
+            rank = ps.get_tensor_model_parallel_rank()
+            flat_T = flat_T[rank * num_tokens:(rank + 1) * num_tokens]
+        assert flat_T.numel() == num_tokens, f"token mask of {flat_T.numel()} tokens for {num_tokens} routed tokens"
+        return flat_T
 
     def flush_stats(self) -> None:
         """Fold this layer's pending micro-batch statistics into ``counts_EE`` / ``loss_log``."""
@@ -138,6 +154,10 @@ class VP2OMoELayer(MoELayer):
         """The router's own forward (so its hooks and routing replay run), keeping the gating
         logits (for the full softmax), top-k ids and gates of this batch."""
         router = self.router
+        if padding_mask is None and self.token_mask is not None and self.training:
+            # megatron's own aux losses (load balancing, z-loss) then also see response tokens only
+            num_tokens = hidden_states.numel() // hidden_states.shape[-1]
+            padding_mask = self.token_weights(num_tokens, hidden_states).view(hidden_states.shape[:-1]) == 0
         router.keep_logits = True
         try:
             probs_TE, routing_map_TE = router(hidden_states, padding_mask=padding_mask)
@@ -148,14 +168,17 @@ class VP2OMoELayer(MoELayer):
             mask_TE = routing_map_TE.to(probs_TE.dtype)
             topk_TK = torch.sort(torch.topk(mask_TE, self.top_k, dim=-1).indices, -1).values
             gates_TK = torch.gather(probs_TE, 1, topk_TK)
-            if self.training:  # counts and router entropy: folded in by flush_step_stats
-                self._pending[0].append(mask_TE.detach())
+            weight_T = self.token_weights(topk_TK.shape[0], probs_TE) if self.training else None
+            if self.training:  # counts and router entropy (response tokens only): folded in by flush_step_stats
+                self._pending[0].append(mask_TE.detach() * weight_T.unsqueeze(-1))
                 self._pending[1].append(logits.detach().view(topk_TK.shape[0], -1))
+                self._pending[3].append(weight_T)
                 if len(self._pending[0]) >= _MAX_PENDING:  # a loop that never flushes (megatron's own)
                     self.flush_stats()
                 if self.capture:
-                    self.captured.append((topk_TK.detach(), gates_TK.detach()))
-        self._route = {"logits": logits.view(-1, self.config.num_moe_experts), "topk": topk_TK, "gates": gates_TK}
+                    self.captured.append((topk_TK.detach(), gates_TK.detach(), weight_T > 0))
+        self._route = {"logits": logits.view(-1, self.config.num_moe_experts), "topk": topk_TK, "gates": gates_TK,
+                       "weight": weight_T}
         return probs_TE, routing_map_TE
 
     def preprocess(self, hidden_states, probs, routing_map):
@@ -207,8 +230,10 @@ class VP2OMoELayer(MoELayer):
                     rows = [output, *self._route["slots"]]
                 raw_TKD = torch.stack([disp.combine_postprocess(r).reshape(-1, r.shape[-1]) for r in rows], dim=1)
             # output and the ortho loss's numerator in one fused pass each way (algo.specialization)
-            output_TD, ortho_total = specialization.gated_sum_and_orthogonality(raw_TKD, self._route["gates"])
-            ortho = (ortho_total, ortho_total.new_tensor(float(raw_TKD.shape[0] * raw_TKD.shape[1])))  # count K * T
+            weight_T = self._route["weight"]  # response tokens only (spec 2.9)
+            output_TD, ortho_total = specialization.gated_sum_and_orthogonality(
+                raw_TKD, self._route["gates"], weight_T, form=self.spec_cfg.ortho_form)
+            ortho = (ortho_total, weight_T.sum() * raw_TKD.shape[1])  # count K * T
             output = output_TD.view(*disp.hidden_shape[:-1], raw_TKD.shape[-1])
             if shared_expert_output is not None:
                 output = output + shared_expert_output
@@ -245,7 +270,8 @@ class VP2OMoELayer(MoELayer):
             total, count = ortho
             terms.append((0, "vp2o_ortho", cfg.ortho_coef, total, count))
         if cfg.var_coef > 0 and self.losses_on:
-            total, count = specialization.routing_variance_loss_sum_from_logits(self._route["logits"])
+            total, count = specialization.routing_variance_loss_sum_from_logits(self._route["logits"],
+                                                                                self._route["weight"])
             terms.append((1, "vp2o_var", cfg.var_coef, total, count))
         aux = None
         for slot, name, coef, total, count in terms:
@@ -282,7 +308,7 @@ def flush_step_stats(layers) -> None:
     values, router entropy sum and token count), batched over layers with the same token count."""
     groups: dict = {}
     for layer in layers:
-        masks, logits, losses = layer._pending
+        masks, logits, losses, weights = layer._pending
         if losses:
             layer.loss_log = layer.loss_log.to(losses[0][1].device)
             for slot in (0, 1):
@@ -290,20 +316,38 @@ def flush_step_stats(layers) -> None:
                 if vals:
                     layer.loss_log[slot] += torch.stack(vals).sum()
         if masks:
-            mask_TE, logits_TE = (torch.cat(masks) if len(masks) > 1 else masks[0],
-                                  torch.cat(logits) if len(logits) > 1 else logits[0])
-            groups.setdefault(tuple(mask_TE.shape), []).append((layer, mask_TE, logits_TE))
-        layer._pending = ([], [], [])
+            cat = lambda xs: torch.cat(xs) if len(xs) > 1 else xs[0]  # noqa: E731
+            mask_TE, logits_TE, weight_T = cat(masks), cat(logits), cat(weights)
+            groups.setdefault(tuple(mask_TE.shape), []).append((layer, mask_TE, logits_TE, weight_T))
+        layer._pending = ([], [], [], [])
     with torch.no_grad(), native():
         for entries in groups.values():
-            mask_LTE = torch.stack([m for _, m, _ in entries]).float()
+            mask_LTE = torch.stack([e[1] for e in entries]).float()  # already zero off the counted tokens
             counts_LEE = torch.bmm(mask_LTE.transpose(1, 2), mask_LTE)
-            logp_LTE = torch.log_softmax(torch.stack([g for _, _, g in entries]).float(), dim=-1)
-            entropy_L = -(logp_LTE.exp() * logp_LTE).sum((1, 2))
-            for (layer, _, _), counts_EE, entropy in zip(entries, counts_LEE, entropy_L):
+            logp_LTE = torch.log_softmax(torch.stack([e[2] for e in entries]).float(), dim=-1)
+            weight_LT = torch.stack([e[3] for e in entries]).float()
+            entropy_L = -((logp_LTE.exp() * logp_LTE).sum(-1) * weight_LT).sum(-1)
+            for (layer, *_), counts_EE, entropy, tokens in zip(entries, counts_LEE, entropy_L, weight_LT.sum(-1)):
                 layer.counts_EE += counts_EE.to(layer.counts_EE.dtype)
                 layer.loss_log = layer.loss_log.to(entropy.device)
-                layer.loss_log[2:] += torch.stack([entropy, entropy.new_tensor(float(mask_LTE.shape[1]))])
+                layer.loss_log[2:] += torch.stack([entropy, tokens])
+
+
+@contextmanager
+def response_tokens(model, loss_mask_BS: torch.Tensor):
+    """Within the block, every VP2O layer of ``model`` counts only the tokens where ``loss_mask_BS``
+    [B, S] is set (the columns whose outputs score response tokens; spec 2.5, 2.9, 2.10): in the
+    co-activation counts, the active set, the specialisation losses, the captured barycenters and
+    the router entropy. Set per micro-batch by the RL forward step."""
+    layers = vp2o_layers(model)
+    mask_T = loss_mask_BS.detach().t().reshape(-1)  # sequence-major, as the layers route [S, B] tokens
+    for layer in layers:
+        layer.token_mask = mask_T
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.token_mask = None
 
 
 def vp2o_moe_layer(spec_cfg: SpecializationConfig) -> type:

@@ -28,6 +28,7 @@ from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_regi
 from megatron_vp2o.device import device
 from megatron_vp2o.algo import grpo
 from megatron_vp2o.algo import trust_region as tr
+from megatron_vp2o.moe.layer import response_tokens
 from megatron_vp2o.rl.rollout.routing import rope_positions
 from megatron_vp2o.rl.rollout.sampling import token_logprobs
 
@@ -63,8 +64,10 @@ def policy_loss_func(batch, cfg, vocab_size, logits_BSV):
 
 
 def policy_forward_step(data_iterator, model, cfg=None, vocab_size=None):
+    """megatron forward step of the policy loss; VP2O layers count only the response tokens
+    (``loss_mask``: spec 2.5, 2.9, 2.10) in their statistics, losses and captures."""
     batch = next(data_iterator).to(next(model.parameters()).device)
-    with rope_positions(unwrap(model), batch.positions):
+    with rope_positions(unwrap(model), batch.positions), response_tokens(unwrap(model), batch.loss_mask):
         out = model(batch.tokens, batch.positions, batch.attention_mask)
     return out, partial(policy_loss_func, batch, cfg, vocab_size)
 

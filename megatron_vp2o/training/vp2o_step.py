@@ -92,11 +92,14 @@ def init_vp2o(trainable, cfg, sequence_parallel: bool, init_prototypes: bool = T
 def global_token_counts(micro_batches) -> tuple[float, float]:
     """(LM loss count N, routed tokens T per layer) over micro-batches and DP x CP ranks. N is the
     count megatron divides the gradients by: loss tokens, or ``mb.loss_count`` when the batch says
-    otherwise (the RL policy loss averages over sequences)."""
+    otherwise (the RL policy loss averages over sequences). T counts the response tokens of RL
+    batches (their forward step masks the rest out of the VP2O statistics), else every token."""
     counts = torch.zeros(2, dtype=torch.float64, device=device())  # a collective: on the device
     for mb in micro_batches:
-        n = mb.loss_count if hasattr(mb, "loss_count") else mb.loss_mask.sum()
-        counts += torch.tensor([float(n), float(mb.tokens.numel())], dtype=torch.float64, device=counts.device)
+        rl = hasattr(mb, "loss_count")  # RL batches: the layers count response tokens only (rl.learner)
+        n = mb.loss_count if rl else mb.loss_mask.sum()
+        routed = mb.loss_mask.sum() if rl else mb.tokens.numel()
+        counts += torch.tensor([float(n), float(routed)], dtype=torch.float64, device=counts.device)
     all_reduce_(counts, ps.get_data_parallel_group(with_context_parallel=True))
     return float(counts[0]), float(counts[1])
 
@@ -185,7 +188,7 @@ def _trust_region(state, snap, old_protos, anchors) -> tuple[int, float, int]:
 
 def capture_anchors(trainable, micro_batches, state: VP2OState, forward_step=lm_forward_step) -> list:
     """Anchor inputs from a forward-only pass of the current model (what actors log at a refresh):
-    per layer (prototypes [E, D], top-k [T, K], gates [T, K])."""
+    per layer (prototypes [E, D], top-k [T, K], gates [T, K], counted tokens [T] bool)."""
     for layer in state.layers:
         layer.reset_step_stats()
         layer.capture = True
@@ -196,7 +199,8 @@ def capture_anchors(trainable, micro_batches, state: VP2OState, forward_step=lm_
             num_microbatches=len(micro_batches), seq_length=mb.tokens.shape[1],
             micro_batch_size=mb.tokens.shape[0], forward_only=True)
     anchors = [(layer.protos_ED.clone(), torch.cat([c[0] for c in layer.captured]),
-                torch.cat([c[1] for c in layer.captured])) for layer in state.layers]
+                torch.cat([c[1] for c in layer.captured]), torch.cat([c[2] for c in layer.captured]))
+               for layer in state.layers]
     for layer in state.layers:
         layer.reset_step_stats()
     return anchors

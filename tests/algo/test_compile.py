@@ -76,6 +76,7 @@ CASES = {
     "svgd_direction": (stein.svgd_direction, (X["x"], -X["x"])),
     "normalized": (specialization.normalized, (X["grads"].sum(), torch.tensor(3.0))),
     "orthogonality_per_token": (specialization.orthogonality_per_token, (X["out"],)),
+    "orthogonality_cosine_per_token": (specialization.orthogonality_cosine_per_token, (X["out"],)),
     "gated_sum_and_orthogonality": (specialization.gated_sum_and_orthogonality,
                                     (X["out"], X["gates"])),
     "orthogonality_loss_sum": (specialization.orthogonality_loss_sum, (X["out"], X["mask"])),

@@ -29,7 +29,7 @@ def test_grpo_mini_batches_clip_and_budget(tmp_path):
     # the first optimizer step of a batch has ratio 1; later ones move it, and the clip binds somewhere
     assert max(abs(r["grpo/ratio_mean"] - 1.0) for r in rows) > 1e-4
     assert max(r["grpo/clip_fraction"] for r in rows) > 0.0
-    assert all(r["time/elapsed_s"] > 0 for r in rows)
+    assert all(r["timing/elapsed_s"] > 0 for r in rows)
 
 
 def test_vp2o_refreshes_only_with_a_reason(tmp_path):

@@ -106,9 +106,9 @@ def ortho_capture_checks(dispatcher: str) -> dict:
 
     original = specialization.gated_sum_and_orthogonality
 
-    def spy(raw_TKD, gates_TK):
+    def spy(raw_TKD, gates_TK, *args, **kwargs):
         captured["raw"] = raw_TKD
-        return original(raw_TKD, gates_TK)
+        return original(raw_TKD, gates_TK, *args, **kwargs)
 
     specialization.gated_sum_and_orthogonality = spy
     paths, rows_to_slots = [], layer._rows_to_slots
