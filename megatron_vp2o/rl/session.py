@@ -221,7 +221,18 @@ class Session:
         batch = act(self.engine, self.tokenizer, self.eval_prompts, self.cfg, 0, self.cfg.train.seed + EVAL_SEED,
                     per_step=n, group=self.cfg.rl.eval_samples)
         out = reward_metrics(batch, self.cfg.rl.eval_samples, prefix)
-        return bench | {k: v for k, v in out.items() if not k.startswith("rollout/")}  # eval is not rollout cost
+        out = {k: v for k, v in out.items() if not k.startswith("rollout/")}  # eval is not rollout cost
+        if self.layout.pp == 1 and self.layout.dp == 1:  # routing diagnostics alike for vp2o and grpo
+            from megatron_vp2o.rl.diagnostics import eval_diagnostics
+
+            model = unwrap(self.trainable.model)
+            was_training = model.training
+            model.eval()
+            try:
+                out |= eval_diagnostics(model, batch.rollouts, self.cfg.model.num_experts)
+            finally:
+                model.train(was_training)
+        return bench | out
 
     def save(self, state):
         extra = {"step": state.step, "refreshes": state.refreshes, "steps_since_refresh": state.steps_since_refresh,

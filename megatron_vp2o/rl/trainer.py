@@ -16,7 +16,7 @@ One RL step (spec 2.10-2.12; STYLE 8)::
 
 Every step logs ``vp2o/refresh_reason`` (``none`` when the buffer is kept), ``rollout/samples`` and
 ``rollout/tokens`` (cumulative training responses and response tokens generated) and
-``time/elapsed_s``; ``reward/*`` only on steps that generated a batch. A non-finite advantage
+``timing/elapsed_s``; ``reward/*`` only on steps that generated a batch. A non-finite advantage
 forces a refresh (``forced``); a non-finite loss or gradient skips the step (logged); skipped
 steps leave the weights unchanged.
 """
@@ -175,7 +175,7 @@ def run_rl(cfg, out_dir: str | Path, resume: bool = False) -> dict:
     t_start, elapsed0 = time.perf_counter(), state.elapsed_s
     first_eval = sess.evaluate("eval") if state.step == 0 else {}
     if first_eval:
-        sess.logger.log(0, first_eval | {"rollout/samples": 0, "rollout/tokens": 0, "time/elapsed_s": 0.0})
+        sess.logger.log(0, first_eval | {"rollout/samples": 0, "rollout/tokens": 0, "timing/elapsed_s": 0.0})
     metrics, done = {}, budget_spent(cfg, state) and state.next_refresh is not None
     while state.step < cfg.rl.steps and not done:
         state.step += 1
@@ -183,7 +183,7 @@ def run_rl(cfg, out_dir: str | Path, resume: bool = False) -> dict:
         metrics = rl_step(sess, state)
         metrics["timing/step"] = time.perf_counter() - t0
         state.elapsed_s = elapsed0 + time.perf_counter() - t_start
-        metrics["time/elapsed_s"] = state.elapsed_s
+        metrics["timing/elapsed_s"] = state.elapsed_s
         done = budget_spent(cfg, state) and state.next_refresh is not None
         last = done or state.step == cfg.rl.steps
         if last or _eval_due(cfg, state, samples_before):
