@@ -52,7 +52,7 @@ demo: install
 	$(VENV)/bin/vp2o train --config examples/configs/tiny_cpu.yaml --out runs/demo $(ARGS)
 
 compare: install
-	$(PY) tools/compare_algos.py $(ARGS)
+	$(PY) tools/compare.py --out runs/study $(ARGS)
 
 test: install
 	$(PY) -m pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
