@@ -51,10 +51,18 @@ def _layout(name: str, layouts: dict, nodes: int) -> ParallelConfig:
     return ParallelConfig(tp=tp, pp=pp, ep=ep, etp=1, cp=1, distributed_optimizer=True, overlap_grad_reduce=True)
 
 
+def _absolute(path: str | None) -> str | None:
+    return path if path is None or Path(path).is_absolute() else str(ROOT / path)
+
+
 def tiny_cpu(ranks: int = 1, ep: int = 1, steps: int | None = None) -> Config:
     """The tiny CPU recipe (``examples/configs/tiny_cpu.yaml``) for ``ranks`` processes with EP=``ep``."""
     cfg = load_config(ROOT / "examples" / "configs" / "tiny_cpu.yaml")
-    cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, ep=ep))
+    rl = cfg.rl  # the YAML's repository-relative paths made absolute: a launcher may start elsewhere
+    rl = dataclasses.replace(rl, policy=_absolute(rl.policy), prompts=_absolute(rl.prompts),
+                             eval_prompts=_absolute(rl.eval_prompts))
+    cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, ep=ep), rl=rl,
+                              data=dataclasses.replace(cfg.data, path=_absolute(cfg.data.path)))
     if steps is not None:
         cfg = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, steps=steps))
     return cfg
