@@ -29,7 +29,7 @@ from megatron_vp2o.config.validate import Layout, check_layout
 class VP2OConfig:
     """The VP2O method's knobs (spec section 3 defaults); see megatron_vp2o/algo/config.py."""
 
-    enabled: bool = True  # false: plain megatron training (GRPO baseline / SFT)
+    enabled: bool = True  # false: plain megatron layers and steps, configured policy loss, refresh every batch
     stein: SteinConfig = field(default_factory=SteinConfig)
     trust_region: TrustRegionConfig = field(default_factory=TrustRegionConfig)
     specialization: SpecializationConfig = field(default_factory=SpecializationConfig)

@@ -64,8 +64,11 @@ def phase(state: LoopState, name: str):
 
 def refresh_every_step(cfg) -> bool:
     """Actors refreshed for every learner update: rl.refresh=every_step (grpo's default), or a VP2O run
-    with its trust region off (``vp2o.trust_region.enabled=false``: "refresh every rollout batch")."""
-    return cfg.rl.refresh_policy == "every_step" or (cfg.rl.algo == "vp2o" and not cfg.vp2o.trust_region.enabled)
+    with its trust region off (``vp2o.trust_region.enabled=false``: "refresh every rollout batch") or
+    with VP2O off altogether (``vp2o.enabled=false``: plain megatron layers and steps)."""
+    vp2o = cfg.vp2o
+    return cfg.rl.refresh_policy == "every_step" or (
+        cfg.rl.algo == "vp2o" and not (vp2o.enabled and vp2o.trust_region.enabled))
 
 
 def refresh_decision(state: LoopState, cfg, stats_fn) -> tuple[str, dict]:

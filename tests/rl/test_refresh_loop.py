@@ -110,7 +110,7 @@ def test_anchor_failure_skips_the_statistics_pass():
 
 
 @pytest.mark.parametrize("overrides", [["rl.algo=grpo"], ["rl.refresh=every_step"],
-                                       ["vp2o.trust_region.enabled=false"]])
+                                       ["vp2o.trust_region.enabled=false"], ["vp2o.enabled=false"]])
 def test_rule_off_refreshes_every_step(overrides):
     sess = ScriptedSession(_cfg(*overrides), decisions=["reject"] * 5)
     state, reasons, _ = _run(sess, 5)
