@@ -52,9 +52,7 @@ def check_tokenizer(cfg):
 def check_prompts(path: str, field: str) -> None:
     from megatron_vp2o.rl.prompts import load_prompts
 
-    text = read_text(path, field)
-    if not text.strip():
-        raise ConfigError(f"{field}: '{path}' is empty; add JSONL lines with 'prompt' and 'task'")
+    read_text(path, field)  # exists, readable, UTF-8
     try:
         records = load_prompts(path)
     except ValueError as exc:
@@ -66,9 +64,7 @@ def check_prompts(path: str, field: str) -> None:
 def check_sft_data(path: str) -> None:
     from megatron_vp2o.data.sft import read_jsonl
 
-    text = read_text(path, "data.path")
-    if not text.strip():
-        raise ConfigError(f"data.path: '{path}' is empty; make data with `vp2o make-data digit-sum`")
+    read_text(path, "data.path")  # exists, readable, UTF-8; read_jsonl names an empty file
     read_jsonl(path)
 
 
