@@ -30,6 +30,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
 from megatron_vp2o.checkpoint.meta import latest_checkpoint  # noqa: F401  (re-exported: no megatron needed)
+from megatron_vp2o.checkpoint.safety import verify_checkpoint
 from megatron_vp2o.checkpoint.state import load_state, save_state
 from megatron_vp2o.config import ConfigError
 
@@ -122,6 +123,7 @@ def load_model(path: str | Path, models, strict: bool = True) -> dict:
     if found is None:
         raise FileNotFoundError(f"no complete checkpoint at '{path}' (expected vp2o.json or a 'latest' marker); "
                                 "check checkpoint.load / --ckpt")
+    verify_checkpoint(found)  # torch DCP unpickles .metadata and bytes entries: refuse code-running ones first
     sharded, missing = _present(model_sharded_state_dict(models), found)
     loaded = dist_checkpointing.load({"model": sharded}, str(found))
     result = _module(models).load_state_dict(loaded["model"], strict=False)
@@ -210,6 +212,7 @@ def load_checkpoint(path: str | Path, trainable, with_optimizer: bool = True, re
     found = latest_checkpoint(path)
     if found is None:
         raise FileNotFoundError(f"no complete checkpoint at '{path}'; nothing to resume")
+    verify_checkpoint(found, "--resume")
     meta = json.loads((found / "vp2o.json").read_text())
     model_sd = model_sharded_state_dict(trainable.models)
     state = {"model": model_sd}

@@ -72,14 +72,24 @@ def check_resume(cfg, out: str, resume: bool) -> None:
     """With ``--resume``: the checkpoint that would be resumed is of our model and its per-rank
     state is plain data (refused otherwise, without being unpickled)."""
     from megatron_vp2o.checkpoint.meta import check_same_model, latest_checkpoint
+    from megatron_vp2o.checkpoint.safety import verify_checkpoint
     from megatron_vp2o.checkpoint.state import check_state_file
 
     root = Path(cfg.checkpoint.dir or Path(out) / "checkpoints")
     if not resume or not root.exists() or latest_checkpoint(root) is None:
         return
     found = check_same_model(root, cfg.model, "--resume")
+    verify_checkpoint(found, "--resume")
     for file in sorted(found.glob("rank*.pt")):
         check_state_file(file)
+
+
+def check_checkpoint(path: str, model_cfg, what: str) -> None:
+    """The checkpoint at ``path`` is of our model (saved config) and holds no code-running pickle."""
+    from megatron_vp2o.checkpoint.meta import check_same_model
+    from megatron_vp2o.checkpoint.safety import verify_checkpoint
+
+    verify_checkpoint(check_same_model(path, model_cfg, what), what)
 
 
 def check_rl_layout(cfg, layout: Layout) -> None:
@@ -91,8 +101,6 @@ def check_rl_layout(cfg, layout: Layout) -> None:
 
 
 def preflight_train(args):
-    from megatron_vp2o.checkpoint.meta import check_same_model
-
     cfg = load_config(args.config, args.overrides)
     check_out_dir(args.out)
     layout = check_layout(cfg, world_size())
@@ -105,21 +113,19 @@ def preflight_train(args):
     if policy is None:
         raise ConfigError("rl.policy must point at the initial policy checkpoint (e.g. the shipped "
                           "checkpoints/tiny_policy, or a converted HF model: `vp2o convert hf-to-mcore`)")
-    check_same_model(policy, cfg.model, "rl.policy" if cfg.rl.policy else "checkpoint.load")
+    check_checkpoint(policy, cfg.model, "rl.policy" if cfg.rl.policy else "checkpoint.load")
     check_resume(cfg, args.out, args.resume)
     return cfg
 
 
 def preflight_sft(args):
-    from megatron_vp2o.checkpoint.meta import check_same_model
-
     cfg = load_config(args.config, args.overrides)
     check_out_dir(args.out)
     check_layout(cfg, world_size())
     check_tokenizer(cfg)
     check_sft_data(cfg.data.path)
     if cfg.checkpoint.load is not None:
-        check_same_model(cfg.checkpoint.load, cfg.model, "checkpoint.load")
+        check_checkpoint(cfg.checkpoint.load, cfg.model, "checkpoint.load")
     check_resume(cfg, args.out, args.resume)
     return cfg
 

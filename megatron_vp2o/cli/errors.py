@@ -36,6 +36,11 @@ CLASSES = (
      "a per-rank resume file (`rank<r>.pt`) is not plain data (tensors and plain containers): an "
      "old-format or foreign pickle; it was refused without being unpickled (a ConfigError)",
      "resume from a checkpoint written by this version, or start without --resume"),
+    ("UnsafeCheckpointError", "megatron_vp2o.checkpoint.safety",
+     "a dist checkpoint holds a pickle that could run code when megatron loads it (its .metadata "
+     "names a global outside torch's checkpoint dataclasses, or a bytes entry / common.pt is not "
+     "weights-only data); it was refused before megatron read it (a ConfigError)",
+     "use a checkpoint written by vp2o, from a source you trust"),
     ("DataError", "megatron_vp2o.eval.tasks",
      "a `vp2o eval` benchmark or responses file is missing, not UTF-8, not valid JSON/CSV, or lacks "
      "a field its task needs (a ConfigError)",

@@ -3,6 +3,7 @@ and small checkpoints (metadata only) of the tiny model or of another model."""
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -39,12 +40,16 @@ def saved_config() -> dict:
     return json.loads((found / "vp2o.json").read_text())
 
 
-def fake_checkpoint(root: Path, model_changes: dict | None = None, step: int = 1, meta: dict | None = None) -> Path:
-    """A checkpoint directory holding only vp2o.json (what the pre-flight reads) and a 'latest' marker."""
+def fake_checkpoint(root: Path, model_changes: dict | None = None, step: int = 1, meta: dict | None = None,
+                    with_tensors: bool = False) -> Path:
+    """A checkpoint directory holding vp2o.json (what the pre-flight reads) and a 'latest' marker;
+    ``with_tensors``: also the shipped policy's dist-checkpoint files (.metadata, *.distcp, common.pt)."""
     meta = copy.deepcopy(meta or saved_config())
     meta["config"]["model"].update(model_changes or {})
     found = root / f"iter_{step:07d}"
-    found.mkdir(parents=True)
+    if with_tensors:
+        shutil.copytree(POLICY / (POLICY / "latest").read_text().strip(), found)
+    found.mkdir(parents=True, exist_ok=True)
     (found / "vp2o.json").write_text(json.dumps(meta))
     (root / "latest").write_text(found.name)
     return found

@@ -84,7 +84,7 @@ def test_old_full_pickle_and_foreign_types_are_refused(tmp_path):
 
 def test_resume_from_a_malicious_checkpoint_is_refused_by_the_cli(tmp_path, capsys, no_platform):
     out = tmp_path / "out"
-    found = fake_checkpoint(out / "checkpoints")
+    found = fake_checkpoint(out / "checkpoints", with_tensors=True)
     marker = tmp_path / "pwned"
     torch.save(RunsCode(marker), found / "rank0.pt")
     rc, lines = run_cli(["train", "--config", TINY, "--out", out, "--resume"], capsys)
