@@ -44,7 +44,7 @@ def _env():
     return env
 
 
-def _eval(out: Path, nproc: int) -> Path:
+def _start_eval(out: Path, nproc: int) -> subprocess.Popen:
     args = ["eval", "--ckpt", "checkpoints/tiny_policy", "--config", CONFIG, *bench_args(), "--samples", "4",
             "--seed", str(TRAIN_SEED + RL_EVAL_SEED), "--out", str(out)]
     if nproc == 1:
@@ -55,15 +55,26 @@ def _eval(out: Path, nproc: int) -> Path:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                f"--master-port={free_port()}", "--master-addr=127.0.0.1", "-m", "megatron_vp2o.cli.main", *args,
                "parallel.ep=2"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return out
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait(proc: subprocess.Popen) -> None:
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 0, out[-2000:] + err[-4000:]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval")
-    return _eval(tmp / "one", 1), _eval(tmp / "ep2", 2)
+    outs = tmp / "one", tmp / "ep2"
+    procs = [_start_eval(outs[0], 1), _start_eval(outs[1], 2)]  # concurrently: they share nothing
+    for proc in procs:
+        _wait(proc)
+    return outs
 
 
 def _results(out: Path) -> dict:
@@ -126,6 +137,9 @@ def test_rl_eval_during_training_is_the_same_evaluation(runs, tmp_path):
            "logging.progress=false", "rl.eval_prompts=null", "rl.algo=grpo", "rl.prompts_per_step=4",
            "rl.policy_loss.group_size=4", "rl.steps=1", f"train.seed={TRAIN_SEED}", "rl.eval_samples=4",
            f"rl.eval=[{entries}]"]
+    bad_cmd = [str(tmp_path / "bad") if c == str(out) else c for c in cmd[:-1]]
+    bad = subprocess.Popen(bad_cmd + ["rl.eval=[{task: math, data: /no/such.jsonl}]"], cwd=ROOT, env=_env(),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -137,6 +151,6 @@ def test_rl_eval_during_training_is_the_same_evaluation(runs, tmp_path):
         for key in ("pass@1", "pass@4", "avg@4", "maj@4", "tokens/median"):
             assert first[f"eval/{name}/{key}"] == pytest.approx(results[name]["summary"][key]), (name, key)
             assert f"eval/{name}/{key}" in last
-    bad = subprocess.run(cmd[:-1] + ["rl.eval=[{task: math, data: /no/such.jsonl}]"], cwd=ROOT, env=_env(),
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "rl.eval[0]" in bad.stderr and "/no/such.jsonl" in bad.stderr
+    err = bad.communicate(timeout=120)[1]  # a missing rl.eval file: one line, exit 2, before any work
+    assert bad.returncode == 2 and "rl.eval[0]" in err and "/no/such.jsonl" in err
+    assert not (tmp_path / "bad").exists()
