@@ -1,7 +1,7 @@
 """PNG plots of training runs from their ``metrics.jsonl`` (``vp2o plot``), plus an ``index.html``.
 
 Runs are grouped by name with a trailing seed suffix removed (``vp2o_seed1``, ``vp2o_seed2`` ->
-``vp2o``; tools/compare_algos.py names its runs so): a group's curve is the mean over its seeds and
+``vp2o``; name runs so to group them; ``vp2o compare`` draws its own plots): a group's curve is the mean over its seeds and
 the shaded band spans the seeds' min..max at each step. Figures (each skipped when no run logged
 its keys):
 
