@@ -6,7 +6,8 @@
 #   * `vp2o train --resume`: a requeued or preempted job continues from its newest checkpoint
 #     (a fresh OUT starts from rl.policy);
 #   * stop before the time limit: slurm sends USR1 to this script (#SBATCH --signal=B:USR1@SECONDS), the
-#     trap forwards SIGTERM to the job step, every rank finishes its step, writes a checkpoint and exits;
+#     trap has slurm send SIGURG to the job step's processes (megatron_vp2o/launch/signals.py says why URG),
+#     every rank finishes its step, writes a checkpoint and exits;
 #     then the job requeues itself (REQUEUE=1, the default) and continues where it stopped. torchrun waits
 #     SAVE_GRACE_S seconds (TORCH_ELASTIC_SHUTDOWN_TIMEOUT) for its workers to finish the checkpoint.
 set -euo pipefail
@@ -30,10 +31,11 @@ fi
 TRAIN_ARGS=(train --config "${CONFIG}" --out "${OUT}" --resume)
 
 STOP=0
-forward_stop() {
+forward_stop() {  # SIGURG to every process of the step (ignored by all but the ranks: torchrun and
+  if (( STOP )); then return; fi  # megatron's checkpoint helper live on; srun would kill the step on SIGTERM)
   STOP=1
   echo "vp2o sbatch: stop signal: asking every rank to checkpoint at the end of its step" >&2
-  kill -TERM "${STEP_PID}" 2>/dev/null || true
+  scancel --signal=URG "${SLURM_JOB_ID}" || true
 }
 trap forward_stop USR1 TERM
 

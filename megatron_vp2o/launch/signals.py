@@ -1,18 +1,20 @@
-"""Stop on SIGTERM / SIGUSR1 with a checkpoint: preemption and the end of a slurm time limit.
+"""Stop on a signal with a checkpoint: preemption and the end of a slurm time limit.
 
-What: :class:`StopOnSignal` installs handlers that only set a flag (nothing unsafe runs inside a
-signal handler). At the end of each training step the trainer calls :meth:`StopOnSignal.after_step`:
-the flag is max-reduced over every rank (one 1-element all-reduce; a signal reaching only some
-ranks -- e.g. torchrun forwarding it to its own node's workers first -- stops all of them at the
-same step, so the collective checkpoint that follows cannot deadlock). The trainer then saves
-(unless this step was just saved) and leaves its loop; ``vp2o train --resume`` continues exactly
-from that checkpoint.
+What: :class:`StopOnSignal` installs handlers for SIGURG, SIGTERM and SIGUSR1 that only set a flag
+(nothing unsafe runs inside a signal handler). At the end of each training step the trainer calls
+:meth:`StopOnSignal.after_step`: the flag is max-reduced over every rank (one 1-element all-reduce;
+a signal reaching only some ranks stops all of them at the same step, so the collective checkpoint
+that follows cannot deadlock), the trainer saves (unless this step was just saved) and leaves its
+loop; ``vp2o train --resume`` continues exactly from that checkpoint.
 
-Who sends the signal: slurm at ``--signal=B:USR1@T`` seconds before the time limit to the batch
-script, whose trap forwards SIGTERM to ``srun`` -> torchrun -> workers (examples/slurm/*.sbatch),
-or slurm's preemption / ``scancel`` (SIGTERM to every process of the job). torchrun waits
-``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` seconds (default 30) for its workers before SIGKILL; the sbatch
-scripts raise it so the checkpoint has time to finish.
+Which signal: SIGURG is the one to send to a whole job step (the sbatch scripts do, with ``scancel
+--signal=URG``, when slurm warns the batch script before the time limit: ``--signal=B:USR1@T``).
+Its default action is *ignore*, so every other process of the step lives on: torchrun keeps
+waiting for its workers, and megatron's checkpoint writer helper (a spawned multiprocessing
+manager) can still take the checkpoint. SIGTERM and SIGUSR1 also work when they reach the workers
+alone (``kill``, torchrun forwarding its own SIGTERM), but slurm's SIGTERM to *every* process
+(``scancel``, preemption) also ends that helper, so the stop checkpoint then fails; the newest
+periodic checkpoint (written atomically) is what ``--resume`` continues from.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch.distributed as dist
 
 from megatron_vp2o.device import device
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGURG, signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopOnSignal:

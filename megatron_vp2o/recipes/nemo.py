@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from megatron_vp2o.config import Config, ConfigError, apply_overrides, build, to_dict
+from megatron_vp2o.config import Config, ConfigError, apply_overrides, build, check_layout, to_dict
 from megatron_vp2o.recipes.models import NODES, get_recipe, recipe_yaml
 
 
@@ -34,10 +34,14 @@ def _nemo_run():
 
 
 def recipe_config(recipe: str, nodes: int | None = None, overrides: Iterable[str] = (), ranks: int = 1) -> Config:
-    """The recipe's config for ``nodes`` (tiny_cpu: ``ranks`` processes) with ``overrides`` applied."""
+    """The recipe's config for ``nodes`` x ``ranks`` ranks (tiny_cpu: one node) with ``overrides``
+    applied, checked against that world size (``check_layout``)."""
     fn = get_recipe(recipe)
-    cfg = fn(ranks=ranks) if recipe == "tiny_cpu" else fn(nodes or NODES[recipe][0])
-    return build(Config, apply_overrides(to_dict(cfg), list(overrides)))
+    nodes = 1 if recipe == "tiny_cpu" else nodes or NODES[recipe][0]
+    cfg = fn(ranks=ranks) if recipe == "tiny_cpu" else fn(nodes)
+    cfg = build(Config, apply_overrides(to_dict(cfg), list(overrides)))
+    check_layout(cfg, nodes * ranks)
+    return cfg
 
 
 def train_inline(cfg: Config, out: str, vp2o: str = "vp2o") -> str:
