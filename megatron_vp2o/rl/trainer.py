@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from megatron_vp2o.algo import trust_region as tr
+from megatron_vp2o.launch.signals import StopOnSignal
 from megatron_vp2o.rl.actor import ActorBatch
 from megatron_vp2o.rl.session import Session
 
@@ -180,7 +181,8 @@ def run_rl(cfg, out_dir: str | Path, resume: bool = False) -> dict:
     if first_eval:
         sess.logger.log(0, first_eval | {"rollout/samples": 0, "rollout/tokens": 0, "timing/elapsed_s": 0.0})
     metrics, done = {}, budget_spent(cfg, state) and state.next_refresh is not None
-    while state.step < cfg.rl.steps and not done:
+    stopper = StopOnSignal()  # SIGURG/SIGTERM/SIGUSR1: checkpoint at the end of the step, leave the loop
+    while state.step < cfg.rl.steps and not done and not stopper.stopped:
         state.step += 1
         t0, samples_before = time.perf_counter(), state.samples
         metrics = rl_step(sess, state)
@@ -196,5 +198,6 @@ def run_rl(cfg, out_dir: str | Path, resume: bool = False) -> dict:
         periodic = cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0
         if periodic or (cfg.checkpoint.save_final and last):
             sess.save(state)
+        stopper.after_step(sess, state, saved=bool(periodic or (cfg.checkpoint.save_final and last)))
     sess.close()
     return sess.summary(first_eval, metrics, state, time.perf_counter() - t_start)
