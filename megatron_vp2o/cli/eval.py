@@ -126,7 +126,8 @@ def _checkpoints(paths: list[str]) -> list[Path]:
 def _labels(ckpts: list[Path]) -> list[str]:
     labels = []
     for i, path in enumerate(ckpts):
-        label = f"{path.parent.name}-{path.name}"
+        run = path.parent.parent if path.parent.name == "checkpoints" else path.parent  # RUN/checkpoints/iter_*
+        label = f"{run.name}-{path.name}"
         labels.append(label if label not in labels else f"{label}-{i}")
     return labels
 

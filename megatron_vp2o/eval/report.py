@@ -150,7 +150,7 @@ def compare(base: dict, new: dict, n_boot: int = 2000, seed: int = 0) -> list[di
         if not ids:
             continue
         pa, pb = [a[i] for i in ids], [b[i] for i in ids]
-        n = min(r["n"] for r in pa + pb)
+        n = int(min(r["n"] for r in pa + pb))
         for metric in HEADLINE.get(info["task"], ("pass@1",)):
             metric = metric.format(n=n)
             if not all(_has(r, metric) for r in pa + pb):

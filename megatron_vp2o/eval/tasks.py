@@ -43,6 +43,9 @@ TEMPLATES = {
             "give the program in one ```python code block.",
 }
 
+TEMPLATE_FIELDS = {"math": ("problem",), "multiple_choice": ("question", "choices"), "ifeval": ("prompt",),
+                   "code": ("problem",)}
+
 
 class DataError(ConfigError):
     """A benchmark file or row problem (a ConfigError: the CLI reports it as one line, exit 2)."""
@@ -205,8 +208,9 @@ def load_items(task: str, path: str | Path, template: str | None = None) -> list
         except (KeyError, IndexError, ValueError) as err:
             if isinstance(err, DataError):
                 raise
-            raise DataError(f"{where}: --template does not fit a {task} row ({err!r}); "
-                            f"its fields: {sorted(row)}") from None
+            fields = ", ".join("{" + f + "}" for f in TEMPLATE_FIELDS[task])
+            raise DataError(f"{where}: --template does not fit a {task} row ({err!r}); a {task} template "
+                            f"may use {fields}") from None
         if item.id in seen:
             raise DataError(f"{where}: duplicate id {item.id!r}; ids must be unique within a file")
         seen.add(item.id)
