@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from megatron_vp2o.checkpoint.state import refusal
 from megatron_vp2o.config import ConfigError
 
 _CLASS_MODULES = ("torch.distributed.checkpoint.", "megatron.core.dist_checkpointing.")
@@ -62,7 +63,7 @@ def _weights_only(raw: bytes, path: Path, what: str, entry: str) -> None:
         with torch.serialization.safe_globals(_NUMPY_GLOBALS):
             torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
     except Exception as exc:  # noqa: BLE001  (any refusal of the weights-only unpickler)
-        _refuse(path, what, f"entry '{entry}': {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}")
+        _refuse(path, what, f"entry '{entry}': {refusal(exc)}")
 
 
 def read_metadata(found: Path, what: str):

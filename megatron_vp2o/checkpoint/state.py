@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,15 @@ def save_state(obj: Any, path: str | Path) -> None:
     torch.save({"format": FORMAT, "state": to_plain(obj)}, path)
 
 
+def refusal(exc: BaseException) -> str:
+    """A short reason from torch's (long, multi-line) weights-only refusal."""
+    text = str(exc)
+    found = re.search(r"GLOBAL ([\w.]+)", text)  # torch: "... unsupported GLOBAL posix.mkdir ..."
+    if found:
+        return f"it names the global {found.group(1)}, which is not plain data"
+    return (text.strip().splitlines() or [type(exc).__name__])[0][:160]
+
+
 def check_state_file(path: str | Path) -> dict:
     """Load ``path`` as plain data only (``weights_only=True``) and check its format; returns the
     raw blob. Anything else is refused (:class:`CheckpointStateError`, one line), never unpickled."""
@@ -110,8 +120,7 @@ def check_state_file(path: str | Path) -> dict:
     try:
         blob = torch.load(path, weights_only=True, map_location="cpu")
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError, TypeError, OSError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointStateError(f"resume state '{path}' is not plain data and was not loaded ({reason[:160]}); "
+        raise CheckpointStateError(f"resume state '{path}' is not plain data and was not loaded ({refusal(exc)}); "
                                    "it was not written by this version of vp2o: resume from another checkpoint "
                                    "or start without --resume") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:

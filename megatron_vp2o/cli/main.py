@@ -110,7 +110,14 @@ def cmd_train(args) -> int:
 def cmd_make_data(args) -> int:
     from megatron_vp2o.data.tiny import digit_sum_sft_rows, write_jsonl
 
-    path = write_jsonl(digit_sum_sft_rows(args.n, args.seed), args.out)
+    from megatron_vp2o.config import ConfigError
+
+    if args.n < 1:
+        raise ConfigError(f"--n must be >= 1 (got {args.n})")
+    try:
+        path = write_jsonl(digit_sum_sft_rows(args.n, args.seed), args.out)
+    except OSError as exc:
+        raise ConfigError(f"--out: cannot write '{args.out}' ({exc.strerror or exc}); choose a writable path") from None
     print(f"wrote {args.n} rows to {path}")
     return 0
 
