@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
+from megatron_vp2o.device import device
 from megatron_vp2o.rl.prompts import apply_chat_template
 from megatron_vp2o.rl.rollout import MegatronEngine
 
@@ -29,7 +30,7 @@ class EvalEngine(MegatronEngine):
     """The rollout engine with one sampling stream per call, the same on every rank."""
 
     def _generator(self, seed: int) -> torch.Generator:
-        return torch.Generator(device="cpu").manual_seed(seed)
+        return torch.Generator(device=device()).manual_seed(seed)
 
 
 def problem_seed(seed: int, index: int) -> int:

@@ -9,7 +9,8 @@ its keys):
   eval.png          every eval/* number (start/periodic/end evaluations, and rl.eval benchmarks)
   router_entropy.png  moe/router_entropy/layerN: heatmap layers x steps, one panel per group
   utilisation.png   moe/utilisation/layerN (tokens per expert, as fractions): experts x steps per layer
-  overlap.png       moe/proto_overlap and moe/coact_overlap per layer
+                    (at most 8 layers, evenly spaced)
+  overlap.png       moe/proto_overlap and moe/coact_overlap: heatmaps layers x steps per group
   trust_region.png  vp2o/d_anc, vp2o/drift, vp2o/ess with their thresholds (the run's config, else
                     the defaults: anchor_delta, drift_delta, ess_min)
   decisions.png     trust-region decision per step (accept / backtrack / reject) and refreshes
@@ -29,6 +30,7 @@ from pathlib import Path
 _SEED = re.compile(r"(?:[_-]?seed|[_-]s)\d+$")
 _LAYER = re.compile(r"/layer(\d+)$")
 DECISIONS = ("accept", "backtrack", "reject", "refresh")
+MAX_LAYER_PANELS = 8  # utilisation panels: at most this many layers, evenly spaced
 
 
 @dataclasses.dataclass
@@ -175,10 +177,28 @@ def plot_router_entropy(runs, path: Path) -> bool:
     return _heatmaps(panels, path, "Router entropy per layer", "entropy")
 
 
+def plot_overlap(runs, path: Path) -> bool:
+    panels = []
+    for group, members in _groups(runs).items():
+        for kind in ("proto", "coact"):
+            keys = _keys(members, rf"moe/{kind}_overlap/layer\d+")
+            steps, mat = _matrix(members, keys) if keys else ([], None)
+            if steps:
+                panels.append((f"{group}: {kind}_overlap", steps, mat, [k.rsplit("/", 1)[1] for k in keys]))
+    return _heatmaps(panels, path, "Prototype overlap and co-activation overlap per layer", "overlap")
+
+
+def _spread(keys: list[str], most: int) -> list[str]:
+    """At most ``most`` keys, evenly spaced, first and last included."""
+    if len(keys) <= most:
+        return keys
+    return [keys[round(i * (len(keys) - 1) / (most - 1))] for i in range(most)]
+
+
 def plot_utilisation(runs, path: Path) -> bool:
     group, members = next(iter(_groups(runs).items()))
     panels = []
-    for key in _keys(members, r"moe/utilisation/layer\d+"):
+    for key in _spread(_keys(members, r"moe/utilisation/layer\d+"), MAX_LAYER_PANELS):
         steps, mat = _matrix(members, [key], vector=True)
         if steps:
             panels.append((f"{group}: {key}", steps, mat, [f"e{i}" for i in range(mat.shape[0])]))
@@ -216,7 +236,6 @@ def write_plots(run_dirs: list[str | Path], out: str | Path) -> list[tuple[str, 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     th = runs[0].thresholds
-    layers = r"moe/(?:proto|coact)_overlap/layer\d+"
     figures = [
         ("reward.png", "Training reward (mean, pass@1) per step; band = min..max over seeds",
          lambda p: _line_panels(runs, ["reward/mean", "reward/pass_at_1"], p, "Reward")),
@@ -226,8 +245,8 @@ def write_plots(run_dirs: list[str | Path], out: str | Path) -> list[tuple[str, 
          lambda p: plot_router_entropy(runs, p)),
         ("utilisation.png", f"Expert utilisation per layer over steps ({runs[0].group})",
          lambda p: plot_utilisation(runs, p)),
-        ("overlap.png", "Prototype overlap and co-activation overlap per layer",
-         lambda p: _line_panels(runs, _keys(runs, layers), p, "Expert overlap")),
+        ("overlap.png", "Prototype overlap and co-activation overlap: heatmaps layers x steps (mean over seeds)",
+         lambda p: plot_overlap(runs, p)),
         ("trust_region.png", "Anchor distance D_anc, behaviour drift and ESS with their thresholds (dashed)",
          lambda p: _line_panels(runs, ["vp2o/d_anc", "vp2o/drift", "vp2o/ess", "vp2o/refreshes"], p, "Trust region",
                                 {"vp2o/d_anc": th["anchor_delta"], "vp2o/drift": th["drift_delta"],
