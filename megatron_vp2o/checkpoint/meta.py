@@ -95,6 +95,7 @@ def check_same_model(path: str | Path, model_cfg, what: str) -> Path:
     diffs = model_differences(saved, dataclasses.asdict(model_cfg))
     if diffs:
         more = f" (and {len(diffs) - 1} more)" if len(diffs) > 1 else ""
-        raise ConfigError(f"{what}: checkpoint '{found}' is of a different model: {diffs[0]}{more}; set the model.* "
-                          f"fields to the checkpoint's (see its vp2o.json) or point {what} at a checkpoint of this model")
+        raise ConfigError(f"{what}: checkpoint '{found}' is of a different model: {diffs[0]}{more}; set the "
+                          f"model.* fields to the checkpoint's (see its vp2o.json) or point {what} at a "
+                          "checkpoint of this model")
     return found

@@ -1,6 +1,6 @@
 """Pre-flight checks of ``vp2o train`` / ``vp2o sft``: every input, before megatron is imported.
 
-:func:`preflight` runs in the CLI before the platform layer is activated, so before any process
+The ``PREFLIGHT`` functions run in the CLI before the platform layer is activated, so before any process
 group, model or output file exists. It loads the config (types, ranges, finite numbers, unknown
 keys), checks the parallel layout against ``WORLD_SIZE``, reads every input file the run will read
 (prompts, SFT data, tokenizer), and compares the saved config of every checkpoint the run will load

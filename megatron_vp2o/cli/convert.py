@@ -116,7 +116,8 @@ def validate(args) -> None:
         try:
             convert_hf.prepare_import(args.hf, dtype=args.dtype)
         except OSError as exc:
-            raise ConversionError(f"--hf: '{args.hf}' cannot be read ({exc.strerror or exc}); check its permissions") from None
+            raise ConversionError(f"--hf: '{args.hf}' cannot be read ({exc.strerror or exc}); "
+                                  "check its permissions") from None
     else:
         if not (math.isfinite(args.max_shard_gb) and args.max_shard_gb > 0):
             raise ConversionError(f"--max-shard-gb must be a finite number > 0 (got {args.max_shard_gb})")
