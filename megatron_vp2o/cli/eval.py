@@ -74,7 +74,8 @@ def check_args(args) -> None:
     if not args.task:
         raise ConfigError("--task and --data are required (e.g. --task math --data data/eval/math_aime_sample.jsonl)")
     if args.responses and len(args.responses) != len(args.task):
-        raise ConfigError(f"--responses comes once per --task/--data pair ({len(args.task)}), got {len(args.responses)}")
+        raise ConfigError(f"--responses comes once per --task/--data pair ({len(args.task)}), "
+                          f"got {len(args.responses)}")
     if len(args.template) not in (0, 1, len(args.task)):
         raise ConfigError(f"--template comes once, or once per --task ({len(args.task)}), got {len(args.template)}")
     if args.samples is not None and args.samples < 1:

@@ -1,8 +1,9 @@
 """PNG plots of training runs from their ``metrics.jsonl`` (``vp2o plot``), plus an ``index.html``.
 
 Runs are grouped by name with a trailing seed suffix removed (``vp2o_seed1``, ``vp2o_seed2`` ->
-``vp2o``; name runs so to group them; ``vp2o compare`` draws its own plots): a group's curve is the mean over its seeds and
-the shaded band spans the seeds' min..max at each step. Figures (each skipped when no run logged
+``vp2o``); a run directory named only by its seed (``vp2o compare``'s ``OUT/task/arm/seed_N``)
+belongs to the group ``task/arm``. A group's curve is the mean over its seeds and the shaded band
+spans the seeds' min..max at each step. Figures (each skipped when no run logged
 its keys):
 
   reward.png        reward/mean and reward/pass_at_1 per step
@@ -27,7 +28,8 @@ import math
 import re
 from pathlib import Path
 
-_SEED = re.compile(r"(?:[_-]?seed|[_-]s)\d+$")
+_SEED = re.compile(r"(?:[_-]?seed[_-]?|[_-]s)\d+$")
+_SEED_DIR = re.compile(r"seed[_-]?\d+")
 _LAYER = re.compile(r"/layer(\d+)$")
 DECISIONS = ("accept", "backtrack", "reject", "refresh")
 MAX_LAYER_PANELS = 8  # utilisation panels: at most this many layers, evenly spaced
@@ -59,6 +61,9 @@ def load_run(path: str | Path) -> Run:
     if not metrics.is_file():
         raise FileNotFoundError(f"run '{path}' has no metrics.jsonl; pass the --out directory of `vp2o train`")
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    if _SEED_DIR.fullmatch(path.name):  # OUT/task/arm/seed_N
+        group = f"{path.parent.parent.name}/{path.parent.name}"
+        return Run(f"{group}/{path.name}", group, rows, _thresholds(path))
     return Run(path.name, _SEED.sub("", path.name) or path.name, rows, _thresholds(path))
 
 
@@ -106,7 +111,8 @@ def _line_panels(runs, keys, path: Path, title: str, hlines: dict | None = None)
         for group, members in _groups(runs).items():
             steps, mean, lo, hi = band(members, key)
             if steps:
-                line, = ax.plot(steps, mean, marker="." if len(steps) < 30 else None, label=f"{group} (n={len(members)})")
+                line, = ax.plot(steps, mean, marker="." if len(steps) < 30 else None,
+                                label=f"{group} (n={len(members)})")
                 ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2)
         if hlines and key in hlines:
             ax.axhline(hlines[key], color="red", linestyle="--", label="threshold")

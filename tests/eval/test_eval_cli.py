@@ -131,7 +131,8 @@ def test_compare_of_equal_runs_has_zero_deltas(runs, tmp_path, capsys):
 
 def test_rl_eval_during_training_is_the_same_evaluation(runs, tmp_path):
     """rl.eval at step 0 (the initial policy) gives vp2o eval's numbers; they land in metrics.jsonl."""
-    entries = ", ".join(f'{{task: {t}, data: {p}' + (f', template: "{tp}"}}' if tp else "}") for t, p, tp in BENCHES[:3])
+    entries = ", ".join(f'{{task: {t}, data: {p}' + (f', template: "{tp}"}}' if tp else "}")
+                        for t, p, tp in BENCHES[:3])
     out = tmp_path / "train"
     cmd = [sys.executable, "-m", "megatron_vp2o.cli.main", "train", "--config", CONFIG, "--out", str(out),
            "logging.progress=false", "rl.eval_prompts=null", "rl.algo=grpo", "rl.prompts_per_step=4",

@@ -42,9 +42,13 @@ def test_band_is_mean_min_max_over_seeds_at_each_step(tmp_path):
     steps, mean, lo, hi = band(runs, "reward/mean")
     assert steps == list(range(1, 7))
     for s, m, a, b in zip(steps, mean, lo, hi):
-        assert m == pytest.approx(0.1 * s + 7 / 3) and a == pytest.approx(0.1 * s + 1) and b == pytest.approx(0.1 * s + 4)
+        assert m == pytest.approx(0.1 * s + 7 / 3)
+        assert (a, b) == (pytest.approx(0.1 * s + 1), pytest.approx(0.1 * s + 4))
     assert band(runs, "vp2o/drift")[0] == [2, 4, 6]  # only the steps that logged it
     assert load_run(fake_run(tmp_path / "ep2", 0)).group == "ep2"  # not a seed suffix
+    assert load_run(fake_run(tmp_path / "grpo-seed_3", 0)).group == "grpo"
+    study = load_run(fake_run(tmp_path / "study" / "digit_sum" / "vp2o" / "seed_2", 0))  # vp2o compare's layout
+    assert (study.group, study.name) == ("digit_sum/vp2o", "digit_sum/vp2o/seed_2")
 
 
 def test_plot_writes_figures_and_index(tmp_path, capsys):
