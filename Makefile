@@ -30,7 +30,7 @@ $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==$(TORCH_VERSION)"
 	$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/torch-constraint.txt
-	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,rewards]"
+	$(PY) -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,rewards,launch]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -29,7 +29,7 @@ setup(
     extras_require={
         "dev": ["pytest>=8", "pytest-timeout", "tensorboard", "wandb", "matplotlib", "hypothesis"],  # matplotlib: vp2o plot tests; hypothesis: tests/cli/test_fuzz.py
         "rewards": ["math-verify", "reasoning-gym"],
-        "launch": ["nemo-run", "leptonai==0.27.3"],
+        "launch": ["nemo-run==0.11.1", "leptonai==0.27.3"],  # vp2o launch / recipes.nemo (tests/launch)
         "plots": ["matplotlib"],
         # GPU: transformer-engine[pytorch], apex and grouped_gemm ship in the NGC PyTorch image.
         "gpu": ["transformer-engine[pytorch]"],
