@@ -39,14 +39,17 @@ def problem_seed(seed: int, index: int) -> int:
 
 
 def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
-    """Token ids of every prompt (chat template applied); a prompt the tokenizer cannot encode is
-    a :class:`~megatron_vp2o.eval.tasks.DataError` naming it."""
+    """Token ids of every prompt: through the chat template where the tokenizer has one (encoded
+    without added special tokens), else ``encode_prompt`` (BOS + text, as RL prompts). A prompt the
+    tokenizer cannot encode is a :class:`~megatron_vp2o.eval.tasks.DataError` naming it."""
     from megatron_vp2o.eval.tasks import DataError
 
     out = []
     for i, prompt in enumerate(prompts):
         try:
-            out.append(tokenizer.encode_prompt(apply_chat_template(tokenizer, prompt)))
+            text = apply_chat_template(tokenizer, prompt)
+            # a rendered chat template carries its own special tokens (as HF's tokenize=True: none added)
+            out.append(tokenizer.encode(text) if text != prompt else tokenizer.encode_prompt(prompt))
         except ValueError as err:
             raise DataError(f"problem {i}: the tokenizer cannot encode its prompt ({err}); "
                             "use --template or a tokenizer that covers the data") from None

@@ -123,3 +123,31 @@ def test_split_thinking_and_token_counts():
     assert rec["tokens"] == [27, 9] and rec["thinking_tokens"] == [18, 0] and rec["answer_tokens"] == [9, 9]
     s = summarize([rec])
     assert s["tokens/median"] == 18.0 and s["thinking_tokens/median"] == 9.0
+
+
+class _ChatTokenizer:
+    """A stand-in with a chat template: encode() maps characters to ids, encode_prompt() adds a BOS."""
+
+    chat_template = "<u>{msg}</u><a>"
+
+    def apply_chat_template(self, messages, tokenize, add_generation_prompt):
+        return self.chat_template.format(msg=messages[-1]["content"])
+
+    def encode(self, text):
+        if "\n" in text:
+            raise ValueError("no newlines")
+        return [ord(c) for c in text]
+
+    def encode_prompt(self, text):
+        return [1] + self.encode(text)
+
+
+def test_prompts_go_through_the_chat_template_without_an_extra_bos():
+    from megatron_vp2o.data.tokenizer import CharTokenizer
+    from megatron_vp2o.eval.generate import encode_prompts
+    from megatron_vp2o.eval.tasks import DataError
+
+    assert encode_prompts(_ChatTokenizer(), ["hi"]) == [[ord(c) for c in "<u>hi</u><a>"]]
+    assert encode_prompts(CharTokenizer(), ["7="]) == [[CharTokenizer.bos_id, *CharTokenizer().encode("7=")]]
+    with pytest.raises(DataError, match="problem 1.*--template"):
+        encode_prompts(CharTokenizer(), ["ok", "two\nlines"])
