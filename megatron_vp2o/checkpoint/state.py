@@ -3,15 +3,15 @@
 ``torch.load(weights_only=False)`` unpickles arbitrary objects, so a checkpoint directory from
 someone else could execute code on ``--resume``. The per-rank state (the RL rollout buffer, the
 anchors, the last reward metrics) is therefore written as *plain data* only -- tensors, ``None``,
-``bool``/``int``/``float``/``str``, and lists, tuples and str-keyed dicts of those -- and read with
+``bool``/``int``/``float``/``str``, and lists, tuples and dicts of those (numpy values become
+Python numbers / tensors, sets become lists) -- and read with
 ``torch.load(weights_only=True)``, which refuses everything else without constructing it.
 
 Our own dataclasses (``Rollouts``, ``SamplingConfig``, ``PromptRecord``, ...) travel as
 ``{"__dataclass__": "module:QualName", "fields": {...}}``. On load only dataclasses defined in a
 ``megatron_vp2o`` module that is already imported are rebuilt, from their plain fields; any
-other name is refused. A file
-that is not plain data (an old ``weights_only=False`` pickle, or a crafted one) is refused with a
-one-line :class:`CheckpointStateError` before any of it is constructed.
+other name is refused. A file that is not plain data (an old ``weights_only=False`` pickle, or a
+crafted one) is refused with a one-line :class:`CheckpointStateError` before any of it is built.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from megatron_vp2o.config import ConfigError
@@ -42,6 +43,12 @@ def to_plain(obj: Any, where: str = "state") -> Any:
         return obj.detach()
     if isinstance(obj, _SCALARS):
         return obj
+    if isinstance(obj, np.generic):  # numpy scalars (e.g. in reward metadata) as Python numbers
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, (set, frozenset)):
+        return [to_plain(v, f"{where}[{i}]") for i, v in enumerate(sorted(obj, key=repr))]
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         cls = type(obj)
         fields = {f.name: to_plain(getattr(obj, f.name), f"{where}.{f.name}") for f in dataclasses.fields(obj)
@@ -51,9 +58,9 @@ def to_plain(obj: Any, where: str = "state") -> Any:
         items = [to_plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
         return tuple(items) if isinstance(obj, tuple) else items
     if isinstance(obj, dict):
-        bad = [k for k in obj if not isinstance(k, str)]
+        bad = [k for k in obj if not isinstance(k, _SCALARS)]
         if bad:
-            raise TypeError(f"{where}: dict keys must be str to be saved as plain data (got {bad[0]!r})")
+            raise TypeError(f"{where}: dict keys must be str or numbers to be saved as plain data (got {bad[0]!r})")
         return {k: to_plain(v, f"{where}.{k}") for k, v in obj.items()}
     raise TypeError(f"{where}: {type(obj).__qualname__} cannot be saved as plain resume state; "
                     "use tensors, numbers, strings, lists, dicts or a megatron_vp2o dataclass")

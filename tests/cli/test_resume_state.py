@@ -4,6 +4,7 @@
 import os
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -37,7 +38,8 @@ def _rollouts():
 def test_round_trip_of_the_rl_buffer_shapes(tmp_path):
     state = {"buffer": {"rollouts": _rollouts(), "records": [PromptRecord("7=", "digit_sum", meta={"target": 7})]},
              "anchors": [(torch.randn(4, 3), torch.zeros(5, 2, dtype=torch.long), torch.rand(5, 2))],
-             "last_reward_metrics": {"reward/mean": 0.5}, "none": None}
+             "last_reward_metrics": {"reward/mean": 0.5}, "none": None,
+             "numpy": {3: np.float32(0.25), "a": np.arange(3)}}
     save_state(state, tmp_path / "rank0.pt")
     torch.load(tmp_path / "rank0.pt", weights_only=True)  # loads without any allow-listed globals
     back = load_state(tmp_path / "rank0.pt")
@@ -48,6 +50,7 @@ def test_round_trip_of_the_rl_buffer_shapes(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(state["anchors"][0], back["anchors"][0]))
     assert isinstance(back["anchors"], list) and isinstance(back["anchors"][0], tuple)
     assert back["last_reward_metrics"] == {"reward/mean": 0.5} and back["none"] is None
+    assert back["numpy"][3] == 0.25 and torch.equal(back["numpy"]["a"], torch.arange(3))
 
 
 def test_unsupported_objects_fail_at_save_time():
