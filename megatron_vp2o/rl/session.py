@@ -265,6 +265,7 @@ class Session:
 
     def summary(self, first: dict, last: dict, state, seconds: float) -> dict:
         out = {"algo": self.cfg.rl.algo, "steps": state.step, "refreshes": state.refreshes,
+               "rollout samples": state.samples,
                "skipped_steps": state.skipped, "seconds": seconds,
                "layout": f"dp={self.layout.dp} tp={self.layout.tp} pp={self.layout.pp} ep={self.layout.ep}"}
         for key in ("eval/mean", "eval/pass_at_1", "eval/distinct_correct"):

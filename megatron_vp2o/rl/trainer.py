@@ -180,7 +180,7 @@ def run_rl(cfg, out_dir: str | Path, resume: bool = False) -> dict:
     first_eval = sess.evaluate("eval") if state.step == 0 else {}
     if first_eval:
         sess.logger.log(0, first_eval | {"rollout/samples": 0, "rollout/tokens": 0, "timing/elapsed_s": 0.0})
-    metrics, done = {}, budget_spent(cfg, state) and state.next_refresh is not None
+    metrics, done, reward = {}, budget_spent(cfg, state) and state.next_refresh is not None, float("nan")
     stopper = StopOnSignal()  # SIGURG/SIGTERM/SIGUSR1: checkpoint at the end of the step, leave the loop
     while state.step < cfg.rl.steps and not done and not stopper.stopped:
         state.step += 1
@@ -194,7 +194,8 @@ def run_rl(cfg, out_dir: str | Path, resume: bool = False) -> dict:
         if last or _eval_due(cfg, state, samples_before):
             metrics |= sess.evaluate("eval")
         sess.logger.log(state.step, metrics | ({"budget_end": True} if done else {}))
-        sess.progress.update(f"reward {metrics.get('reward/mean', float('nan')):.3f}")
+        reward = metrics.get("reward/mean", reward)  # steps on a kept buffer generate no reward
+        sess.progress.update(f"reward {reward:.3f}")
         periodic = cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0
         if periodic or (cfg.checkpoint.save_final and last):
             sess.save(state)
