@@ -88,6 +88,7 @@ MATH = ["--task", "math", "--data", str(DATA / "math_aime_sample.jsonl")]
      ["--task", "poetry", "math"]),
     (["--ckpt", "checkpoints/tiny_policy", "--task", "math", "--data", "/no/file.jsonl"], ["--data", "/no/file.jsonl"]),
     (["--ckpt", "checkpoints/tiny_policy", *MATH, "--samples", "0"], ["--samples"]),
+    (["--compare", "/no/base", "/no/vp2o"], ["--compare", "/no/base", "results.json"]),
     (["--ckpt", "checkpoints/tiny_policy", *MATH, "--template", "{question}"], ["--template", "problem"]),
     (["--ckpt", "checkpoints/tiny_policy", *MATH, "parallel.ep=3"], ["parallel"]),
     (["--ckpt", "checkpoints/tiny_policy", *MATH, "--config", "examples/configs/tiny_cpu.yaml", "rl.samplin.x=1"],
