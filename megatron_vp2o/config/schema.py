@@ -72,13 +72,6 @@ class ModelConfig:
         check(self.norm_eps > 0, "model.norm_eps", "be > 0", self.norm_eps)
         check(self.rotary_base > 0, "model.rotary_base", "be > 0", self.rotary_base)
         check(self.init_method_std > 0, "model.init_method_std", "be > 0", self.init_method_std)
-        check(self.ffn_hidden_size >= 1, "model.ffn_hidden_size", "be >= 1", self.ffn_hidden_size)
-        check(self.shared_expert_ffn_hidden_size >= 0, "model.shared_expert_ffn_hidden_size", "be >= 0 (0: none)",
-              self.shared_expert_ffn_hidden_size)
-        check(self.head_dim is None or self.head_dim >= 1, "model.head_dim", "be >= 1 or null", self.head_dim)
-        check(self.norm_eps > 0, "model.norm_eps", "be > 0", self.norm_eps)
-        check(self.rotary_base > 0, "model.rotary_base", "be > 0", self.rotary_base)
-        check(self.init_method_std > 0, "model.init_method_std", "be > 0", self.init_method_std)
         check(self.moe_router_topk <= self.num_experts, "model.moe_router_topk",
               f"be <= model.num_experts ({self.num_experts})", self.moe_router_topk)
         check(self.num_attention_heads % self.num_query_groups == 0, "model.num_query_groups",
@@ -137,11 +130,6 @@ class TrainConfig:
         check(self.lr > 0, "train.lr", "be > 0", self.lr)
         check(0 <= self.min_lr <= self.lr, "train.min_lr", f"be in [0, train.lr={self.lr}]", self.min_lr)
         check(self.warmup_steps >= 0, "train.warmup_steps", "be >= 0", self.warmup_steps)
-        check(self.weight_decay >= 0, "train.weight_decay", "be >= 0", self.weight_decay)
-        for name in ("adam_beta1", "adam_beta2"):
-            check(0 <= getattr(self, name) < 1, f"train.{name}", "be in [0, 1)", getattr(self, name))
-        check(self.adam_eps > 0, "train.adam_eps", "be > 0", self.adam_eps)
-        check(self.seed >= 0, "train.seed", "be >= 0", self.seed)
         check(self.weight_decay >= 0, "train.weight_decay", "be >= 0", self.weight_decay)
         for name in ("adam_beta1", "adam_beta2"):
             check(0 <= getattr(self, name) < 1, f"train.{name}", "be in [0, 1)", getattr(self, name))
