@@ -31,6 +31,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_vp2o.device import device
 from megatron_vp2o.algo import trust_region as tr
+from megatron_vp2o.algo.diagnostics import coactivation_cosine
 from megatron_vp2o.distributed.reductions import VP2OGroups, all_reduce_, refresh_prototypes
 from megatron_vp2o.distributed.stein_hook import apply_stein
 from megatron_vp2o.distributed.trust_region import ParamSnapshot, anchor_statistic
@@ -268,7 +269,7 @@ def _report(state, losses, metrics, decision, d_anc, backtracks, grad_norm, upda
         tokens_E = torch.diagonal(layer.counts_EE)
         lazy[f"moe/utilisation/layer{n}"] = tokens_E
         lazy[f"moe/proto_overlap/layer{n}"] = _offdiag_abs_mean(layer.protos_ED @ layer.protos_ED.T)
-        lazy[f"moe/coact_overlap/layer{n}"] = _offdiag_abs_mean(layer.counts_EE) / tokens_E.sum().clamp_min(1.0)
+        lazy[f"moe/coact_overlap/layer{n}"] = coactivation_cosine(layer.counts_EE)  # 1: redundant pairs
         lazy[f"loss/ortho/layer{n}"], lazy[f"loss/var/layer{n}"] = layer.loss_log[0], layer.loss_log[1]
         lazy[f"moe/router_entropy/layer{n}"] = layer.loss_log[2] / layer.loss_log[3].clamp_min(1.0)
     lazy |= {k: v for k, v in metrics.items() if torch.is_tensor(v)}

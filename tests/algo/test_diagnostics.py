@@ -47,3 +47,19 @@ def test_transport_norms():
     shift = (attracted_EP - grads_EP).flatten().norm()
     assert torch.allclose(norms["attraction_shift_norm"], shift)
     assert torch.allclose(norms["repulsion_norm"], 0.1 * rep_EP.flatten().norm())
+
+
+def test_coactivation_cosine_analytic_values():
+    from megatron_vp2o.algo.coactivation import coactivation_counts
+
+    # locked pairs: experts (0,1) and (2,3) always together -> cosine 1 for those pairs, 0 elsewhere
+    idx_TK = torch.tensor([[0, 1], [2, 3]] * 50)
+    counts = coactivation_counts(idx_TK, 4, dtype=torch.float64)
+    assert dg.coactivation_cosine(counts).item() == pytest.approx(2 * 2 / 12)
+    # independent uniform top-2 of 8: (K-1)/(E-1) = 1/7 in expectation, whatever mean C_ij says
+    gen = torch.Generator().manual_seed(0)
+    idx_TK = torch.stack([torch.randperm(8, generator=gen)[:2] for _ in range(20000)])
+    counts = coactivation_counts(idx_TK, 8, dtype=torch.float64)
+    assert dg.coactivation_cosine(counts).item() == pytest.approx(1 / 7, rel=0.02)
+    c_EE = counts / 20000 * (1 - torch.eye(8, dtype=torch.float64))  # C = counts / T
+    assert dg.coactivation_overlap(c_EE).item() == pytest.approx(2 / 56, rel=1e-9)  # K(K-1)/(E(E-1)): fixed
