@@ -3,7 +3,8 @@
 What: the statistics the paper says it lacked, as 0-dim device tensors for logging: router
 entropy, expert utilisation (tokens per expert as a fraction, its max/mean load factor and the
 number of dead experts), expert overlap (mean off-diagonal |c_ij| of prototypes, mean
-off-diagonal C, and the co-activation cosine n_ij / sqrt(n_i n_j)), kernel mass (mean off-diagonal k_ij) and the norms of the attraction and
+off-diagonal C, and the co-activation cosine n_ij / sqrt(n_i n_j)),
+kernel mass (mean off-diagonal k_ij) and the norms of the attraction and
 repulsion parts of the transported gradient. The budgets (D_anc, D_beh, ESS) come from
 `trust_region`; refresh and step-decision counts are kept by the RL loop.
 Why pure: they are reduced over ranks by the caller like every other statistic, and computing
@@ -71,7 +72,8 @@ def coactivation_cosine(counts_EE: torch.Tensor) -> torch.Tensor:
     """Mean off-diagonal n_ij / sqrt(n_i n_j) of raw pair counts (diagonal n_i: tokens per expert):
     the cosine of two experts' routing indicators over the tokens. 1: every pair that fires fires
     together (redundant experts); (K-1)/(E-1) in expectation for independent uniform top-K routing.
-    (The mean of C_ij itself is K(K-1)/(E(E-1)) for any routing: each token adds K(K-1) pair counts.)"""
+    (The mean of C_ij itself is K(K-1)/(E(E-1)) for any routing: each token adds K(K-1) pair
+    counts.)"""
     tokens_E = torch.diagonal(counts_EE, dim1=-2, dim2=-1)
     norm_EE = (tokens_E.unsqueeze(-1) * tokens_E.unsqueeze(-2)).sqrt().clamp_min(1.0)
     return _off_diagonal_mean(counts_EE / norm_EE)
