@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from harness import free_port
 from launch.conftest import ROOT
 
 SCRIPT = str(ROOT / "examples" / "slurm" / "tiny_cpu.sbatch")
@@ -17,8 +18,8 @@ ARGS = ["rl.steps=16", "rl.lr=1.5e-3", "rl.prompts_per_step=16", "checkpoint.eve
 
 def submit(slurm, out, log, *flags, env=None):
     cmd = ["sbatch", "--parsable", "-o", str(log), *flags, SCRIPT, *ARGS]
-    proc = subprocess.run(cmd, env=dict(slurm.env, OUT=str(out), **(env or {})), cwd=ROOT, capture_output=True,
-                          text=True, timeout=900)
+    env = dict(slurm.env, OUT=str(out), MASTER_PORT=str(free_port()), **(env or {}))  # another session may run
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{proc.stderr}\n{log.read_text() if log.exists() else ''}\n{slurm.logs()}"
     return proc.stdout.strip().split(";")[0]
 
