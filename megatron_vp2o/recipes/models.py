@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from megatron_vp2o.algo.config import PolicyLossConfig
 from megatron_vp2o.config import (
     CheckpointConfig,
     Config,
@@ -33,7 +34,6 @@ from megatron_vp2o.config import (
     load_config,
 )
 from megatron_vp2o.rl.config import RLConfig
-from megatron_vp2o.algo.config import PolicyLossConfig
 from megatron_vp2o.rl.rollout.sampling import SamplingConfig
 
 ROOT = Path(__file__).resolve().parents[2]
