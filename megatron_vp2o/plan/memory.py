@@ -24,11 +24,16 @@ row counts, and where it comes from in the code:
   sequences of ``model.seq_length`` tokens), times the micro-batches in flight under 1F1B
   (``min(pp, micro-batches)``; an RL step has ``prompts_per_step x group_size / (dp x
   rl.micro_batch_size)`` micro-batches), plus the fp32 logits of the last stage. Per layer and token
-  (``a`` activation bytes, flash/SDPA attention so no ``s^2`` term; divided by tp x cp with
-  sequence parallel): attention ``a (2D + (2Hq + 2Hkv) hd)``; MoE ``a (D + K (2D + 3F/etp)) +
-  8E`` (router logits and probabilities in fp32); shared expert ``a (D + 3S)``; residuals
-  ``2aD``. ``activations_recompute``: full recompute (megatron ``recompute_granularity=full``):
-  the layer inputs ``aD`` per layer plus one layer's full set.
+  (``a`` activation bytes; fused attention, so no ``s^2`` term; divided by tp x cp with sequence
+  parallel): attention ``a (3D + (2Hq + 2Hkv) hd)`` (norm input and output, QKV input; q, k, v
+  and the attention output); MoE ``a (3D + K (D + 4F/etp)) + 8E`` (norm, router input; per routed
+  copy the permuted input, fc1 output 2F, SiLU output F and GLU product F; router logits and
+  probabilities in fp32); shared expert ``a (D + 4S)``. Checked on the CPU path
+  (tests/launch/test_plan.py): the bytes a forward saves for backward equal this plus what that
+  path saves on top (two more F-wide copies per routed token in megatron's unfused sequential
+  experts, K and V expanded to all query heads by math SDPA), within 5%.
+  ``activations_recompute``: full recompute (megatron ``recompute_granularity=full``): the layer
+  inputs ``aD`` per layer plus one layer's full set.
 * ``kv_cache``: the actors' KV cache while generating: ``2 x layers x Hkv/tp x hd x
   model.seq_length`` per sequence for the ``prompts_per_step x group_size / dp`` sequences a
   rank generates at once.
@@ -115,17 +120,18 @@ def snapshot_kind(cfg) -> str:
     return "expert" if stein.enabled and stein.freeze_inactive else "none"
 
 
-def _layer_activation_bytes(model, parallel, tokens: int, moe: bool, a: int) -> int:
+def layer_activation_bytes(model, parallel, tokens: int, moe: bool, a: int) -> int:
+    """Bytes one transformer layer saves for backward for ``tokens`` tokens (module docstring)."""
     d, k, e = model.hidden_size, model.moe_router_topk, model.num_experts
     hd = model.head_dim or d // model.num_attention_heads
     hq, hkv = model.num_attention_heads, model.num_query_groups
-    per_token = a * (2 * d + (2 * hq + 2 * hkv) * hd) + 2 * a * d
+    per_token = a * (3 * d + (2 * hq + 2 * hkv) * hd)
     if moe:
-        per_token += a * (d + k * (2 * d + 3 * model.moe_ffn_hidden_size // parallel.expert_tp)) + 8 * e
+        per_token += a * (3 * d + k * (d + 4 * model.moe_ffn_hidden_size // parallel.expert_tp)) + 8 * e
         if model.shared_expert_ffn_hidden_size:
-            per_token += a * (d + 3 * model.shared_expert_ffn_hidden_size)
+            per_token += a * (d + 4 * model.shared_expert_ffn_hidden_size // parallel.tp)
     else:
-        per_token += a * (d + 3 * model.ffn_hidden_size)
+        per_token += a * (3 * d + 4 * model.ffn_hidden_size // parallel.tp)
     return tokens * per_token // (parallel.tp * parallel.cp)
 
 
@@ -134,8 +140,8 @@ def activation_bytes(cfg, sp: StageParams, num_micro: int, last_stage: bool) -> 
     model, par = cfg.model, cfg.parallel
     a = _BYTES[model.params_dtype]
     tokens = cfg.rl.micro_batch_size * model.seq_length
-    moe_l = _layer_activation_bytes(model, par, tokens, True, a)
-    dense_l = _layer_activation_bytes(model, par, tokens, False, a)
+    moe_l = layer_activation_bytes(model, par, tokens, True, a)
+    dense_l = layer_activation_bytes(model, par, tokens, False, a)
     per_micro = sp.moe_layers * moe_l + (sp.layers - sp.moe_layers) * dense_l
     in_flight = min(par.pp, num_micro)
     logits = tokens * padded_vocab(model.vocab_size, par.tp) // par.tp * (a + 4) if last_stage else 0

@@ -65,3 +65,11 @@ def test_meta_build_matches_plan_for_every_layout():
     checks = [line for line in out.stdout.splitlines() if line.startswith("meta check")]
     assert len(checks) == 1 + len(NODES["qwen3_30b_a3b"]) + len(NODES["paper_33b_a4b"])
     assert all(line.endswith(": ok") for line in checks), checks
+
+
+def test_shipped_yamls_are_generated_from_the_recipes_and_plan():
+    """examples/configs/{qwen3_30b_a3b_h100_*node,vp2o_33b_a4b_h100}.yaml == `python -m megatron_vp2o.recipes.yamls`
+    (config and the plan numbers in the header)."""
+    from megatron_vp2o.recipes import yamls
+
+    assert yamls.main(["--check"]) == 0

@@ -41,3 +41,36 @@ def measure(payload) -> dict:
     bf16 = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, params_dtype="bf16"))
     out["bf16"] = live_bytes(bf16)
     return out
+
+
+def _saved_bytes(cfg, tokens_BS) -> int:
+    """Bytes of the distinct non-parameter storages autograd saves in one forward of the model."""
+    model = build_trainable(cfg).module
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    batch, seq = tokens_BS
+    ids = torch.randint(0, cfg.model.vocab_size, (batch, seq), device="cpu")
+    positions = torch.arange(seq, device="cpu").expand(batch, seq)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids, positions, attention_mask=None)
+    return sum(seen.values())
+
+
+def activations(payload) -> dict:
+    """Saved-for-backward bytes of one MoE layer: a 2-layer model minus a 1-layer model."""
+    cfg = tiny_cpu()
+    model = dataclasses.replace(cfg.model, **payload["model"])
+    cfg = dataclasses.replace(cfg, model=model)
+    init_parallel(cfg)
+    out = {}
+    for layers in (2, 1):  # the larger first: megatron sizes its global aux-loss tracker on first use
+        sized = dataclasses.replace(cfg, model=dataclasses.replace(model, num_layers=layers))
+        out[layers] = _saved_bytes(sized, payload["tokens_BS"])
+    return {"per_layer": out[2] - out[1]}
