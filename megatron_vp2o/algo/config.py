@@ -157,7 +157,7 @@ class SpecializationConfig:
     ortho_coef: float = 1e-4
     #: Weight of the routing variance loss; 0 disables it.
     var_coef: float = 1e-3
-    #: Orthogonality form: "projection" (spec 2.9, grows with |x|^2) or "cosine" (squared cosine, scale-free).
+    #: Orthogonality form: "projection" (spec 2.9, grows with |x|^2) or "cosine" (scale-free).
     ortho_form: str = "projection"
 
     def __post_init__(self) -> None:
@@ -165,7 +165,8 @@ class SpecializationConfig:
         for field in ("ortho_coef", "var_coef"):
             value = getattr(self, field)
             _require(_is_number(value) and value >= 0, s, field, ">= 0", value)
-        _require(self.ortho_form in ORTHO_FORMS, s, "ortho_form", "one of {projection, cosine}", self.ortho_form)
+        _require(self.ortho_form in ORTHO_FORMS, s, "ortho_form", "one of {projection, cosine}",
+                 self.ortho_form)
 
 
 @dataclass

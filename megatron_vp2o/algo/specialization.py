@@ -155,10 +155,11 @@ class _GatedSumOrthogonality(torch.autograd.Function):
 
 def orthogonality_cosine_per_token(expert_out_TKD: torch.Tensor) -> torch.Tensor:
     """Scale-invariant form (OURS): per-token sum over ordered top-k pairs j != k of the squared
-    cosine cos^2(x_j, x_k) = <x_j, x_k>^2 / ((||x_j||^2 + eps)(||x_k||^2 + eps)) -> [T], in [0, K(K-1)].
+    cosine cos^2(x_j, x_k) = <x_j, x_k>^2 / ((||x_j||^2 + eps)(||x_k||^2 + eps)) -> [T],
+    in [0, K(K-1)].
 
-    Why: the spec's projection form equals <x_j, x_k>^2 (1/||x_j||^2 + 1/||x_k||^2), which grows with
-    the square of the output norms, so one coefficient cannot suit models (or training phases)
+    Why: the spec's projection form equals <x_j, x_k>^2 (1/||x_j||^2 + 1/||x_k||^2), which grows
+    with the square of the output norms, so one coefficient cannot suit models (or training phases)
     whose expert outputs differ in scale; the cosine form measures only the angle."""
     x_TKD = expert_out_TKD.to(torch.promote_types(expert_out_TKD.dtype, torch.float32))
     gram_TKK = torch.matmul(x_TKD, x_TKD.transpose(-1, -2))
@@ -172,7 +173,9 @@ ORTHO_FORMS = ("projection", "cosine")
 
 
 def gated_sum_and_orthogonality(
-    expert_out_TKD: torch.Tensor, gates_TK: torch.Tensor, token_weight_T: torch.Tensor | None = None,
+    expert_out_TKD: torch.Tensor,
+    gates_TK: torch.Tensor,
+    token_weight_T: torch.Tensor | None = None,
     form: str = "projection",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y = sum_k g_k x_k [T, D], orthogonality sum over tokens and ordered pairs): the MoE output
@@ -183,10 +186,12 @@ def gated_sum_and_orthogonality(
     if form not in ORTHO_FORMS:
         raise ValueError(f"form must be one of {{{', '.join(ORTHO_FORMS)}}} (got {form!r})")
     fused = (form == "projection" and 2 <= expert_out_TKD.shape[-2] <= _PAIRWISE_MAX_K
-             and expert_out_TKD.dim() == 3 and expert_out_TKD.dtype in (torch.float32, torch.float64))
+             and expert_out_TKD.dim() == 3
+             and expert_out_TKD.dtype in (torch.float32, torch.float64))
     weight_T = None if token_weight_T is None else token_weight_T.to(expert_out_TKD.dtype)
     if fused:
-        return _GatedSumOrthogonality.apply(expert_out_TKD, gates_TK.to(expert_out_TKD.dtype), weight_T)
+        gates_TK = gates_TK.to(expert_out_TKD.dtype)
+        return _GatedSumOrthogonality.apply(expert_out_TKD, gates_TK, weight_T)
     y_TD = (expert_out_TKD * gates_TK.to(expert_out_TKD.dtype).unsqueeze(-1)).sum(-2)
     per_token = orthogonality_cosine_per_token if form == "cosine" else orthogonality_per_token
     per_token_T = per_token(expert_out_TKD)

@@ -35,8 +35,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 TASKS = {
     "digit_sum": [],
-    "digit_sum3": ["rl.prompts=data/prompts/digit_sum3_train.jsonl", "rl.eval_prompts=data/prompts/digit_sum3_eval.jsonl",
-                   "rl.policy=checkpoints/tiny_policy_sum3"],
+    "digit_sum3": ["rl.prompts=data/prompts/digit_sum3_train.jsonl",
+                   "rl.eval_prompts=data/prompts/digit_sum3_eval.jsonl", "rl.policy=checkpoints/tiny_policy_sum3"],
 }
 ARMS = {"grpo": ["rl.algo=grpo"], "vp2o": ["rl.algo=vp2o"]}
 ABLATIONS = {

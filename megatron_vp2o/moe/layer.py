@@ -106,7 +106,7 @@ class VP2OMoELayer(MoELayer):
         self.captured: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.loss_norm: tuple[float, float] | None = None  # (N/(K T_glob), N/T_glob)
         self.loss_log = torch.zeros(4, device=dev)  # detached [ortho, var, entropy sum, tokens] of this step
-        self._pending = ([], [], [], [])  # per micro-batch: mask_TE, logits_TE, (slot, loss), weight_T not yet folded in
+        self._pending = ([], [], [], [])  # per micro-batch, not yet folded in: mask_TE, logits_TE, (slot, loss), weight_T
         self._route = None
         self.token_mask = None  # [S*B] (or [B, S]) 0/1 tokens that count (the response), set per forward; None: all
 

@@ -97,7 +97,8 @@ def mini_batches(micro_batches: list[RLBatch], num: int, group: int) -> list[lis
     n = len(full)
     if n % group or (n // group) % num:
         raise ValueError(f"rl.mini_batches={num} must divide the {n // group} prompt groups of this rank's "
-                         "rollout batch (set rl.prompts_per_step to a multiple of rl.mini_batches x data-parallel size)")
+                         "rollout batch (set rl.prompts_per_step to a multiple of rl.mini_batches x "
+                         "data-parallel size)")
     micro = len(micro_batches[0])
     rows = torch.arange(n, device=full.tokens.device).split(n // num)
     return [[_rows(full, idx) for idx in mini.split(micro)] for mini in rows]

@@ -65,7 +65,8 @@ def router_entropy(model, rollouts) -> float:
         return float("nan")
     tf = rollouts.training_input()
     mask_T = tf.loss_mask_BS.t().reshape(-1).to(sums[0].device)  # layers route [S, B] sequence-major
-    per_layer = [float((h_T * mask_T).sum() / mask_T.sum().clamp_min(1.0)) for h_T in sums if h_T.numel() == mask_T.numel()]
+    per_layer = [float((h_T * mask_T).sum() / mask_T.sum().clamp_min(1.0))
+                 for h_T in sums if h_T.numel() == mask_T.numel()]
     return sum(per_layer) / max(len(per_layer), 1)
 
 

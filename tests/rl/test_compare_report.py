@@ -23,7 +23,8 @@ def test_t_interval_matches_the_formula():
 
 @pytest.mark.parametrize("low, high, better, expected", [
     (0.1, 0.3, "higher", "holds"), (-0.3, -0.1, "higher", "does not hold"), (-0.1, 0.2, "higher", "inconclusive"),
-    (-0.3, -0.1, "lower", "holds"), (0.1, 0.3, "lower", "does not hold"), (float("nan"), float("nan"), "lower", "n/a (one seed)")])
+    (-0.3, -0.1, "lower", "holds"), (0.1, 0.3, "lower", "does not hold"),
+    (float("nan"), float("nan"), "lower", "n/a (one seed)")])
 def test_verdicts(low, high, better, expected):
     assert R.verdict(low, high, better) == expected
 
