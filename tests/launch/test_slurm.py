@@ -32,8 +32,9 @@ def rows(out):
 @pytest.fixture(scope="module")
 def reference(slurm, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("slurm_ref")
-    job = submit(slurm, tmp / "run", tmp / "job.out", "--wait")
-    return {"job": job, "out": tmp / "run", "log": (tmp / "job.out").read_text(), "state": slurm.job_state(job)}
+    job = submit(slurm, tmp / "run", tmp / "job.out")
+    state = slurm.wait_job(job, 900)  # polled every 0.5 s (sbatch --wait polls with growing sleeps)
+    return {"job": job, "out": tmp / "run", "log": (tmp / "job.out").read_text(), "state": state}
 
 
 def test_tiny_job_succeeds_with_two_tasks_and_reward_rises(reference):
@@ -62,6 +63,6 @@ def test_stop_signal_checkpoints_and_resubmission_continues_exactly(slurm, refer
     assert f"stop signal received: checkpoint at step {stopped_at} written" in text, text[-3000:]
     assert 4 < stopped_at < 16  # a checkpoint of its own, before the end
     assert [r["step"] for r in rows(out)] == list(range(stopped_at + 1))
-    resumed = submit(slurm, out, tmp_path / "job2.out", "--wait")
-    assert slurm.job_state(resumed) == "COMPLETED", (tmp_path / "job2.out").read_text()[-3000:]
+    resumed = submit(slurm, out, tmp_path / "job2.out")
+    assert slurm.wait_job(resumed, 900) == "COMPLETED", (tmp_path / "job2.out").read_text()[-3000:]
     assert rows(out) == rows(reference["out"])
