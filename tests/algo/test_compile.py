@@ -118,6 +118,7 @@ CASES = {
     "utilisation": (diagnostics.utilisation, (X["counts"].diagonal(),)),
     "prototype_overlap": (diagnostics.prototype_overlap, (X["protos"],)),
     "coactivation_overlap": (diagnostics.coactivation_overlap, (X["coact"],)),
+    "coactivation_cosine": (diagnostics.coactivation_cosine, (X["counts"],)),
     "kernel_mass": (diagnostics.kernel_mass, (X["kernel"],)),
     "transport_norms": (diagnostics.transport_norms, (X["grads"], -X["grads"], X["grads"], 0.1)),
 }
