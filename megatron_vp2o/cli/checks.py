@@ -50,15 +50,10 @@ def check_tokenizer(cfg):
 
 
 def check_prompts(path: str, field: str) -> None:
-    from megatron_vp2o.rl.prompts import load_prompts
+    from megatron_vp2o.rl.prompts import load_prompt_file
 
     read_text(path, field)  # exists, readable, UTF-8
-    try:
-        records = load_prompts(path)
-    except ValueError as exc:
-        raise ConfigError(f"{field}: {str(exc).splitlines()[0]}") from None
-    if not records:
-        raise ConfigError(f"{field}: '{path}' holds no prompts; add JSONL lines with 'prompt' and 'task'")
+    load_prompt_file(path, field)
 
 
 def check_sft_data(path: str) -> None:

@@ -127,6 +127,21 @@ def load_prompts(path: str | Path, known_tasks: Iterable[str] | None = None) -> 
     return records
 
 
+def load_prompt_file(path: str | Path, field: str) -> list[PromptRecord]:
+    """The prompt records of ``path``, or a one-line ``ConfigError`` naming ``field`` (a missing or
+    empty file, or a malformed line): what `vp2o train` checks before any work."""
+    from megatron_vp2o.config import ConfigError
+
+    if not Path(path).is_file():
+        raise ConfigError(f"{field}: file '{path}' does not exist")
+    try:
+        records = load_prompts(path)
+    except ValueError as exc:
+        raise ConfigError(f"{field}: {str(exc).splitlines()[0]}") from None
+    if not records:
+        raise ConfigError(f"{field}: '{path}' holds no prompts; add JSONL lines with 'prompt' and 'task'")
+    return records
+
 def write_prompts(records: Iterable[PromptRecord], path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

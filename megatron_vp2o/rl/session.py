@@ -25,7 +25,7 @@ from megatron_vp2o.monitor import MetricsLogger, Progress
 from megatron_vp2o.rl.actor import act, reward_metrics
 from megatron_vp2o.rl.batches import make_batches, mini_batches
 from megatron_vp2o.rl.learner import behaviour_stats, grads_finite, policy_forward_step, unwrap
-from megatron_vp2o.rl.prompts import load_prompts
+from megatron_vp2o.rl.prompts import load_prompt_file
 from megatron_vp2o.training.setup import build_trainable
 from megatron_vp2o.training.step import train_step
 
@@ -38,8 +38,8 @@ def check_inputs(cfg):
     if rl.algo == "vp2o" and cfg.vp2o.trust_region.ess_level != "sequence":
         raise ConfigError("vp2o.trust_region.ess_level=token is not supported by `vp2o train`; use sequence")
     tok = load_tokenizer(cfg.data.tokenizer)
-    prompts = _prompt_file(rl.prompts, "rl.prompts")
-    evals = _prompt_file(rl.eval_prompts, "rl.eval_prompts") if rl.eval_prompts else []
+    prompts = load_prompt_file(rl.prompts, "rl.prompts")
+    evals = load_prompt_file(rl.eval_prompts, "rl.eval_prompts") if rl.eval_prompts else []
     rl_benchmarks(rl.eval)  # rl.eval files exist and parse (eval/runner.py)
     policy = rl.policy_path(cfg.checkpoint.load)
     if policy is None:
@@ -49,18 +49,6 @@ def check_inputs(cfg):
         raise ConfigError(f"rl.policy: no complete checkpoint at '{policy}' (a megatron dist checkpoint "
                           "directory written by `vp2o sft` or `vp2o convert`)")
     return tok, prompts, evals
-
-
-def _prompt_file(path, field):
-    if not Path(path).is_file():
-        raise ConfigError(f"{field}: file '{path}' does not exist")
-    try:
-        records = load_prompts(path)
-    except ValueError as exc:
-        raise ConfigError(f"{field}: {exc}") from None
-    if not records:
-        raise ConfigError(f"{field}: '{path}' holds no prompts; add JSONL lines with 'prompt' and 'task'")
-    return records
 
 
 def vp2o_knobs(cfg):
