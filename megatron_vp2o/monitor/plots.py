@@ -119,13 +119,7 @@ def _line_panels(runs, keys, path: Path, title: str, hlines: dict | None = None)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step")
         ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(keys):]:
-        ax.axis("off")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
+    return _save(fig, axes, len(keys), title, path)
 
 
 def _matrix(runs: list[Run], keys: list[str], vector: bool = False):
@@ -164,13 +158,7 @@ def _heatmaps(panels: list[tuple[str, list, object, list[str]]], path: Path, tit
         ax.set_xlabel("step")
         ax.set_title(name, fontsize=9)
         fig.colorbar(im, ax=ax, label=cbar)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
+    return _save(fig, axes, len(panels), title, path)
 
 
 def plot_router_entropy(runs, path: Path) -> bool:
@@ -272,3 +260,16 @@ def write_index(out: Path, runs: list[Run], figures: list[tuple[str, str]]) -> N
         "<!doctype html><html><head><meta charset='utf-8'><title>vp2o plot</title>"
         "<style>body{font-family:sans-serif;margin:2em}img{max-width:100%}figure{margin:0 0 2em}</style>"
         f"</head><body><h1>vp2o plot</h1><p>runs: {names}</p>\n{items}\n</body></html>\n")
+
+
+def _save(fig, axes, used: int, title: str, path: Path) -> bool:
+    """Blank the unused panels, title, write the PNG and close the figure."""
+    import matplotlib.pyplot as plt
+
+    for ax in list(axes.flat)[used:]:
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
