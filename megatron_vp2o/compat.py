@@ -8,7 +8,7 @@ have, but they are not run in CI.
 
 | # | what differs | 0.16.1 | 0.19.2 | handled by |
 |---|---|---|---|---|
-| 1 | the MoE ``mlp`` entry of a layer spec | ``ModuleSpec(module=MoELayer, submodules=MoESubmodules)``; ``TransformerLayer`` passes ``pg_collection`` only to classes it knows by identity (a subclass gets a warning and the default groups) | ``functools.partial(MoELayer, submodules=...)``; ``TransformerLayer`` always passes ``pg_collection`` | :func:`swap_moe_layer` (a subclass and a router class in either form; on 0.16 ``pg_collection`` goes in through the spec's ``params``) |
+| 1 | the MoE ``mlp`` entry of a layer spec | ``ModuleSpec(module=MoELayer, submodules=MoESubmodules)``; ``TransformerLayer`` passes ``pg_collection`` only to classes it knows by identity (a subclass gets a warning and the default groups) | ``functools.partial(MoELayer, submodules=...)``; ``TransformerLayer`` always passes ``pg_collection`` | :func:`swap_moe_layer` (a subclass and a router class in either form; on 0.16 the entry becomes the subclass with its submodules and the model-parallel ``pg_collection`` bound, so megatron neither warns nor drops them) |
 | 2 | ``MoELayer.__init__`` arguments | ``config, submodules, layer_number, pg_collection`` | adds ``is_mtp_layer``, ``name`` | ``VP2OMoELayer.__init__`` forwards ``**kwargs`` (no gate needed) |
 | 3 | legacy ``GroupedMLP`` (``moe.grouped_gemm_util``, ``TransformerConfig.moe_use_legacy_grouped_gemm``, ``experts.weight1/weight2``) | present: ``expert_impl: grouped`` | **removed**: the local backend builds ``SequentialMLP`` for ``moe_grouped_gemm=True``; grouped GEMMs are ``TEGroupedMLP`` (``expert_impl: te_grouped``, Transformer Engine) | :data:`HAS_LEGACY_GROUPED_MLP`, :func:`grouped_gemm_kwargs` (``expert_impl: grouped`` is a config error there, naming ``te_grouped`` / ``sequential``), :func:`grouped_gemm_util` (the CPU layer's redirect 9 only where the module exists) |
 | 4 | ``moe_utils.te_general_gemm`` without Transformer Engine | undefined (NameError in the router's GEMM choice) | defined as ``None`` | the CPU layer's ``hasattr`` guard (redirect 6) |
@@ -108,10 +108,26 @@ def swap_moe_layer(mlp_spec, moe_layer_cls, router_cls=None):
     submodules = mlp_spec.submodules
     if router_cls is not None and submodules is not None:
         submodules = dataclasses.replace(submodules, router=router_cls)
-    params = dict(mlp_spec.params)
-    if moe_layer_cls is not MoELayer and "pg_collection" not in params:
-        # 0.16 hands pg_collection only to MoELayer itself; give the subclass the same groups here
-        from megatron.core.process_groups_config import ProcessGroupCollection
+    if moe_layer_cls is MoELayer:
+        return dataclasses.replace(mlp_spec, submodules=submodules)
+    # 0.16's TransformerLayer hands pg_collection only to the MoE classes it knows by identity and
+    # warns ("Unknown MLP type") for any other ModuleSpec; an entry that is a class gets no extra
+    # arguments and no warning. So the entry is a class with the spec's submodules and params bound.
+    return _bound_layer_class(moe_layer_cls, submodules, dict(mlp_spec.params))
 
-        params["pg_collection"] = ProcessGroupCollection.use_mpu_process_groups()
-    return dataclasses.replace(mlp_spec, module=moe_layer_cls, submodules=submodules, params=params)
+
+def _bound_layer_class(moe_layer_cls, bound_submodules, params: dict):
+    """``moe_layer_cls`` whose constructor defaults ``submodules``, ``pg_collection`` (the model
+    parallel groups megatron itself would pass) and the spec's other ``params`` (row 1, 0.16)."""
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    bound_groups = params.pop("pg_collection", None) or ProcessGroupCollection.use_mpu_process_groups()
+
+    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None, **kwargs):
+        moe_layer_cls.__init__(self, config, submodules if submodules is not None else bound_submodules,
+                               layer_number, pg_collection if pg_collection is not None else bound_groups,
+                               **{**params, **kwargs})
+
+    return type(moe_layer_cls.__name__, (moe_layer_cls,),
+                {"__init__": __init__, "__module__": moe_layer_cls.__module__,
+                 "__qualname__": moe_layer_cls.__qualname__})
