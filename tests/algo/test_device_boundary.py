@@ -20,16 +20,17 @@ FACTORIES = {"zeros", "ones", "empty", "full", "arange", "tensor", "as_tensor", 
 ALLOW: dict[tuple[str, str], str] = {}
 
 
-def _enclosing_functions(tree):
+def _enclosing_functions(tree) -> dict:
+    """id(node) -> name of the innermost function containing it."""
     owner = {}
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            for child in ast.walk(node):
-                owner.setdefault(id(child), node.name)  # outermost first: ast.walk is breadth-first
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            for child in ast.walk(node):
-                owner[id(child)] = node.name if id(child) not in owner else owner[id(child)]
+
+    def visit(node, name):
+        for child in ast.iter_child_nodes(node):
+            inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else name
+            owner[id(child)] = inner
+            visit(child, inner)
+
+    visit(tree, "<module>")
     return owner
 
 
