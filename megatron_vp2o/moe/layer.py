@@ -339,7 +339,9 @@ def response_tokens(model, loss_mask_BS: torch.Tensor):
     [B, S] is set (the columns whose outputs score response tokens; spec 2.5, 2.9, 2.10): in the
     co-activation counts, the active set, the specialisation losses, the captured barycenters and
     the router entropy. Set per micro-batch by the RL forward step."""
-    layers = vp2o_layers(model)
+    layers = model.__dict__.get("_vp2o_layers")  # found once: the model's modules do not change after build
+    if layers is None:
+        layers = model.__dict__["_vp2o_layers"] = vp2o_layers(model)
     mask_T = loss_mask_BS.detach().t().reshape(-1)  # sequence-major, as the layers route [S, B] tokens
     for layer in layers:
         layer.token_mask = mask_T

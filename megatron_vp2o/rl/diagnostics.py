@@ -46,12 +46,11 @@ def router_entropy(model, rollouts) -> float:
     """Mean router entropy over MoE layers and response tokens of a teacher-forced pass."""
     from megatron_vp2o.rl.rollout import teacher_forced_logprobs
 
-    sums, handles = [], []
+    probs, handles = [], []
 
     def hook(router, args):
         logits_TE = F.linear(args[0].reshape(-1, args[0].shape[-1]).to(router.weight.dtype), router.weight)
-        probs_TE = torch.softmax(logits_TE.float(), dim=-1)
-        sums.append(-(probs_TE * probs_TE.clamp_min(1e-30).log()).sum(-1))
+        probs.append(torch.softmax(logits_TE.float(), dim=-1))
 
     for module in model.modules():
         if isinstance(module, TopKRouter):
@@ -61,12 +60,11 @@ def router_entropy(model, rollouts) -> float:
     finally:
         for h in handles:
             h.remove()
-    if not sums:
+    if not probs:
         return float("nan")
     tf = rollouts.training_input()
-    mask_T = tf.loss_mask_BS.t().reshape(-1).to(sums[0].device)  # layers route [S, B] sequence-major
-    per_layer = [float((h_T * mask_T).sum() / mask_T.sum().clamp_min(1.0))
-                 for h_T in sums if h_T.numel() == mask_T.numel()]
+    mask_T = tf.loss_mask_BS.t().reshape(-1).to(probs[0].device)  # layers route [S, B] sequence-major
+    per_layer = [float(diagnostics.router_entropy(p_TE, mask_T)) for p_TE in probs if p_TE.shape[0] == mask_T.numel()]
     return sum(per_layer) / max(len(per_layer), 1)
 
 
