@@ -21,7 +21,7 @@ PY_LATEST := $(VENV_LATEST)/bin/python
 STAMP_LATEST := $(VENV_LATEST)/.vp2o-installed-$(MCORE_LATEST)
 # What test-latest runs: everything that touches megatron-core (the pure algo/ tests and the reward
 # and sandbox tests do not, and run once, in make test).
-LATEST_TESTS ?= tests/foundation tests/distributed tests/moe tests/e2e tests/convert tests/rl/test_rollout.py \
+LATEST_TESTS ?= tests/foundation tests/distributed tests/moe tests/e2e tests/convert tests/generation/test_rollout.py \
 	tests/algo/test_device_boundary.py
 
 .PHONY: install install-latest demo compare test test-latest gpu-check bench clean

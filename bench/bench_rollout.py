@@ -65,7 +65,7 @@ def prompts_BP(b: int, p: int) -> torch.Tensor:
 
 
 def time_megatron(model, ids_BP, t: int, use_cache: bool) -> float:
-    from megatron_vp2o.rl.rollout import MegatronEngine, SamplingConfig
+    from megatron_vp2o.generation import MegatronEngine, SamplingConfig
 
     eng = MegatronEngine(model, pad_id=0, vocab_size=SHAPE["vocab_size"], use_cache=use_cache)
     t0 = time.perf_counter()

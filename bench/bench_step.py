@@ -76,7 +76,7 @@ def rl_batches(ids_BS1: torch.Tensor, micro: int, prompt_len: int = PROMPT_LEN) 
     """RL micro-batches as `rl.batches.make_batches` builds them: loss on the response columns,
     behaviour log-probs near a uniform policy's, one advantage per sequence (zero-mean groups)."""
     from megatron_vp2o.rl.batches import RLBatch
-    from megatron_vp2o.rl.rollout.rollouts import attention_mask
+    from megatron_vp2o.generation.rollouts import attention_mask
 
     b, s = ids_BS1.shape[0], ids_BS1.shape[1] - 1
     gen = torch.Generator().manual_seed(1)

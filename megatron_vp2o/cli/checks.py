@@ -50,7 +50,7 @@ def check_tokenizer(cfg):
 
 
 def check_prompts(path: str, field: str) -> None:
-    from megatron_vp2o.rl.prompts import load_prompt_file
+    from megatron_vp2o.generation.prompts import load_prompt_file
 
     read_text(path, field)  # exists, readable, UTF-8
     load_prompt_file(path, field)

@@ -9,7 +9,7 @@ data-parallel ranks; every rank makes the same number of calls (a rank out of pr
 last one and drops the result), because expert-parallel forwards need every rank of the group; the
 texts are gathered over the data-parallel group.
 
-Prompts go through the tokenizer's chat template where it has one (``rl.prompts.apply_chat_template``).
+Prompts go through the tokenizer's chat template where it has one (``generation.prompts.apply_chat_template``).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_vp2o.device import device
-from megatron_vp2o.rl.prompts import apply_chat_template
-from megatron_vp2o.rl.rollout import MegatronEngine
+from megatron_vp2o.generation.prompts import apply_chat_template
+from megatron_vp2o.generation import MegatronEngine
 
 
 class EvalEngine(MegatronEngine):

@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from megatron_vp2o.eval import metrics as M
 from megatron_vp2o.eval.rating import fit_rating
 from megatron_vp2o.eval.tasks import EvalItem
-from megatron_vp2o.rl import rewards
+from megatron_vp2o import rewards
 
 THINK_END, THINK_START = "</think>", "<think>"
 IFEVAL_KEYS = ("prompt_strict", "prompt_loose", "inst_strict", "inst_loose")
@@ -61,7 +61,7 @@ def _math_votes(answers: list[str]) -> list:
     """Cluster ids of equivalent final answers (math-verify), None where nothing parses."""
     from math_verify import verify
 
-    from megatron_vp2o.rl.rewards.math_verify_reward import _parse
+    from megatron_vp2o.rewards.math_verify_reward import _parse
 
     reps, votes = [], []
     for text in answers:
@@ -84,7 +84,7 @@ def _votes(item: EvalItem, answers: list[str]) -> list | None:
     if item.reward == "math":
         return _math_votes(answers)
     if item.reward == "multiple_choice":
-        from megatron_vp2o.rl.rewards.multiple_choice import extract_choice
+        from megatron_vp2o.rewards.multiple_choice import extract_choice
 
         return [extract_choice(a, item.meta["num_choices"]) for a in answers]
     return None

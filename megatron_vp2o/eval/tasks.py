@@ -9,7 +9,7 @@ Each task reads the fields of its benchmark's public layout (first name found wi
                    case accepted), choices shuffled by a fixed seed per row id;
                    MMLU-Pro: ``question``, ``options`` (list), ``answer`` (letter), ``answer_index``
   ifeval           IFEval / IFBench: ``prompt``, ``instruction_id_list``, ``kwargs`` (ids must be
-                   ones our checkers support, rl/rewards/ifeval.py)
+                   ones our checkers support, rewards/ifeval.py)
   code             ``problem`` | ``question`` | ``description`` (+ ``input_format``,
                    ``output_format`` as in Codeforces dumps); ``tests`` | ``official_tests`` |
                    ``examples``: a list of {input, output} or {stdin, expected_stdout}, or
@@ -146,7 +146,7 @@ def _multiple_choice(row, where, rid, template, shuffle_seed=0):
 
 
 def _ifeval(row, where, rid, template):
-    from megatron_vp2o.rl.rewards.ifeval import CHECKERS
+    from megatron_vp2o.rewards.ifeval import CHECKERS
 
     prompt = _field(row, ("prompt",), where, "ifeval")
     ids, kwargs = _field(row, ("instruction_id_list",), where, "ifeval"), row.get("kwargs")
@@ -155,7 +155,7 @@ def _ifeval(row, where, rid, template):
     unknown = [i for i in ids if i not in CHECKERS]
     if unknown:
         raise DataError(f"{where}: field 'instruction_id_list': unsupported instruction {unknown[0]!r}; "
-                        f"remove the row or add a checker to rl/rewards/ifeval.py (supported: {sorted(CHECKERS)})")
+                        f"remove the row or add a checker to rewards/ifeval.py (supported: {sorted(CHECKERS)})")
     return EvalItem(rid, template.format(prompt=prompt), "ifeval",
                     {"instruction_id_list": ids, "kwargs": [k or {} for k in kwargs]})
 

@@ -34,7 +34,7 @@ from megatron_vp2o.config import (
     load_config,
 )
 from megatron_vp2o.rl.config import RLConfig
-from megatron_vp2o.rl.rollout.sampling import SamplingConfig
+from megatron_vp2o.generation.sampling import SamplingConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 GPUS_PER_NODE = 8

@@ -27,9 +27,9 @@ from megatron.core import parallel_state as ps
 
 from megatron_vp2o.device import device
 from megatron_vp2o.algo import grpo
-from megatron_vp2o.rl import rewards as reward_registry
-from megatron_vp2o.rl.prompts import PromptRecord
-from megatron_vp2o.rl.rollout.rollouts import Rollouts
+from megatron_vp2o import rewards as reward_registry
+from megatron_vp2o.generation.prompts import PromptRecord
+from megatron_vp2o.generation.rollouts import Rollouts
 
 
 @dataclass

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_vp2o.device import device
-from megatron_vp2o.rl.rollout.rollouts import Rollouts, attention_mask
+from megatron_vp2o.generation.rollouts import Rollouts, attention_mask
 
 
 @dataclass

@@ -21,7 +21,7 @@ from typing import Literal, Optional
 from megatron_vp2o.algo.config import PolicyLossConfig
 from megatron_vp2o.config.loader import check
 from megatron_vp2o.config.sections import register_section
-from megatron_vp2o.rl.rollout.sampling import SamplingConfig
+from megatron_vp2o.generation.sampling import SamplingConfig
 
 
 @dataclass

@@ -44,7 +44,7 @@ def expert_util(topk_idx_LBTK: torch.Tensor, mask_BT: torch.Tensor, num_experts:
 @torch.no_grad()
 def router_entropy(model, rollouts) -> float:
     """Mean router entropy over MoE layers and response tokens of a teacher-forced pass."""
-    from megatron_vp2o.rl.rollout import teacher_forced_logprobs
+    from megatron_vp2o.generation import teacher_forced_logprobs
 
     probs, handles = [], []
 

@@ -29,8 +29,8 @@ from megatron_vp2o.device import device
 from megatron_vp2o.algo import grpo
 from megatron_vp2o.algo import trust_region as tr
 from megatron_vp2o.moe.layer import response_tokens
-from megatron_vp2o.rl.rollout.routing import rope_positions
-from megatron_vp2o.rl.rollout.sampling import token_logprobs
+from megatron_vp2o.generation.routing import rope_positions
+from megatron_vp2o.generation.sampling import token_logprobs
 
 
 def unwrap(model):

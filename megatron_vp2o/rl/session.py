@@ -25,7 +25,7 @@ from megatron_vp2o.monitor import MetricsLogger, Progress
 from megatron_vp2o.rl.actor import act, reward_metrics
 from megatron_vp2o.rl.batches import make_batches, mini_batches
 from megatron_vp2o.rl.learner import behaviour_stats, grads_finite, policy_forward_step, unwrap
-from megatron_vp2o.rl.prompts import load_prompt_file
+from megatron_vp2o.generation.prompts import load_prompt_file
 from megatron_vp2o.training.setup import build_trainable
 from megatron_vp2o.training.step import train_step
 
@@ -106,7 +106,7 @@ class Session:
             self.vp2o = init_vp2o(self.trainable, self.vp2o_cfg, self.layout.sequence_parallel,
                                   init_prototypes=self.resume_from is None)
             self.vp2o.counters.update(self.loop_extra.get("vp2o_counters", {}))
-        from megatron_vp2o.rl.rollout import MegatronEngine
+        from megatron_vp2o.generation import MegatronEngine
 
         self.engine = MegatronEngine(unwrap(self.trainable.model), pad_id=self.tokenizer.pad_id,
                                      vocab_size=self.vocab_size)
@@ -161,7 +161,7 @@ class Session:
         """log pi_ref of the buffer's response tokens (the actors' log-prob definition), or None."""
         if self.ref_model is None:
             return None
-        from megatron_vp2o.rl.rollout import teacher_forced_logprobs
+        from megatron_vp2o.generation import teacher_forced_logprobs
 
         return teacher_forced_logprobs(self.ref_model, rollouts).logp_BT.detach()
 

@@ -10,9 +10,9 @@ import torch
 
 from cli.conftest import TINY, fake_checkpoint, run_cli
 from megatron_vp2o.checkpoint.state import CheckpointStateError, from_plain, load_state, save_state, to_plain
-from megatron_vp2o.rl.prompts import PromptRecord
-from megatron_vp2o.rl.rollout.rollouts import Rollouts
-from megatron_vp2o.rl.rollout.sampling import SamplingConfig
+from megatron_vp2o.generation.prompts import PromptRecord
+from megatron_vp2o.generation.rollouts import Rollouts
+from megatron_vp2o.generation.sampling import SamplingConfig
 
 
 class RunsCode:

@@ -36,7 +36,7 @@ def bench_args(with_templates: bool = True) -> list[str]:
 
 def _env():
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    from megatron_vp2o.rl.sandbox import UNCONFINED_ENV, _bwrap_problem
+    from megatron_vp2o.rewards.sandbox import UNCONFINED_ENV, _bwrap_problem
     import shutil
 
     if _bwrap_problem(shutil.which("bwrap")) is not None:

@@ -8,9 +8,9 @@ import pytest
 
 from megatron_vp2o.eval.score import score_problems, split_thinking, summarize
 from megatron_vp2o.eval.tasks import EvalItem
-from megatron_vp2o.rl.rewards.ifeval import CHECKERS
-from megatron_vp2o.rl.rewards.multiple_choice import extract_choice
-from megatron_vp2o.rl.sandbox import UNCONFINED_ENV, _bwrap_problem
+from megatron_vp2o.rewards.ifeval import CHECKERS
+from megatron_vp2o.rewards.multiple_choice import extract_choice
+from megatron_vp2o.rewards.sandbox import UNCONFINED_ENV, _bwrap_problem
 
 
 def verdicts(item: EvalItem, responses: list[str]) -> list[float]:

@@ -82,9 +82,9 @@ def test_train_under_torchrun_with_nccl(tmp_path):
 
 
 def _rollout_on_cuda(payload):
-    import rl.worlds_rollout as w
+    import generation.worlds_rollout as w
     from megatron_vp2o.device import device
-    from megatron_vp2o.rl.rollout import SamplingConfig
+    from megatron_vp2o.generation import SamplingConfig
 
     model = w.build()
     parity = w.cache_parity(model, w.prompts(), SamplingConfig(temperature=0.8, top_k=20, max_new_tokens=8, seed=1))

@@ -11,7 +11,7 @@ import torch
 
 def _left_padded(batches, extra: int, pad_id: int):
     """Each micro-batch with ``extra`` more left-pad columns (masked keys, no loss)."""
-    from megatron_vp2o.rl.rollout.rollouts import attention_mask
+    from megatron_vp2o.generation.rollouts import attention_mask
 
     out = []
     for mb in batches:

@@ -21,7 +21,7 @@ import json
 import re
 from collections.abc import Callable, Mapping
 
-from megatron_vp2o.rl.rewards.registry import register
+from megatron_vp2o.rewards.registry import register
 
 _RELATIONS = ("less than", "at least")
 _CONSTRAINED = ("My answer is yes.", "My answer is no.", "My answer is maybe.")

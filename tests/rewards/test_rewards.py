@@ -9,11 +9,11 @@ import time
 
 import pytest
 
-from megatron_vp2o.rl import rewards
-from megatron_vp2o.rl.rewards import RewardModel, canonical_answer, score_batch
-from megatron_vp2o.rl.rewards.digit_sum import num_solutions
-from megatron_vp2o.rl.rewards.ifeval import check_instructions, split_sentences
-from megatron_vp2o.rl.sandbox import _bwrap_problem
+from megatron_vp2o import rewards
+from megatron_vp2o.rewards import RewardModel, canonical_answer, score_batch
+from megatron_vp2o.rewards.digit_sum import num_solutions
+from megatron_vp2o.rewards.ifeval import check_instructions, split_sentences
+from megatron_vp2o.rewards.sandbox import _bwrap_problem
 
 _NO_BWRAP = _bwrap_problem(shutil.which("bwrap"))
 

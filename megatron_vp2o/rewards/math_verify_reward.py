@@ -12,7 +12,7 @@ import functools
 import logging
 from collections.abc import Mapping
 
-from megatron_vp2o.rl.rewards.registry import register
+from megatron_vp2o.rewards.registry import register
 
 
 class _DropTimeoutDisabled(logging.Filter):

@@ -17,8 +17,8 @@ sandbox.max_concurrent() when the batch saturates the sandbox slots.
 import re
 from collections.abc import Mapping
 
-from megatron_vp2o.rl import sandbox
-from megatron_vp2o.rl.rewards.registry import register
+from megatron_vp2o.rewards import sandbox
+from megatron_vp2o.rewards.registry import register
 
 _FENCE = re.compile(r"```(?:python|py|python3)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
 

@@ -16,7 +16,7 @@ letters, or several different parenthesised letters in rule 4 (e.g. the choices 
 import re
 from collections.abc import Mapping
 
-from megatron_vp2o.rl.rewards.registry import register
+from megatron_vp2o.rewards.registry import register
 
 LETTERS = "ABCDEFGHIJ"
 _STATEMENT = re.compile(r"(?i:answer)(?:\s+is)?\s*:?\s*[\*_]*\s*\(?([A-J])\)?(?![A-Za-z])")

@@ -23,7 +23,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from megatron_vp2o.rl.rollout.sampling import SamplingConfig
+from megatron_vp2o.generation.sampling import SamplingConfig
 
 
 def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,10 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from megatron_vp2o.rl import prompts, rewards
-from megatron_vp2o.rl.prompts import (PromptRecord, apply_chat_template, load_prompts,
+from megatron_vp2o import rewards
+from megatron_vp2o.generation import prompts
+from megatron_vp2o.generation.prompts import (PromptRecord, apply_chat_template, load_prompts,
                                       make_digit_sum_prompts, reasoning_gym_prompts)
-from megatron_vp2o.rl.rewards.digit_sum import num_solutions
+from megatron_vp2o.rewards.digit_sum import num_solutions
 
 REPO = Path(__file__).resolve().parents[2]
 GOOD = [

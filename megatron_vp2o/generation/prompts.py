@@ -11,9 +11,9 @@ A malformed line raises ValueError naming the file, the line number and the fiel
 
 The shipped digit_sum prompts (the CPU main job's task, see rewards/digit_sum.py) are rebuilt,
 byte for byte, by:
-  python -m megatron_vp2o.rl.prompts --digit-sum --n 256 --seed 0 \\
+  python -m megatron_vp2o.generation.prompts --digit-sum --n 256 --seed 0 \\
       --out data/prompts/digit_sum_train.jsonl
-  python -m megatron_vp2o.rl.prompts --digit-sum --n 64 --seed 1 \\
+  python -m megatron_vp2o.generation.prompts --digit-sum --n 64 --seed 1 \\
       --out data/prompts/digit_sum_eval.jsonl
 """
 
@@ -109,7 +109,7 @@ def load_prompts(path: str | Path, known_tasks: Iterable[str] | None = None) -> 
     """Read a prompt JSONL file (blank lines skipped). `known_tasks` defaults to the registered
     reward names."""
     if known_tasks is None:
-        from megatron_vp2o.rl import rewards
+        from megatron_vp2o import rewards
 
         known_tasks = rewards.available()
     known_tasks = list(known_tasks)

@@ -1,4 +1,4 @@
-"""Functions that run inside test worlds for tests/rl/test_rollout.py (one launch per world size).
+"""Functions that run inside test worlds for tests/generation/test_rollout.py (one launch per world size).
 
 ``single`` (1 rank) checks cached decoding against a full forward, the sampling contracts, routing
 replay (R3) and its failure checks; ``layouts`` (2 ranks) re-initialises megatron's parallel state for
@@ -54,7 +54,7 @@ def _world_max(x: float) -> float:
 
 def cache_parity(model, prompt_ids, sampling) -> dict:
     """Cached decoding vs one full forward over the same tokens and positions (this rank's layout)."""
-    from megatron_vp2o.rl.rollout import MegatronEngine, teacher_forced_logprobs
+    from megatron_vp2o.generation import MegatronEngine, teacher_forced_logprobs
 
     eng = MegatronEngine(model, pad_id=0, vocab_size=VOCAB, keep_logits=True)
     r = eng.generate(prompt_ids, sampling)
@@ -71,7 +71,7 @@ def cache_parity(model, prompt_ids, sampling) -> dict:
 
 
 def sampling_checks(model) -> dict:
-    from megatron_vp2o.rl.rollout import MegatronEngine, SamplingConfig
+    from megatron_vp2o.generation import MegatronEngine, SamplingConfig
 
     eng = MegatronEngine(model, pad_id=0, vocab_size=VOCAB, keep_logits=True)
     p = prompts()
@@ -94,8 +94,8 @@ def sampling_checks(model) -> dict:
 
 def replay_checks(model, r) -> dict:
     """R3: after a router perturbation (a stand-in for a training step) routing drifts; replay restores it."""
-    from megatron_vp2o.rl.rollout import teacher_forced_logprobs
-    from megatron_vp2o.rl.rollout.routing import ReplayError, moe_routers
+    from megatron_vp2o.generation import teacher_forced_logprobs
+    from megatron_vp2o.generation.routing import ReplayError, moe_routers
 
     g = torch.Generator().manual_seed(11)
     with torch.no_grad():
@@ -119,7 +119,7 @@ def replay_checks(model, r) -> dict:
 
 
 def single(payload):
-    from megatron_vp2o.rl.rollout import SamplingConfig
+    from megatron_vp2o.generation import SamplingConfig
 
     model = build()
     parity = cache_parity(model, prompts(), SamplingConfig(temperature=0.8, top_k=20, max_new_tokens=8, seed=1))
@@ -130,7 +130,7 @@ def single(payload):
     out["replay"] = replay_checks(model, parity["rollouts"])
     no_r3 = build(replay=False)
     try:
-        from megatron_vp2o.rl.rollout import teacher_forced_logprobs
+        from megatron_vp2o.generation import teacher_forced_logprobs
 
         teacher_forced_logprobs(no_r3, parity["rollouts"], replay=True)
         out["replay_disabled_error"] = None
@@ -141,7 +141,7 @@ def single(payload):
 
 def layouts(payload):
     """2 ranks: EP=2 (ranks hold different prompts, as DP ranks do), TP=2, PP=2."""
-    from megatron_vp2o.rl.rollout import SamplingConfig
+    from megatron_vp2o.generation import SamplingConfig
 
     out = {}
     for name, par in payload.items():

@@ -42,9 +42,9 @@ from megatron.core.transformer.moe.moe_layer import BaseMoELayer
 from megatron.core.transformer.utils import set_model_to_sequence_parallel
 
 from megatron_vp2o.device import device
-from megatron_vp2o.rl.rollout.rollouts import Rollouts, attention_mask, left_pad, positions_from_pads
-from megatron_vp2o.rl.rollout.routing import RoutingCapture, replay_routing, rope_positions
-from megatron_vp2o.rl.rollout.sampling import SamplingConfig, sample, token_logprobs
+from megatron_vp2o.generation.rollouts import Rollouts, attention_mask, left_pad, positions_from_pads
+from megatron_vp2o.generation.routing import RoutingCapture, replay_routing, rope_positions
+from megatron_vp2o.generation.sampling import SamplingConfig, sample, token_logprobs
 
 
 def _pp() -> tuple[bool, bool, int]:
@@ -116,7 +116,7 @@ class _State:
 
 
 class MegatronEngine:
-    """:class:`~megatron_vp2o.rl.rollout.rollouts.RolloutEngine` on a megatron ``GPTModel`` chunk."""
+    """:class:`~megatron_vp2o.generation.rollouts.RolloutEngine` on a megatron ``GPTModel`` chunk."""
 
     def __init__(self, model, pad_id: int, vocab_size: int | None = None, use_cache: bool = True,
                  keep_logits: bool = False):

@@ -12,7 +12,7 @@ import functools
 import json
 from collections.abc import Mapping
 
-from megatron_vp2o.rl.rewards.registry import register
+from megatron_vp2o.rewards.registry import register
 
 
 @functools.lru_cache(maxsize=64)

@@ -5,7 +5,7 @@ filtered log-prob, and the behaviour drift stays finite (issue 14)."""
 import torch
 
 from megatron_vp2o.algo import trust_region as tr
-from megatron_vp2o.rl.rollout.sampling import SamplingConfig, filter_logits, sample, sampling_logprobs, token_logprobs
+from megatron_vp2o.generation.sampling import SamplingConfig, filter_logits, sample, sampling_logprobs, token_logprobs
 
 CFG = SamplingConfig(temperature=0.7, top_p=0.5)
 

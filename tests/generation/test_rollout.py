@@ -8,21 +8,21 @@ import pytest
 import torch
 
 from harness import run_world
-from megatron_vp2o.rl.rollout import Rollouts, SamplingConfig, left_pad
-from megatron_vp2o.rl.rollout.rollouts import attention_mask, positions_from_pads
-from megatron_vp2o.rl.rollout.sampling import filter_logits, sample, sampling_logprobs
+from megatron_vp2o.generation import Rollouts, SamplingConfig, left_pad
+from megatron_vp2o.generation.rollouts import attention_mask, positions_from_pads
+from megatron_vp2o.generation.sampling import filter_logits, sample, sampling_logprobs
 
 LAYOUTS = {"ep2": {"ep": 2}, "tp2": {"tp": 2}, "pp2": {"pp": 2}}
 
 
 @pytest.fixture(scope="module")
 def single():
-    return run_world(1, "rl.worlds_rollout:single", {}, timeout_s=240)
+    return run_world(1, "generation.worlds_rollout:single", {}, timeout_s=240)
 
 
 @pytest.fixture(scope="module")
 def layouts():
-    return run_world(2, "rl.worlds_rollout:layouts", LAYOUTS, timeout_s=240)
+    return run_world(2, "generation.worlds_rollout:layouts", LAYOUTS, timeout_s=240)
 
 
 # ---- pure sampling / layout (no megatron) ----

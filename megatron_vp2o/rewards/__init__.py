@@ -7,12 +7,12 @@ scorers) and digit_sum (the tiny built-in task). A learned reward joins with
 transformers) are imported on first use only.
 """
 
-from megatron_vp2o.rl.rewards import code_tests, digit_sum, ifeval, math_verify_reward, multiple_choice
-from megatron_vp2o.rl.rewards import reasoning_gym_task
-from megatron_vp2o.rl.rewards.registry import (BatchScores, RewardResult, RewardSpec, available,
+from megatron_vp2o.rewards import code_tests, digit_sum, ifeval, math_verify_reward, multiple_choice
+from megatron_vp2o.rewards import reasoning_gym_task
+from megatron_vp2o.rewards.registry import (BatchScores, RewardResult, RewardSpec, available,
                                                canonical_answer, get, register, score_batch,
                                                unregister)
-from megatron_vp2o.rl.rewards.reward_model import RewardModel
+from megatron_vp2o.rewards.reward_model import RewardModel
 
 __all__ = ["BatchScores", "RewardModel", "RewardResult", "RewardSpec", "available",
            "canonical_answer", "get", "register", "score_batch", "unregister", "code_tests",

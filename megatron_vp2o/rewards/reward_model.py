@@ -11,7 +11,7 @@ the logit of `label` (label 0 for the usual single-logit reward model). It is re
 
 from collections.abc import Callable, Mapping, Sequence
 
-from megatron_vp2o.rl.rewards.registry import register
+from megatron_vp2o.rewards.registry import register
 
 
 class RewardModel:

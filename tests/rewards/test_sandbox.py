@@ -10,8 +10,8 @@ import uuid
 
 import pytest
 
-from megatron_vp2o.rl import sandbox
-from megatron_vp2o.rl.sandbox import SandboxLimits, SandboxUnavailable, run_many, run_python
+from megatron_vp2o.rewards import sandbox
+from megatron_vp2o.rewards.sandbox import SandboxLimits, SandboxUnavailable, run_many, run_python
 
 _BWRAP_PROBLEM = sandbox._bwrap_problem(shutil.which("bwrap"))
 needs_bwrap = pytest.mark.skipif(_BWRAP_PROBLEM is not None, reason=f"no bwrap: {_BWRAP_PROBLEM}")

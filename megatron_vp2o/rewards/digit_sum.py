@@ -10,7 +10,7 @@ one. The canonical answer of a correct response is the stripped response itself,
 
 from collections.abc import Mapping
 
-from megatron_vp2o.rl.rewards.registry import register
+from megatron_vp2o.rewards.registry import register
 
 
 def _terms(meta: Mapping) -> tuple[int, int]:

@@ -1,4 +1,4 @@
-"""Shared fixtures for tests/rl: a tiny local Hugging Face tokenizer built offline."""
+"""A tiny local Hugging Face tokenizer built offline (fixtures in tests/conftest.py)."""
 
 import pytest
 
@@ -20,13 +20,3 @@ def build_char_tokenizer(chat_template: str | None = None):
     if chat_template is not None:
         hf.chat_template = chat_template
     return hf
-
-
-@pytest.fixture
-def char_tokenizer():
-    return build_char_tokenizer()
-
-
-@pytest.fixture
-def chat_tokenizer():
-    return build_char_tokenizer(CHAT_TEMPLATE)
