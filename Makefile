@@ -3,6 +3,7 @@
 # Both create .venv and install what is missing. An existing torch is never replaced: with no
 # torch, torch==2.13.0 (a local CPU build on our machines) is installed first, and the installed
 # torch version is passed to every later pip call as a constraint.
+#   make test-fast     the inner loop (< 2 minutes: no multi-rank worlds, no end-to-end runs)
 #   make test-latest   the same suite's megatron-facing tests on megatron-core 0.19.2 (second venv)
 #   make gpu-check     the GPU acceptance check (skips with one line where there is no CUDA)
 PYTHON ?= python3
@@ -21,10 +22,10 @@ PY_LATEST := $(VENV_LATEST)/bin/python
 STAMP_LATEST := $(VENV_LATEST)/.vp2o-installed-$(MCORE_LATEST)
 # What test-latest runs: everything that touches megatron-core (the pure algo/ tests and the reward
 # and sandbox tests do not, and run once, in make test).
-LATEST_TESTS ?= tests/foundation tests/distributed tests/moe tests/e2e tests/convert tests/generation/test_rollout.py \
+LATEST_TESTS ?= tests/foundation tests/config/test_config.py tests/distributed tests/moe tests/e2e tests/checkpoint tests/generation/test_rollout.py \
 	tests/algo/test_device_boundary.py
 
-.PHONY: install install-latest demo compare test test-latest gpu-check bench clean
+.PHONY: install install-latest demo compare test test-fast test-latest gpu-check bench clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -56,6 +57,10 @@ compare: install
 
 test: install
 	$(PY) -m pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
+
+# The inner loop: everything not marked slow / dist / slurm / gpu (pytest.ini, tests/conftest.py), < 2 min.
+test-fast: install
+	$(PY) -m pytest tests -q -m "not slow and not dist and not slurm and not gpu" $(PYTEST_ARGS)
 
 test-latest: install-latest
 	$(PY_LATEST) -m pytest $(LATEST_TESTS) -q -p no:cacheprovider $(PYTEST_ARGS)

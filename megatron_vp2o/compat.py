@@ -61,7 +61,8 @@ def grouped_gemm_util():
 
 def check_expert_impl(expert_impl: str) -> None:
     """Refuse ``expert_impl: grouped`` where the legacy GroupedMLP is gone (the local backend would
-    otherwise build SequentialMLP without a word; row 3). Called when the config is loaded."""
+    otherwise build SequentialMLP without a word; row 3). Called by the CLI pre-flight
+    (``cli.checks.load_run_config``) and when the model is built."""
     if expert_impl == "grouped" and not HAS_LEGACY_GROUPED_MLP:
         from megatron_vp2o.config.loader import ConfigError
 

@@ -18,8 +18,8 @@ def device() -> torch.device:
     device when CUDA is usable, else the CPU."""
     from megatron_vp2o import platform
 
-    if platform._active is not None:
-        return platform._active.device
+    if platform.active() is not None:
+        return platform.active().device
     if platform.cuda_usable():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")

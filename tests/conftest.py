@@ -24,3 +24,33 @@ def char_tokenizer():
 @pytest.fixture
 def chat_tokenizer():
     return build_char_tokenizer(CHAT_TEMPLATE)
+
+
+# ---- markers (pytest.ini): what a module does decides its marks --------------------------------------
+_SLOW_MODULES = {"tests/cli/test_fuzz.py", "tests/cli/test_listed_cases.py", "tests/cli/test_checkpoint_safety.py",
+                 "tests/cli/test_resume_state.py", "tests/checkpoint/test_cli.py", "tests/recipes/test_recipes.py",
+                 "tests/eval/test_tasks.py", "tests/monitor/test_plots.py"}
+_DIST_CALLS = ("run_world(", "torch.distributed.run", "--nproc-per-node")
+_SOURCES: dict = {}
+
+
+def _marks_for(path: Path) -> list[str]:
+    rel = path.relative_to(ROOT).as_posix()
+    if rel not in _SOURCES:
+        _SOURCES[rel] = path.read_text() if path.suffix == ".py" else ""
+    source, marks = _SOURCES[rel], []
+    if rel.startswith("tests/gpu/"):
+        marks.append("gpu")
+    if rel.startswith("tests/launch/") and rel != "tests/launch/test_signals.py":
+        marks.append("slurm")
+    if any(call in source for call in _DIST_CALLS):
+        marks.append("dist")
+    if rel.startswith("tests/e2e/") or rel in _SLOW_MODULES:
+        marks.append("slow")
+    return marks
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for mark in _marks_for(Path(str(item.fspath))):
+            item.add_marker(getattr(pytest.mark, mark))

@@ -3,7 +3,7 @@
     python tools/compare.py --out runs/study --tasks digit_sum digit_sum3 --seeds 1 2 3 4 5 --ablations
     python tools/compare.py --out runs/study --report docs/study --report-only ...   # rewrite the report
 
-See megatron_vp2o/cli/compare.py for the options and megatron_vp2o/cli/compare_report.py for the
+See megatron_vp2o/cli/compare.py for the options and megatron_vp2o/monitor/study.py for the
 statistics (paired by seed, 95% Student-t intervals) and the claims table.
 """
 

@@ -14,8 +14,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from megatron_vp2o import compat
 from megatron_vp2o.config import ConfigError, Layout, check_layout, load_config
 from megatron_vp2o.config.loader import read_text
+
+
+def load_run_config(path, overrides):
+    """The config (types, ranges, unknown keys) plus what depends on the installed megatron-core
+    release (``compat``: e.g. ``model.expert_impl=grouped`` where the legacy GroupedMLP is gone)."""
+    cfg = load_config(path, overrides)
+    compat.check_expert_impl(cfg.model.expert_impl)
+    return cfg
 
 
 def world_size() -> int:
@@ -96,7 +105,7 @@ def check_rl_layout(cfg, layout: Layout) -> None:
 
 
 def preflight_train(args):
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_run_config(args.config, args.overrides)
     check_out_dir(args.out)
     layout = check_layout(cfg, world_size())
     check_rl_layout(cfg, layout)
@@ -114,7 +123,7 @@ def preflight_train(args):
 
 
 def preflight_sft(args):
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_run_config(args.config, args.overrides)
     check_out_dir(args.out)
     check_layout(cfg, world_size())
     check_tokenizer(cfg)

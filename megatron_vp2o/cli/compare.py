@@ -8,7 +8,7 @@ Every (task, arm, seed) is one ``vp2o train`` process (1 thread, ``nice``), ``--
 each ending when its rollout budget (``rl.budget.samples``: responses generated) is spent and
 evaluated every ``--eval-every`` responses, so every curve is read at the same rollout cost. A run
 whose metrics.jsonl already ends at its budget is not rerun (a study can be resumed or extended).
-``--report`` writes report.md and PNG plots (`megatron_vp2o.cli.compare_report`).
+``--report`` writes report.md and PNG plots (`megatron_vp2o.monitor.study`).
 
 Arms: ``grpo`` and ``vp2o``; ``--ablations`` adds one VP2O arm per part turned off (``vp2o-no_stein``,
 ``-no_repulsion``, ``-no_specialization``, ``-no_anchor``, ``-no_behaviour``) and ``vp2o-clip`` (PPO
@@ -29,6 +29,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from megatron_vp2o.monitor.study import finished, run_dir
 
 NEEDS_PLATFORM = False
 ROOT = Path(__file__).resolve().parents[2]
@@ -110,18 +112,6 @@ def _validate(args) -> None:
         raise ValueError(f"--config: file '{args.config}' does not exist")
 
 
-def run_dir(out: Path, task: str, arm: str, seed: int) -> Path:
-    return out / task / arm / f"seed_{seed}"
-
-
-def finished(path: Path) -> bool:
-    metrics = path / "metrics.jsonl"
-    if not metrics.exists():
-        return False
-    lines = metrics.read_text().splitlines()
-    return bool(lines) and json.loads(lines[-1]).get("budget_end", False)
-
-
 def train_command(args, task: str, arm: str, seed: int, out: Path) -> list[str]:
     return [sys.executable, "-m", "megatron_vp2o.cli.main", "train", "--config", args.config, "--out", str(out),
             f"train.seed={seed}", "rl.steps=1000000", f"rl.budget.samples={args.budget}",
@@ -161,7 +151,7 @@ def run_all(args) -> int:
 def run(args) -> int:
     if not args.report_only and run_all(args):
         print("vp2o compare: some runs failed; the report covers the finished ones", file=sys.stderr)
-    from megatron_vp2o.cli.compare_report import write_report
+    from megatron_vp2o.monitor.study import write_report
 
     report = Path(args.report or Path(args.out) / "report")
     path = write_report(Path(args.out), report, args.tasks, list(args.arm_overrides), args.seeds, args.title,

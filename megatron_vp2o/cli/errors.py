@@ -89,17 +89,17 @@ def _environ(env: dict):
 
 def example_message(argv: list[str], env: dict | None = None) -> str:
     """The stderr line ``vp2o ARGV`` prints, from the parser and pre-flight checks only."""
-    from megatron_vp2o.cli.main import _parse, _subcommand_modules, _validate, one_line
+    from megatron_vp2o.cli.main import parse_args, subcommand_modules, validate_args, one_line
     from megatron_vp2o.config import ConfigError
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err), _environ(env or {}):
         try:
-            args = _parse(argv)
+            args = parse_args(argv)
         except SystemExit:
             return err.getvalue().strip()
         try:
-            _validate(args, _subcommand_modules())
+            validate_args(args, subcommand_modules())
         except ConfigError as exc:
             return f"vp2o {args.command}: error: {one_line(exc)}"
     raise RuntimeError(f"example {argv} passes validation; it documents no error")

@@ -88,10 +88,11 @@ def check_args(args) -> None:
 
 def _config(args, ckpts):
     """--config, else the first checkpoint's saved config; overrides on top (None without either)."""
-    from megatron_vp2o.config import Config, ConfigError, apply_overrides, build, load_config
+    from megatron_vp2o.config import Config, ConfigError, apply_overrides, build
+    from megatron_vp2o.cli.checks import load_run_config
 
     if args.config:
-        return load_config(args.config, args.overrides)
+        return load_run_config(args.config, args.overrides)
     if not ckpts:
         if args.overrides:
             raise ConfigError("overrides need --config (or --ckpt, whose saved config they modify)")
@@ -200,13 +201,13 @@ def read_responses(path: str, items) -> list[list[str]]:
 def run_responses(args) -> int:
     from megatron_vp2o.data.tokenizer import load_tokenizer
     from megatron_vp2o.eval import report
-    from megatron_vp2o.eval.runner import _counter, load_benchmarks
+    from megatron_vp2o.eval.runner import token_counter, load_benchmarks
     from megatron_vp2o.eval.score import score_benchmark
 
     cfg = _config(args, [])
     benchmarks = load_benchmarks(args.task, args.data, _templates(args))
     texts = [read_responses(path, b.items) for path, b in zip(args.responses, benchmarks)]
-    counter = None if cfg is None else _counter(load_tokenizer(cfg.data.tokenizer))
+    counter = None if cfg is None else token_counter(load_tokenizer(cfg.data.tokenizer))
     timeout = 10.0 if cfg is None else cfg.rl.reward_timeout_s
     results = {b.name: score_benchmark(b.items, t, counter, timeout) for b, t in zip(benchmarks, texts)}
     ck = {"label": "responses", "path": ",".join(args.responses), "step": None, "results": results}
@@ -239,5 +240,5 @@ def run_compare(args) -> int:
     print(table, end="")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        report._atomic_write(Path(args.out) / "compare.md", table)
+        report.atomic_write(Path(args.out) / "compare.md", table)
     return 0

@@ -27,7 +27,7 @@ import sys
 SUBCOMMANDS = ("convert", "eval", "plot", "plan", "launch", "compare")
 
 
-def _subcommand_modules() -> dict:
+def subcommand_modules() -> dict:
     mods = {}
     for name in SUBCOMMANDS:
         try:
@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     data.add_argument("--out", required=True)
     data.add_argument("--n", type=int, default=4096)
     data.add_argument("--seed", type=int, default=0)
-    for mod in _subcommand_modules().values():
+    for mod in subcommand_modules().values():
         mod.add_parser(sub)
     return p
 
@@ -122,7 +122,7 @@ def cmd_make_data(args) -> int:
     return 0
 
 
-def _parse(argv: list[str] | None):
+def parse_args(argv: list[str] | None):
     parser = _parser()
     args, extra = parser.parse_known_args(argv)  # overrides may come before or after options
     if extra and (not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra)):
@@ -132,7 +132,7 @@ def _parse(argv: list[str] | None):
     return args
 
 
-def _validate(args, modules: dict) -> None:
+def validate_args(args, modules: dict) -> None:
     """Every check that needs no megatron: before the platform layer and any process group."""
     from megatron_vp2o.cli.checks import PREFLIGHT
 
@@ -151,17 +151,17 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_vp2o.config import ConfigError
 
     try:
-        args = _parse(argv)
+        args = parse_args(argv)
     except SystemExit as stop:  # argparse: --help (0) or a one-line usage error (2)
         return stop.code if isinstance(stop.code, int) else 2
     handlers = {"sft": cmd_sft, "train": cmd_train, "make-data": cmd_make_data}
     needs_platform = {"sft": True, "train": True, "make-data": False}
-    modules = _subcommand_modules()
+    modules = subcommand_modules()
     for name, mod in modules.items():
         handlers[name] = mod.run
         needs_platform[name] = getattr(mod, "NEEDS_PLATFORM", True)
     try:
-        _validate(args, modules)
+        validate_args(args, modules)
         if needs_platform[args.command]:
             from megatron_vp2o import platform
 

@@ -54,12 +54,13 @@ def _smallest_world(cfg) -> int:
 
 def layouts(args) -> list[tuple[str, object, int]]:
     """(label, config, world) for every layout the arguments ask for."""
-    from megatron_vp2o.config import Config, ConfigError, apply_overrides, build, load_config, to_dict
+    from megatron_vp2o.config import Config, ConfigError, apply_overrides, build, to_dict
+    from megatron_vp2o.cli.checks import load_run_config
 
     if not 0.0 <= args.headroom < 1.0:
         raise ConfigError(f"--headroom must be in [0, 1) (got {args.headroom})")
     if args.config:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_run_config(args.config, args.overrides)
         if args.world:
             return [(args.config, cfg, args.world)]
         if args.nodes:

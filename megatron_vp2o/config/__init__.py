@@ -1,14 +1,16 @@
 """Configs: typed sections loaded from YAML with dotted overrides (see :mod:`.schema`).
 
-A leaf package: it imports only itself and ``algo.config`` (pure dataclasses). Sections defined
-elsewhere register themselves (:mod:`.sections`): ``rl`` from ``megatron_vp2o/rl/config.py``.
+Every section is a declared, typed field of :class:`Config` (torchtitan style): ``model``,
+``parallel``, ``train``, ``data``, ``checkpoint``, ``logging`` (:mod:`.schema`), ``vp2o``
+(``algo.config``) and ``rl`` (:mod:`.rl`). A low package: it imports only itself and
+``algo.config`` (pure dataclasses); checks that need megatron-core's release (``compat``) run in
+the CLI pre-flight, not here (docs/architecture.md).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from megatron_vp2o.algo.config import SpecializationConfig, SteinConfig, TrustRegionConfig
 from megatron_vp2o.config.loader import ConfigError, apply_overrides, build, load_yaml, to_dict
@@ -21,7 +23,8 @@ from megatron_vp2o.config.schema import (
     RouterConfig,
     TrainConfig,
 )
-from megatron_vp2o.config.sections import register_section, section_slot, section_type
+from megatron_vp2o.config.rl import (AblationConfig, BudgetConfig, EvalTaskConfig, RLConfig,
+                                     SamplingConfig)
 from megatron_vp2o.config.validate import Layout, check_layout
 
 
@@ -44,7 +47,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     vp2o: VP2OConfig = field(default_factory=VP2OConfig)
-    rl: Any = section_slot("rl", home="megatron_vp2o.rl.config")  # RLConfig, registered by rl/config.py
+    rl: RLConfig = field(default_factory=RLConfig)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
@@ -54,7 +57,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 __all__ = [
-    "CheckpointConfig", "Config", "ConfigError", "DataConfig", "Layout", "LoggingConfig", "ModelConfig",
-    "ParallelConfig", "RouterConfig", "TrainConfig", "VP2OConfig", "check_layout", "load_config", "register_section",
-    "section_type", "to_dict",
+    "AblationConfig", "BudgetConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "EvalTaskConfig",
+    "Layout", "LoggingConfig", "ModelConfig", "ParallelConfig", "RLConfig", "RouterConfig", "SamplingConfig",
+    "TrainConfig", "VP2OConfig", "check_layout", "load_config", "to_dict",
 ]

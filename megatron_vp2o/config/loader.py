@@ -113,7 +113,7 @@ def build(cls: type, data: dict | None, path: str = "") -> Any:
         hint = f" (did you mean '{guess[0]}'?)" if guess else ""
         where = f"{path}.{key}" if path else str(key)
         raise ConfigError(f"unknown config key '{where}'{hint}; valid keys here: {sorted(fields)}")
-    kwargs = {k: _coerce_field(fields[k], v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
+    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
     try:
         return cls(**kwargs)
     except TypeError as exc:  # missing required fields
@@ -122,20 +122,6 @@ def build(cls: type, data: dict | None, path: str = "") -> Any:
         raise
     except ValueError as exc:  # range checks in __post_init__ name their own field
         raise ConfigError(_qualify(str(exc), path)) from None
-
-
-def _coerce_field(fld: dataclasses.Field, value: Any, tp: Any, path: str) -> Any:
-    """A field's value: a registered section (:mod:`.sections`) is built as its registered type."""
-    name = fld.metadata.get("section")
-    if name is None:
-        return _coerce(value, tp, path)
-    from megatron_vp2o.config.sections import section_type
-
-    cls = section_type(name)
-    if cls is None:
-        raise ConfigError(f"config section '{path}' is not available: import {fld.metadata['home']} "
-                          f"(it registers the section) before loading a config with it")
-    return build(cls, value, path)
 
 
 def _qualify(msg: str, path: str) -> str:

@@ -79,9 +79,6 @@ class ModelConfig:
         if self.head_dim is None:
             check(self.hidden_size % self.num_attention_heads == 0, "model.head_dim",
                   "be set when hidden_size is not divisible by num_attention_heads", self.head_dim)
-        from megatron_vp2o.compat import check_expert_impl  # megatron-core release differences (no import of it)
-
-        check_expert_impl(self.expert_impl)
 
 
 @dataclass

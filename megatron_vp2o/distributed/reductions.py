@@ -46,13 +46,13 @@ class VP2OGroups:
                    ps.get_expert_data_parallel_group(), None)
 
 
-def _size(group) -> int:
+def group_size(group) -> int:
     return dist.get_world_size(group) if dist.is_initialized() else 1
 
 
 def all_reduce_(tensor: torch.Tensor, group) -> torch.Tensor:
     """In-place sum over ``group`` (skipped for a group of one)."""
-    if _size(group) > 1:
+    if group_size(group) > 1:
         dist.all_reduce(tensor, group=group)
     return tensor
 
@@ -106,7 +106,7 @@ def refresh_prototypes(layers, groups: VP2OGroups, steps: int, from_start: bool 
 def gather_experts_batched(local_LX: torch.Tensor, ep_group) -> torch.Tensor:
     """[L, X, ...] per EP rank -> [L, E, ...] in global expert order (one all-gather; at EP=1 the
     input itself)."""
-    num_ranks = _size(ep_group)
+    num_ranks = group_size(ep_group)
     if num_ranks == 1:
         return local_LX
     num_layers, num_local, *rest = local_LX.shape

@@ -42,7 +42,7 @@ from megatron_vp2o.algo.config import SteinConfig
 from megatron_vp2o.algo.kernels import prototype_kernel
 from megatron_vp2o.algo.prototypes import power_step_partial
 from megatron_vp2o.algo.stein import attraction_weights, gather_mix, rank_two_norm, repulsion_factors_from_z
-from megatron_vp2o.distributed.reductions import VP2OGroups, _size, all_reduce_, gather_expert_grads
+from megatron_vp2o.distributed.reductions import VP2OGroups, group_size, all_reduce_, gather_expert_grads
 from megatron_vp2o.distributed.reductions import reduce_counts_, world_sum
 
 
@@ -70,7 +70,7 @@ def exchange_neighbours(grads_XP: torch.Tensor, idx_EM1: torch.Tensor, ep_group)
     Static shapes: one all_to_all of [R, X, P]; the row block for destination q is our experts'
     gradients masked by what q needs.
     """
-    num_ranks = _size(ep_group)
+    num_ranks = group_size(ep_group)
     if num_ranks == 1:
         return grads_XP
     rank, num_local = dist.get_rank(ep_group), grads_XP.shape[0]
@@ -188,7 +188,7 @@ def _layers_step(entries, blk, groups, cfg, num_tokens, ok) -> dict:
     off, num_local = layers[0].expert_offset, layers[0].num_local_experts
     rows = slice(off, off + num_local)
     rep_L, rep_norm_L = layer_repulsion(layers, inactive_LEE, protos_LED, cfg, groups)
-    num_ranks = _size(groups.expert_ep)
+    num_ranks = group_size(groups.expert_ep)
     if num_ranks == 1:  # every neighbour is local: one batched transport per block
         outs, attraction_L = _transport_blocks(blk, {"all": idx_LEM1, "rows": idx_LEM1}, w_LEM1, active_LE,
                                                rep_L, cfg, ok, groups.expert_ep, 1)

@@ -52,7 +52,7 @@ def build_results(settings: dict, benchmarks, checkpoints: list[dict]) -> dict:
             "checkpoints": checkpoints, "average": average(checkpoints)}
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -62,14 +62,14 @@ def write_responses(out: Path, label: str, bench, texts: list[list[str]]) -> Pat
     """``OUT/responses/<label>/<benchmark>.jsonl`` in the ``--responses`` input format."""
     path = out / "responses" / label / f"{bench.name}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, "".join(json.dumps({"id": it.id, "responses": t}) + "\n" for it, t in zip(bench.items, texts)))
+    atomic_write(path, "".join(json.dumps({"id": it.id, "responses": t}) + "\n" for it, t in zip(bench.items, texts)))
     return path
 
 
 def write_results(out: Path, results: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "results.json", json.dumps(results, indent=1))
-    _atomic_write(out / "results.md", render_markdown(results))
+    atomic_write(out / "results.json", json.dumps(results, indent=1))
+    atomic_write(out / "results.md", render_markdown(results))
 
 
 def _fmt(value) -> str:

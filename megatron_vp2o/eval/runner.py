@@ -57,12 +57,12 @@ def evaluate_model(model, tokenizer, benchmarks: list[Benchmark], samples: int, 
         ids = encode_prompts(tokenizer, [it.prompt for it in bench.items])
         texts = generate_samples(engine, tokenizer, ids, samples, sampling, seed)
         if _rank0():
-            out[bench.name] = dict(score_benchmark(bench.items, texts, _counter(tokenizer), timeout_s),
+            out[bench.name] = dict(score_benchmark(bench.items, texts, token_counter(tokenizer), timeout_s),
                                    responses=texts)
     return out
 
 
-def _counter(tokenizer):
+def token_counter(tokenizer):
     return lambda text: len(tokenizer.encode(text)) if text else 0
 
 

@@ -61,12 +61,12 @@ def _math_votes(answers: list[str]) -> list:
     """Cluster ids of equivalent final answers (math-verify), None where nothing parses."""
     from math_verify import verify
 
-    from megatron_vp2o.rewards.math_verify_reward import _parse
+    from megatron_vp2o.rewards.math_verify_reward import parse_answer
 
     reps, votes = [], []
     for text in answers:
         try:
-            parsed = _parse(text)
+            parsed = parse_answer(text)
         except Exception:  # noqa: BLE001 - an unparsable answer casts no vote
             parsed = []
         if not parsed:

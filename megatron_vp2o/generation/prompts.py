@@ -11,13 +11,12 @@ A malformed line raises ValueError naming the file, the line number and the fiel
 
 The shipped digit_sum prompts (the CPU main job's task, see rewards/digit_sum.py) are rebuilt,
 byte for byte, by:
-  python -m megatron_vp2o.generation.prompts --digit-sum --n 256 --seed 0 \\
+  python tools/make_prompts.py --digit-sum --n 256 --seed 0 \\
       --out data/prompts/digit_sum_train.jsonl
-  python -m megatron_vp2o.generation.prompts --digit-sum --n 64 --seed 1 \\
+  python tools/make_prompts.py --digit-sum --n 64 --seed 1 \\
       --out data/prompts/digit_sum_eval.jsonl
 """
 
-import argparse
 import dataclasses
 import json
 import random
@@ -183,24 +182,3 @@ def apply_chat_template(tokenizer, prompt: str, system: str | None = None) -> st
     messages = ([{"role": "system", "content": system}] if system else [])
     messages.append({"role": "user", "content": prompt})
     return hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--digit-sum", action="store_true", help="the built-in digit_sum task")
-    source.add_argument("--reasoning-gym", metavar="NAME", help="a reasoning-gym generator")
-    parser.add_argument("--n", type=int, required=True, help="number of prompts")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--n-terms", type=int, default=2, help="digit_sum: digits per answer")
-    parser.add_argument("--out", required=True, help="output JSONL path")
-    args = parser.parse_args(argv)
-    if args.digit_sum:
-        records = make_digit_sum_prompts(args.n, args.seed, args.n_terms)
-    else:
-        records = reasoning_gym_prompts(args.reasoning_gym, args.n, args.seed)
-    print(f"wrote {len(records)} prompts to {write_prompts(records, args.out)}")
-
-
-if __name__ == "__main__":
-    main()

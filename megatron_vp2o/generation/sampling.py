@@ -32,38 +32,11 @@ Shape legend: B sequences, V vocabulary (padded), T response tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 
+from megatron_vp2o.config.rl import SamplingConfig
 
-@dataclass
-class SamplingConfig:
-    temperature: float = 1.0  # softmax temperature T (0: greedy argmax)
-    top_p: float = 1.0  # nucleus mass in (0, 1] (1: off)
-    top_k: int = 0  # keep the k most likely tokens (0: off)
-    max_new_tokens: int = 64  # response length limit per sequence
-    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)  # ids that end a sequence (kept in the response)
-    seed: int = 0  # base seed of the sampling generator (offset by the data-parallel rank)
 
-    def __post_init__(self):
-        self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
-        if not self.temperature >= 0.0:
-            raise ValueError(f"sampling.temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"sampling.top_k must be >= 0 (0 = off), got {self.top_k}")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.seed < 0:
-            raise ValueError(f"sampling.seed must be >= 0, got {self.seed}")
-        if any(t < 0 for t in self.stop_token_ids):
-            raise ValueError(f"sampling.stop_token_ids must be non-negative token ids, got {self.stop_token_ids}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
 
 
 def mask_padded_vocab(logits_XV: torch.Tensor, vocab_size: int | None) -> torch.Tensor:

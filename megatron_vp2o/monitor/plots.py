@@ -55,12 +55,20 @@ def _thresholds(run_dir: Path) -> dict:
     return out
 
 
+def read_metrics(path: str | Path) -> list[dict] | None:
+    """The rows of a run directory's ``metrics.jsonl`` (one dict per logged step), or None when the
+    directory has none. The one reader of metrics files (plots, ``vp2o compare``'s report)."""
+    metrics = Path(path) / "metrics.jsonl"
+    if not metrics.is_file():
+        return None
+    return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+
+
 def load_run(path: str | Path) -> Run:
     path = Path(path)
-    metrics = path / "metrics.jsonl"
-    if not metrics.is_file():
+    rows = read_metrics(path)
+    if rows is None:
         raise FileNotFoundError(f"run '{path}' has no metrics.jsonl; pass the --out directory of `vp2o train`")
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
     if _SEED_DIR.fullmatch(path.name):  # OUT/task/arm/seed_N
         group = f"{path.parent.parent.name}/{path.parent.name}"
         return Run(f"{group}/{path.name}", group, rows, _thresholds(path))
@@ -78,12 +86,22 @@ def series(rows: list[dict], key: str) -> dict[int, float]:
     return {r["step"]: v for r in rows if (v := _num(r.get(key))) is not None}
 
 
+def mean_band(curves: list[dict], spread: str = "range"):
+    """(xs, mean, lo, hi) of several ``{x: value}`` curves at every x some curve has; the band is
+    the min..max (``spread="range"``) or mean +- one sample standard deviation (``"sd"``). The one
+    mean-and-band of the project (``vp2o plot`` and ``vp2o compare``'s report)."""
+    xs = sorted({x for c in curves for x in c})
+    vals = [[c[x] for c in curves if x in c] for x in xs]
+    mean = [sum(v) / len(v) for v in vals]
+    if spread == "range":
+        return xs, mean, [min(v) for v in vals], [max(v) for v in vals]
+    sd = [math.sqrt(sum((u - m) ** 2 for u in v) / (len(v) - 1)) if len(v) > 1 else 0.0 for v, m in zip(vals, mean)]
+    return xs, mean, [m - d for m, d in zip(mean, sd)], [m + d for m, d in zip(mean, sd)]
+
+
 def band(runs: list[Run], key: str):
-    """(steps, mean, lo, hi) over the runs at every step some run logged ``key``."""
-    per = [series(r.rows, key) for r in runs]
-    steps = sorted({s for p in per for s in p})
-    vals = [[p[s] for p in per if s in p] for s in steps]
-    return steps, [sum(v) / len(v) for v in vals], [min(v) for v in vals], [max(v) for v in vals]
+    """(steps, mean, lo, hi) over the runs at every step some run logged ``key`` (band: min..max)."""
+    return mean_band([series(r.rows, key) for r in runs])
 
 
 def _groups(runs: list[Run]) -> dict[str, list[Run]]:

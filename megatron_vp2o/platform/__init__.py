@@ -45,6 +45,11 @@ def activate() -> Platform:
     return _active
 
 
+def active() -> Platform | None:
+    """The active platform, or None before :func:`activate`."""
+    return _active
+
+
 def current() -> Platform:
     """The active platform; raises if :func:`activate` was not called."""
     if _active is None:

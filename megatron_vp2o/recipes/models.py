@@ -33,7 +33,7 @@ from megatron_vp2o.config import (
     TrainConfig,
     load_config,
 )
-from megatron_vp2o.rl.config import RLConfig
+from megatron_vp2o.config.rl import RLConfig
 from megatron_vp2o.generation.sampling import SamplingConfig
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -28,7 +28,7 @@ def _quiet_math_verify() -> None:
         logging.getLogger(name).addFilter(_DropTimeoutDisabled())
 
 
-def _parse(text: str) -> list:
+def parse_answer(text: str) -> list:
     from math_verify import parse  # optional dependency: pip install math-verify
 
     _quiet_math_verify()
@@ -40,7 +40,7 @@ def _parse_gold(answer) -> list:
     text = str(answer)
     if "$" not in text and "\\boxed" not in text:
         text = f"\\boxed{{{text}}}"
-    return _parse(text)
+    return parse_answer(text)
 
 
 def math_reward(prompt: str, response: str, meta: Mapping) -> float:
@@ -50,7 +50,7 @@ def math_reward(prompt: str, response: str, meta: Mapping) -> float:
     gold = _parse_gold(meta["answer"])
     if not gold:
         raise ValueError(f"math-verify cannot parse the gold answer {meta['answer']!r}")
-    pred = _parse(response)
+    pred = parse_answer(response)
     return 1.0 if pred and verify(gold, pred, timeout_seconds=None) else 0.0
 
 
@@ -58,7 +58,7 @@ def math_answer(response: str, meta: Mapping) -> str | None:
     """The parsed final answer in sympy's normal form ("1/2" for \\frac{2}{4}) when correct."""
     if math_reward("", response, meta) != 1.0:
         return None
-    pred = _parse(response)
+    pred = parse_answer(response)
     return str(pred[0]) if pred else None
 
 

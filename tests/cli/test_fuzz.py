@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from cli.conftest import TINY, PlatformReached, fake_checkpoint, run_cli, saved_config
 from megatron_vp2o.checkpoint.meta import SHAPE_FIELDS
-from megatron_vp2o.config import Config, section_type
+from megatron_vp2o.config import Config
 
 EXAMPLES = 400
 EVAL_DATA = "data/eval/math_digit_sum.jsonl"
@@ -37,7 +37,7 @@ def schema_leaves(cls=Config, prefix=""):
     """(dotted path, annotation) of every leaf field of the config tree."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        tp = section_type(f.metadata["section"]) if f.metadata.get("section") else hints[f.name]
+        tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             yield from schema_leaves(tp, f"{prefix}{f.name}.")
         else:

@@ -64,9 +64,9 @@ def _world_min(flag: bool) -> bool:
 
 def _gather_rows(local_XP, groups):
     """[X, P_local] -> [E, etp * P_local]: ETP shards side by side, EP experts stacked."""
-    from megatron_vp2o.distributed.reductions import _size, gather_experts
+    from megatron_vp2o.distributed.reductions import group_size, gather_experts
 
-    etp = _size(groups.expert_tp)
+    etp = group_size(groups.expert_tp)
     if etp > 1:
         parts = [torch.empty_like(local_XP) for _ in range(etp)]
         dist.all_gather(parts, local_XP.contiguous(), group=groups.expert_tp)
@@ -103,9 +103,9 @@ class HookProbe:
 
     def _repulsion(self, layer, state, inactive, num_cols):
         from megatron_vp2o.algo import stein
-        from megatron_vp2o.distributed.reductions import _size, gather_experts
+        from megatron_vp2o.distributed.reductions import group_size, gather_experts
 
-        etp = _size(state.groups.expert_tp)
+        etp = group_size(state.groups.expert_tp)
         w_XDF = layer.accessor.fc2_weight_XDF().float()
         shards = [w_XDF] if etp == 1 else [torch.empty_like(w_XDF) for _ in range(etp)]
         if etp > 1:

@@ -4,6 +4,10 @@ line fails naming file, line and field; generators are deterministic; shipped da
 import json
 from pathlib import Path
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from megatron_vp2o import rewards
@@ -90,7 +94,8 @@ def test_digit_sum_generator_is_deterministic_and_multi_answer():
 def test_shipped_digit_sum_files_regenerate_byte_for_byte(tmp_path, name, n, seed):
     shipped = REPO / "data" / "prompts" / f"{name}.jsonl"
     out = tmp_path / f"{name}.jsonl"
-    prompts.main(["--digit-sum", "--n", str(n), "--seed", str(seed), "--out", str(out)])
+    subprocess.run([sys.executable, str(REPO / "tools" / "make_prompts.py"), "--digit-sum", "--n", str(n), "--seed",
+                    str(seed), "--out", str(out)], check=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert out.read_bytes() == shipped.read_bytes()
     records = load_prompts(shipped)
     assert len(records) == n and all(r.task == "digit_sum" for r in records)

@@ -15,7 +15,7 @@ from megatron_vp2o.recipes import paper_33b_a4b, qwen3_30b_a3b, tiny_cpu
 
 @pytest.fixture(scope="module")
 def live():
-    return run_world(1, "launch.worlds_plan:measure", None, timeout_s=240)
+    return run_world(1, "plan.worlds_plan:measure", None, timeout_s=240)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -36,7 +36,7 @@ def test_activation_formula_matches_saved_tensors_on_cpu():
     shape = dict(hidden_size=256, moe_ffn_hidden_size=512, num_attention_heads=4, num_query_groups=2,
                  moe_router_topk=2, seq_length=128)
     batch, seq = 4, 128
-    measured = run_world(1, "launch.worlds_plan:activations", {"model": shape, "tokens_BS": (batch, seq)},
+    measured = run_world(1, "plan.worlds_plan:activations", {"model": shape, "tokens_BS": (batch, seq)},
                          timeout_s=240)["per_layer"]
     cfg = tiny_cpu()
     model = dataclasses.replace(cfg.model, **shape)

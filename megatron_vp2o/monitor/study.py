@@ -1,4 +1,4 @@
-"""The report of ``vp2o compare``: curves against rollout cost, the claims table, the ablation table.
+"""The report of a comparison study (``vp2o compare``): curves against rollout cost, the claims table, the ablation table.
 
 Each run's evaluation rows (``eval/*``, logged at ``rollout/samples`` = responses generated so far)
 form one curve per metric; arms are plotted as the mean over seeds with a band of +- one standard
@@ -17,10 +17,11 @@ Claims (the paper's, VP2O against GRPO at the same rollout cost):
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from pathlib import Path
+
+from megatron_vp2o.monitor.plots import mean_band, read_metrics
 
 METRICS = [("eval/mean", "eval reward"), ("eval/pass_at_1", "pass@1"), ("eval/pass_at_4", "pass@4 (unbiased)"),
            ("eval/distinct_correct", "distinct correct / prompt"), ("eval/response_len", "response length"),
@@ -35,10 +36,7 @@ T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
 
 def load_run(path: Path) -> list[dict] | None:
     """Evaluation points of one run: dicts with samples, updates, refreshes and every eval/* metric."""
-    metrics = path / "metrics.jsonl"
-    if not metrics.exists():
-        return None
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = read_metrics(path)
     if not rows or not rows[-1].get("budget_end"):
         return None
     points, refreshes, updates = [], 0, 0
@@ -53,6 +51,17 @@ def load_run(path: Path) -> list[dict] | None:
                 points.pop()  # evaluated twice at one rollout cost (the final evaluation): keep the later
             points.append(point)
     return points
+
+
+def run_dir(out: Path, task: str, arm: str, seed: int) -> Path:
+    """Where ``vp2o compare`` writes one run: OUT/task/arm/seed_N."""
+    return out / task / arm / f"seed_{seed}"
+
+
+def finished(path: Path) -> bool:
+    """The run reached its rollout budget (its last metrics row says ``budget_end``)."""
+    rows = read_metrics(path)
+    return bool(rows) and bool(rows[-1].get("budget_end", False))
 
 
 def t_interval(diffs: list[float]) -> tuple[float, float, float]:
@@ -170,13 +179,9 @@ def plot(runs: dict, arms: list[str], seeds: list[int], path: Path, title: str) 
             curves = [runs[(arm, s)] for s in seeds if runs.get((arm, s))]
             if not curves or key not in curves[0][0]:
                 continue
-            xs = sorted({p["samples"] for c in curves for p in c})
-            per_x = [[p[key] for c in curves for p in c if p["samples"] == x and key in p] for x in xs]
-            mean = [statistics.mean(v) for v in per_x]
-            sd = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in per_x]
+            xs, mean, lo, hi = mean_band([{p["samples"]: p[key] for p in c if key in p} for c in curves], "sd")
             line, = ax.plot(xs, mean, label=arm, lw=2 if arm in ("grpo", "vp2o") else 1)
-            ax.fill_between(xs, [m - s for m, s in zip(mean, sd)], [m + s for m, s in zip(mean, sd)],
-                            color=line.get_color(), alpha=0.15)
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
         ax.set_title(label)
         ax.set_xlabel("responses generated")
         ax.grid(alpha=0.3)
@@ -196,8 +201,6 @@ def _table(header: list[str], rows: list[tuple]) -> list[str]:
 
 def write_report(out: Path, report: Path, tasks: list[str], arms: list[str], seeds: list[int], title: str,
                  setup: dict) -> Path:
-    from megatron_vp2o.cli.compare import run_dir
-
     report.mkdir(parents=True, exist_ok=True)
     md = [f"# {title}", "", f"Rollout budget {setup['budget']} responses per run, evaluated every "
           f"{setup['eval_every']}; config `{setup['config']}`, overrides `{' '.join(setup['overrides']) or '-'}`; "

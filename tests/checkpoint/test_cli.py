@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from convert.hf_models import make_mixtral, make_qwen3, read_all
+from checkpoint.hf_models import make_mixtral, make_qwen3, read_all
 from harness import ROOT
 from megatron_vp2o.cli.convert import main
 

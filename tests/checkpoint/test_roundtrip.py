@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from convert.hf_models import expert_mismatches, make_mixtral, make_qwen3, read_all
+from checkpoint.hf_models import expert_mismatches, make_mixtral, make_qwen3, read_all
 
 from harness import run_world
 from megatron_vp2o.checkpoint.hf.archs import ARCHS
@@ -17,7 +17,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("convert")
     models = {name: str(make(root / f"{name}_src")) for name, make in MAKERS.items()}
     payload = {"root": str(root), "models": models, "fail_verify": "mixtral"}
-    out = run_world(2, "convert.worlds_convert:roundtrip", payload, timeout_s=240)
+    out = run_world(2, "checkpoint.worlds_convert:roundtrip", payload, timeout_s=240)
     return root, models, out
 
 

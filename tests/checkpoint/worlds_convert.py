@@ -1,4 +1,4 @@
-"""Functions that run inside the 2-rank conversion world of tests/convert/test_roundtrip.py.
+"""Functions that run inside the 2-rank conversion world of tests/checkpoint/test_roundtrip.py.
 
 One world does everything for both architectures (world start-up dominates the cost on CPU):
 import with EP=2 and EP=1 (both verified against transformers), reload each checkpoint under the

@@ -1,4 +1,4 @@
-"""The ``rl`` config section: what the RL trainer (``vp2o train``) does each step.
+"""The ``rl`` config section (a declared field of :class:`~megatron_vp2o.config.Config`): what the RL trainer (``vp2o train``) does each step.
 
 ``algo``: ``vp2o`` (Stein transport, specialisation losses, geometric trust regions, event-driven
 actor refresh; spec 2) or ``grpo`` (the baseline: PPO clipping, actors refreshed every step, each
@@ -20,8 +20,35 @@ from typing import Literal, Optional
 
 from megatron_vp2o.algo.config import PolicyLossConfig
 from megatron_vp2o.config.loader import check
-from megatron_vp2o.config.sections import register_section
-from megatron_vp2o.generation.sampling import SamplingConfig
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 1.0  # softmax temperature T (0: greedy argmax)
+    top_p: float = 1.0  # nucleus mass in (0, 1] (1: off)
+    top_k: int = 0  # keep the k most likely tokens (0: off)
+    max_new_tokens: int = 64  # response length limit per sequence
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)  # ids that end a sequence (kept in the response)
+    seed: int = 0  # base seed of the sampling generator (offset by the data-parallel rank)
+
+    def __post_init__(self):
+        self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+        if not self.temperature >= 0.0:
+            raise ValueError(f"sampling.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"sampling.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"sampling.top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"sampling.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.seed < 0:
+            raise ValueError(f"sampling.seed must be >= 0, got {self.seed}")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise ValueError(f"sampling.stop_token_ids must be non-negative token ids, got {self.stop_token_ids}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
 
 
 @dataclass
@@ -94,5 +121,3 @@ class RLConfig:
         """grpo uses PPO clipping (grpo_clip); vp2o uses the configured loss (default: unclipped)."""
         return "grpo_clip" if self.algo == "grpo" else self.policy_loss.policy_loss
 
-
-register_section("rl", RLConfig)  # the root config's `rl` slot (config/ imports nothing from rl/)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from megatron_vp2o.cli import compare_report as R
+from megatron_vp2o.monitor import study as R
 from megatron_vp2o.cli.compare import parse_arms
 from argparse import Namespace
 

@@ -1,4 +1,4 @@
-"""Rank code for tests/launch/test_plan.py: build the tiny recipe with the trainer's own builder
+"""Rank code for tests/plan/test_plan.py: build the tiny recipe with the trainer's own builder
 and measure the bytes its live objects hold."""
 
 from __future__ import annotations
