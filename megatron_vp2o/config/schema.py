@@ -60,8 +60,13 @@ class ModelConfig:
     attention: Literal["local", "sdpa"] = "sdpa"  # local backend core attention: megatron's or torch SDPA
     params_dtype: Literal["fp32", "bf16"] = "fp32"  # parameter / compute dtype
     init_method_std: float = 0.02  # weight init std
+    recompute: Literal["none", "selective", "full"] = "none"  # activation recompute (megatron recompute_granularity)
+    recompute_method: Literal["uniform", "block"] = "uniform"  # full: megatron recompute_method
+    recompute_num_layers: int = 1  # full: layers per recompute unit (uniform) / recomputed layers per stage (block)
+    recompute_modules: Optional[list[str]] = None  # selective: megatron recompute_modules (None: core_attn, moe)
 
     def __post_init__(self):
+        check(self.recompute_num_layers >= 1, "model.recompute_num_layers", "be >= 1", self.recompute_num_layers)
         for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "num_experts",
                      "moe_router_topk", "moe_ffn_hidden_size", "vocab_size", "seq_length", "moe_layer_freq"):
             check(getattr(self, name) >= 1, f"model.{name}", "be >= 1", getattr(self, name))

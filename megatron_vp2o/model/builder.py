@@ -13,6 +13,8 @@ calling rank. The router mapping (megatron flag <- ours):
 
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -65,8 +67,35 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, use_cpu_ini
         pipeline_dtype=dtype if parallel.pp > 1 else None,
         params_dtype=dtype, bf16=dtype == torch.bfloat16, use_cpu_initialization=use_cpu_init,
     )
+    kwargs.update(recompute_kwargs(model))
     kwargs.update(extra)
     return TransformerConfig(**kwargs)
+
+
+#: ``model.recompute: selective`` without ``model.recompute_modules``: what megatron recomputes.
+SELECTIVE_MODULES = ("core_attn", "moe")
+#: megatron recompute modules whose checkpoint (``CheckpointWithoutOutput``) needs Transformer Engine.
+_TE_MODULES = ("layernorm", "moe_act")
+
+
+def recompute_kwargs(model: ModelConfig) -> dict:
+    """megatron-core's activation-recompute arguments for ``model.recompute`` (none | selective |
+    full); megatron's own mechanism (``tensor_parallel.checkpoint``), VP2O layers recompute exactly
+    (moe/layer.py: statistics once per micro-batch, the recompute replays the first forward's mask)."""
+    if model.recompute == "none":
+        return {}
+    if model.recompute == "full":
+        return dict(recompute_granularity="full", recompute_method=model.recompute_method,
+                    recompute_num_layers=model.recompute_num_layers)
+    modules = list(model.recompute_modules) if model.recompute_modules is not None else list(SELECTIVE_MODULES)
+    te = [m for m in modules if m in _TE_MODULES]
+    if te and importlib.util.find_spec("transformer_engine") is None:
+        raise ConfigError(f"model.recompute_modules: {', '.join(te)} need Transformer Engine (megatron-core's "
+                          "CheckpointWithoutOutput); install it (GPU) or recompute core_attn and moe")
+    if "moe_act" in modules and model.expert_impl == "sequential":
+        raise ConfigError("model.recompute_modules: moe_act needs grouped experts (megatron-core); use "
+                          "model.expert_impl=te_grouped, or 'moe' (recompute the whole MoE layer)")
+    return dict(recompute_granularity="selective", recompute_modules=modules)
 
 
 def build_gpt(model: ModelConfig, config: TransformerConfig, moe_layer_cls=MoELayer, backend: str | None = None,

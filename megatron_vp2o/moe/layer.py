@@ -45,6 +45,8 @@ D hidden, N rows after dispatch.
 
 from __future__ import annotations
 
+import sys
+from collections import deque
 from contextlib import contextmanager
 
 import torch
@@ -62,6 +64,36 @@ from megatron_vp2o.platform import native
 
 
 _MAX_PENDING = 64  # micro-batches kept before an automatic fold-in (bounds memory without a flush)
+
+
+def recomputing() -> bool:
+    """Whether this forward is megatron's activation-recompute forward: recompute forwards run
+    inside the backward (``CheckpointFunction.backward`` / the recompute hooks), i.e. while the
+    autograd engine executes a graph task; a first forward never does."""
+    return torch._C._current_graph_task_id() != -1
+
+
+_CHECKPOINT_CODE = None
+
+
+def in_checkpoint_forward() -> bool:
+    """Whether this call runs inside the first (no-grad) forward of megatron's activation
+    checkpoint (``tensor_parallel.CheckpointFunction.forward``) of a training forward (some input
+    needs a gradient): autograd is off there, but the forward trains -- its recompute in the
+    backward attaches the losses. A forward-only pass (anchor capture) through the same checkpoint
+    has no input needing a gradient."""
+    global _CHECKPOINT_CODE
+    if _CHECKPOINT_CODE is None:
+        from megatron.core.tensor_parallel.random import CheckpointFunction
+
+        _CHECKPOINT_CODE = CheckpointFunction.forward.__code__
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _CHECKPOINT_CODE:
+            ctx = frame.f_locals.get("ctx")
+            return bool(ctx is not None and any(getattr(ctx, "needs_input_grad", ())))
+        frame = frame.f_back
+    return False
 
 
 class VP2OTopKRouter(TopKRouter):
@@ -109,6 +141,13 @@ class VP2OMoELayer(MoELayer):
         self._pending = ([], [], [], [])  # per micro-batch, not yet folded in: mask_TE, logits_TE, (slot, loss), weight_T
         self._route = None
         self.token_mask = None  # [S*B] (or [B, S]) 0/1 tokens that count (the response), set per forward; None: all
+        # activation recompute (megatron: full, or selective with "moe"): the whole layer runs again in
+        # the backward. Its statistics are taken in the first forward only; the recompute replays the
+        # first forward's token mask (FIFO: megatron's schedules run the backwards of a chunk's
+        # micro-batches in forward order) and attaches the losses; the first forward logs them.
+        self.recomputed = config.recompute_granularity == "full" or (
+            config.recompute_granularity == "selective" and "moe" in (config.recompute_modules or ()))
+        self._replay: deque = deque()
 
     # --- per-step bookkeeping ------------------------------------------------------------------
     def reset_step_stats(self) -> None:
@@ -116,6 +155,7 @@ class VP2OMoELayer(MoELayer):
         self.captured = []
         self.loss_log = torch.zeros(4, device=self.counts_EE.device)
         self._pending = ([], [], [], [])
+        self._replay.clear()
 
     def token_weights(self, num_tokens: int, like: torch.Tensor) -> torch.Tensor:
         """0/1 weight per routed token [T] (T = S*B sequence-major, this TP rank's slice under
@@ -141,9 +181,12 @@ class VP2OMoELayer(MoELayer):
     @property
     def losses_on(self) -> bool:
         """Specialisation losses (and the ortho capture) only where they can train: training mode
-        with autograd on, as megatron's own router aux losses. Rollouts, evaluation and anchor
-        capture run megatron's expert path unchanged."""
-        return self.training and torch.is_grad_enabled()
+        with autograd on, as megatron's own router aux losses, or the first (no-grad) forward of
+        megatron's activation checkpoint (same function as without recompute; its recompute attaches
+        the losses). Rollouts, evaluation and anchor capture run megatron's expert path unchanged."""
+        if not self.training:
+            return False
+        return torch.is_grad_enabled() or (self.recomputed and in_checkpoint_forward())
 
     @property
     def ortho_on(self) -> bool:
@@ -153,6 +196,18 @@ class VP2OMoELayer(MoELayer):
     def route(self, hidden_states, padding_mask=None):
         """The router's own forward (so its hooks and routing replay run), keeping the gating
         logits (for the full softmax), top-k ids and gates of this batch."""
+        recompute = self.training and self.recomputed and recomputing()
+        if recompute:  # the recompute forward: the first forward's token mask, no statistics again
+            saved, self.token_mask = self.token_mask, (self._replay.popleft() if self._replay else self.token_mask)
+            try:
+                return self._route_tokens(hidden_states, padding_mask, record=False)
+            finally:
+                self.token_mask = saved
+        if self.training and self.recomputed and self.losses_on:  # will be recomputed in the backward
+            self._replay.append(self.token_mask)
+        return self._route_tokens(hidden_states, padding_mask, record=True)
+
+    def _route_tokens(self, hidden_states, padding_mask, record: bool):
         router = self.router
         if padding_mask is None and self.token_mask is not None and self.training:
             # megatron's own aux losses (load balancing, z-loss) then also see response tokens only
@@ -169,7 +224,7 @@ class VP2OMoELayer(MoELayer):
             topk_TK = torch.sort(torch.topk(mask_TE, self.top_k, dim=-1).indices, -1).values
             gates_TK = torch.gather(probs_TE, 1, topk_TK)
             weight_T = self.token_weights(topk_TK.shape[0], probs_TE) if self.training else None
-            if self.training:  # counts and router entropy (response tokens only): folded in by flush_step_stats
+            if self.training and record:  # counts, router entropy (response tokens only): flush_step_stats
                 self._pending[0].append(mask_TE.detach() * weight_T.unsqueeze(-1))
                 self._pending[1].append(logits.detach().view(topk_TK.shape[0], -1))
                 self._pending[3].append(weight_T)
@@ -277,12 +332,13 @@ class VP2OMoELayer(MoELayer):
         for slot, name, coef, total, count in terms:
             scale = (1.0 / count) if self.loss_norm is None else self.loss_norm[slot]
             loss = total * scale
-            if self.training:
-                self._pending[2].append((slot, loss.detach()))
-                if len(self._pending[2]) >= 2 * _MAX_PENDING:
-                    self.flush_stats()
-            moe_utils.save_to_aux_losses_tracker(name, loss.detach(), self.layer_number,
-                                                 self.config.num_layers)
+            if not (self.recomputed and recomputing()):  # logged once: by the first forward
+                if self.training:
+                    self._pending[2].append((slot, loss.detach()))
+                    if len(self._pending[2]) >= 2 * _MAX_PENDING:
+                        self.flush_stats()
+                moe_utils.save_to_aux_losses_tracker(name, loss.detach(), self.layer_number,
+                                                     self.config.num_layers)
             aux = coef * loss if aux is None else aux + coef * loss
         return aux
 
