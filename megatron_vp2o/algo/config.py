@@ -115,6 +115,9 @@ class TrustRegionConfig:
     ess_level: str = "sequence"
     #: Force a refresh after this many learner steps on one rollout buffer (spec 2.12).
     max_steps_per_refresh: int = 8
+    #: Where the pre-step snapshot (main params + optimizer state) lives: device, or host (pinned
+    #: host memory, copied asynchronously; on a CPU-only machine the same memory as device).
+    snapshot: str = "device"
 
     def __post_init__(self) -> None:
         s = self.SECTION
@@ -137,6 +140,7 @@ class TrustRegionConfig:
                  s, "ess_temper", "None or > 0", self.ess_temper)
         _require(self.ess_level in ESS_LEVELS, s, "ess_level", "one of {sequence, token}",
                  self.ess_level)
+        _require(self.snapshot in ("device", "host"), s, "snapshot", "one of {device, host}", self.snapshot)
         _require(_is_int(self.max_steps_per_refresh) and self.max_steps_per_refresh >= 1, s,
                  "max_steps_per_refresh", "an int >= 1", self.max_steps_per_refresh)
 

@@ -1,24 +1,32 @@
 """Trust-region step control across ranks: snapshot, backtrack, reject, refresh (spec 2.8, 2.10).
 
-What: `ParamSnapshot` copies, before ``optimizer.step()``, everything the step changes on this
-rank: every model parameter (full tensor), every optimizer main parameter that is not a view of a
-model parameter (fp32 masters of bf16 params; distributed-optimizer shards), and every optimizer
-state tensor (Adam ``exp_avg``, ``exp_avg_sq``, ``step``). From it:
-- ``restore()``: exact (bitwise) restore of parameters and optimizer state (`reject`);
+What: `ParamSnapshot` copies, before ``optimizer.step()``, only what the step changes on this rank
+and what cannot be rebuilt: every optimizer *main* parameter (fp32 masters of bf16 parameters,
+distributed-optimizer shards -- a 1/DP slice --, or the fp32 parameters themselves where they are
+their own masters) and every optimizer state tensor (Adam ``exp_avg``, ``exp_avg_sq``, ``step``).
+The model parameters are *rebuilt* from the main parameters the way megatron does after a step
+(`rebuild_model_params`: the optimizer's main-to-model copy, then the distributed optimizer's
+parameter all-gather), so they are never copied. From it:
+- ``restore()``: exact (bitwise) restore of parameters and optimizer state (`reject`): the model
+  parameters were megatron's rounding of the main parameters before the step, and are again;
 - ``restore(mask)``: restore only masked elements -- the freeze of inactive experts (spec 2.8
   `freeze_inactive`) reuses the same snapshot, so it costs no extra memory;
-- ``scale_update(after, s)``: parameters <- before + s (after - before) (`backtrack`; optimizer
-  moments keep their post-step values: the step was taken, only shortened).
+- ``scale_update(after, s)``: main <- before + s (after - before), model rebuilt (`backtrack`;
+  optimizer moments keep their post-step values: the step was taken, only shortened). ``after``
+  (`capture_after`) is held in the DDP gradient buffer, which the step has consumed and the next
+  step zeroes: backtracking allocates nothing.
+``where='host'`` (``vp2o.trust_region.snapshot: host``) keeps the snapshot in pinned host memory,
+filled by asynchronous copies on a side stream (`take(wait=False)` before the forward/backward,
+`ready()` before the step: the pre-step state does not change in between) and read back only on a
+reject, backtrack or freeze. Without CUDA, host and device are the same memory (plain CPU tensors).
 `anchor_decision` evaluates D_anc (spec 2.10) with sums and counts reduced over every rank of
 every pipeline stage, so `decide` returns the same code everywhere; the caller reads it once.
 
-Memory cost: one copy of the local model parameters (P_model x param dtype), plus the non-aliased
-main parameters (fp32 masters: P_main x 4 bytes, a 1/DP shard with the distributed optimizer),
-plus the optimizer state (2 x P_main x 4 bytes for Adam), held persistently (allocated once,
-refreshed each step by one fused ``torch._foreach_copy_``). Only a backtrack also copies the
-post-step parameters (another P_model + P_main, transient); an accepted step copies nothing else.
-E.g. bf16 + distributed optimizer over DP ranks: 2 P + (4 + 8) P / DP bytes, plus the parameter
-part again while backtracking.
+Memory cost (persistent, allocated once, refreshed each step by one fused copy): the main
+parameters (P_main x 4 bytes; P_main = P / DP with the distributed optimizer) plus the optimizer
+state (2 x P_main x 4 bytes for Adam). No copy of the bf16 model parameters, none while
+backtracking. E.g. bf16 + distributed optimizer: 12 P / DP bytes (was 2 P + 12 P / DP, plus
+2 P + 4 P / DP while backtracking).
 
 Shape legend: T tokens, K top-k, E experts, D hidden.
 """
@@ -68,93 +76,161 @@ def _states(optimizer) -> dict:
     return out
 
 
+def _dedup(tensors) -> list:
+    seen, out = set(), []
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+def rebuild_model_params(optimizer) -> None:
+    """Model parameters from the main parameters, as megatron does after a step: each mixed-precision
+    optimizer's main-to-model copy, then (distributed optimizer) the parameter all-gather of every
+    model chunk. FP32 optimizers (main = model parameter) have nothing to rebuild."""
+    chunks = []
+    for opt in _leaf_optimizers(optimizer):
+        if hasattr(opt, "shard_fp32_groups") or hasattr(opt, "float16_groups"):
+            opt._copy_main_params_to_model_params()
+        if hasattr(opt, "shard_fp32_groups"):
+            chunks += [c for c in getattr(opt, "model_chunks", []) if all(c is not k for k in chunks)]
+    for chunk in chunks:
+        chunk.start_param_sync(force_sync=True)
+
+
 class ParamSnapshot:
-    """Pre-step copy of parameters, main parameters and optimizer state of one rank.
+    """Pre-step copy of the main parameters and optimizer state of one rank (module docstring).
 
     The copy lives in buffers allocated once (re-allocated only when the set of tensors changes,
     e.g. after Adam's lazy state init on the first step) and is refreshed by `take` with one
     ``torch._foreach_copy_``; ``params`` limits it to some model parameters (the freeze of
     inactive experts alone needs only the expert parameters and their optimizer state).
+    ``where``: 'device' or 'host' (pinned host memory when CUDA is in use).
     """
 
-    def __init__(self, model, optimizer, params=None):
-        self.model, self.optimizer = model, optimizer
+    def __init__(self, model, optimizer, params=None, where: str = "device"):
+        if where not in ("device", "host"):
+            raise ValueError(f"snapshot where={where!r}: 'device' or 'host'")
+        self.model, self.optimizer, self.where = model, optimizer, where
         self.params = list(model.parameters()) if params is None else list(params)
         wanted = {id(p) for p in self.params}
         self.entries = [e for e in main_param_entries(optimizer) if id(e[0]) in wanted]
-        storages = {p.untyped_storage().data_ptr() for p in model.parameters()}  # DDP: one param buffer
-        self.own_main = [e for e in self.entries if e[1].untyped_storage().data_ptr() not in storages]
+        self.mains = _dedup(e[1] for e in self.entries)
         self._key, self._buffers, self.before = None, [], None
+        self._stream = self._event = None
 
     def _live(self) -> tuple[list, list, dict]:
         """(tensors to copy, their (kind, ref) tags, non-tensor state values) as they are now."""
         states = _states(self.optimizer)
-        tensors = [p.detach() for p in self.params] + [e[1].detach() for e in self.own_main]
-        tags = [("param", i) for i in range(len(self.params))] + [("main", i) for i in range(len(self.own_main))]
+        tensors = [m.detach() for m in self.mains]
+        tags = [("main", i) for i in range(len(self.mains))]
         scalars = {}
-        for e in self.entries:
-            state = states.get(e[1])
+        for main in self.mains:
+            state = states.get(main)
             if state is None:
                 continue
             for key, value in state.items():
                 if torch.is_tensor(value):
                     tensors.append(value)
-                    tags.append(("state", id(e[1]), key))
+                    tags.append(("state", id(main), key))
                 else:
-                    scalars[(id(e[1]), key)] = value
+                    scalars[(id(main), key)] = value
         return tensors, tags, scalars
 
-    def take(self) -> "ParamSnapshot":
-        """Copy the current values into the snapshot buffers (one fused copy)."""
+    def _empty_like(self, t: torch.Tensor) -> torch.Tensor:
+        if self.where == "host" and t.device.type != "cpu":
+            return torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=torch.cuda.is_available())
+        return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+    def take(self, wait: bool = True) -> "ParamSnapshot":
+        """Copy the current values into the snapshot buffers (one fused copy). On the host with CUDA
+        the copy runs on a side stream; ``wait=False`` leaves it running (call `ready` before the
+        parameters change: the optimizer step)."""
         tensors, tags, scalars = self._live()
         key = [(t.shape, t.dtype, t.device) for t in tensors], tags
         if key != self._key:
-            self._buffers = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
+            self._buffers = [self._empty_like(t) for t in tensors]
             self._key = key
         if tensors:
-            torch._foreach_copy_(self._buffers, tensors)
+            if self.where == "host" and tensors[0].is_cuda:
+                self._stream = self._stream or torch.cuda.Stream()
+                self._stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(self._stream):
+                    for dst, src in zip(self._buffers, tensors):
+                        dst.copy_(src, non_blocking=True)
+                    self._event = torch.cuda.Event()
+                    self._event.record()
+            else:
+                torch._foreach_copy_(self._buffers, tensors)
         self.before = dict(zip(tags, self._buffers))
-        self.had_state = {id(e[1]) for e in self.entries if e[1] in _states(self.optimizer)}
+        self.had_state = {id(m) for m in self.mains if m in _states(self.optimizer)}
         self.scalars = scalars
+        if wait:
+            self.ready()
         return self
 
+    def ready(self) -> None:
+        """The compute stream waits for an asynchronous host copy (no host sync)."""
+        if self._event is not None:
+            torch.cuda.current_stream().wait_event(self._event)
+            self._event = None
+
+    def nbytes(self) -> int:
+        """Bytes the snapshot holds (its buffers)."""
+        return sum(b.numel() * b.element_size() for b in self._buffers)
+
+    def _src(self, old: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return old.to(like.device, non_blocking=True) if old.device != like.device else old
+
     def capture_after(self) -> dict:
-        """Clones of the post-step parameters and main parameters (for `scale_update`)."""
-        return {"params": [p.detach().clone() for p in self.params],
-                "main": [e[1].detach().clone() for e in self.own_main]}
+        """The post-step main parameters (for `scale_update`), held in the DDP gradient buffer (the
+        step consumed it; the next step zeroes it); a clone where no fp32 gradient view exists."""
+        after = []
+        for main in self.mains:
+            entry = next(e for e in self.entries if e[1] is main)
+            grad = getattr(entry[0], "main_grad", None)
+            if grad is not None and grad.dtype == main.dtype:
+                view = grad.view(-1)[entry[2][0]:entry[2][1]] if entry[2] is not None else grad.view(main.shape)
+                if view.data_ptr() != main.data_ptr():
+                    view.copy_(main.detach().view(view.shape))
+                    after.append(view.view(main.shape))
+                    continue
+            after.append(main.detach().clone())
+        return {"main": after}
 
     def restore(self, mask_of=None) -> None:
         """Put back the snapshot; with ``mask_of(model_param) -> bool mask | None`` only there
-        (masked restores leave scalar state such as Adam's step count alone)."""
+        (masked restores leave scalar state such as Adam's step count alone). The model parameters
+        are rebuilt from the restored main parameters."""
+        self.ready()
         with torch.no_grad():
             if mask_of is None:
                 self._restore_all()
-                return
-            for i, p in enumerate(self.params):
-                _put_masked(p, self.before[("param", i)], mask_of(p))
-            for i, e in enumerate(self.own_main):
-                _put_masked(e[1], self.before[("main", i)], _main_mask(e, mask_of))
-            states = _states(self.optimizer)
-            for e in self.entries:
-                if id(e[1]) not in self.had_state:
-                    continue
-                mask = _main_mask(e, mask_of)
-                for key, cur in states[e[1]].items():
-                    old = self.before.get(("state", id(e[1]), key))
-                    if old is not None and torch.is_tensor(cur) and cur.dim() > 0 and cur.shape == old.shape:
-                        _put_masked(cur, old, mask)
+            else:
+                for e in self.entries:
+                    i = next(j for j, m in enumerate(self.mains) if m is e[1])
+                    mask = _main_mask(e, mask_of)
+                    if mask is not None:
+                        _put_masked(e[1], self._src(self.before[("main", i)], e[1]), mask)
+                states = _states(self.optimizer)
+                for e in self.entries:
+                    if id(e[1]) not in self.had_state:
+                        continue
+                    mask = _main_mask(e, mask_of)
+                    for key, cur in states[e[1]].items():
+                        old = self.before.get(("state", id(e[1]), key))
+                        if old is not None and torch.is_tensor(cur) and cur.dim() > 0 and cur.shape == old.shape:
+                            _put_masked(cur, self._src(old, cur), mask)
+            rebuild_model_params(self.optimizer)
 
     def _restore_all(self) -> None:
         states = _states(self.optimizer)
         dst, src = [], []
-        for i, p in enumerate(self.params):
-            dst.append(p.detach())
-            src.append(self.before[("param", i)])
-        for i, e in enumerate(self.own_main):
-            dst.append(e[1].detach())
+        for i, main in enumerate(self.mains):
+            dst.append(main.detach())
             src.append(self.before[("main", i)])
-        for e in self.entries:
-            main = e[1]
+        for main in self.mains:
             if id(main) not in self.had_state:
                 states.pop(main, None)  # no state before the step (first step): reset it
                 continue
@@ -167,17 +243,21 @@ class ParamSnapshot:
                     dst.append(state[key])
                     src.append(old)
                 else:
-                    state[key] = old.clone()
+                    state[key] = old.clone().to(state[key].device if torch.is_tensor(state[key]) else old.device)
         if dst:
-            torch._foreach_copy_(dst, src)
+            if any(d.device != s.device for d, s in zip(dst, src)):
+                for d, s in zip(dst, src):
+                    d.copy_(s, non_blocking=True)
+            else:
+                torch._foreach_copy_(dst, src)
 
     def scale_update(self, after: dict, scale: float) -> None:
-        """Parameters <- before + scale (after - before) (spec 2.10 backtracking)."""
+        """Main parameters <- before + scale (after - before), model parameters rebuilt (spec 2.10)."""
+        self.ready()
         with torch.no_grad():
-            for i, (p, new) in enumerate(zip(self.params, after["params"])):
-                p.copy_(tr.scaled_update(self.before[("param", i)], new, scale))
-            for i, (e, new) in enumerate(zip(self.own_main, after["main"])):
-                e[1].copy_(tr.scaled_update(self.before[("main", i)], new, scale))
+            for i, (main, new) in enumerate(zip(self.mains, after["main"])):
+                main.copy_(tr.scaled_update(self._src(self.before[("main", i)], main), new, scale))
+            rebuild_model_params(self.optimizer)
 
 
 def _put_masked(dst: torch.Tensor, old: torch.Tensor, mask) -> None:
