@@ -134,13 +134,15 @@ def apply_stein(ddp_model, layers, groups: VP2OGroups, cfg: SteinConfig, num_tok
     """Transport the expert gradients of ``layers`` in place (module docstring); returns metrics.
 
     ``num_tokens``: routed tokens per layer over all micro-batches and ranks (T of spec 2.5).
-    Layers of the same shapes (usually all) are processed as one batch [L, ...] for the masks,
-    kernels and repulsion (one counts all-reduce, one expert-TP all-reduce); the neighbour
-    exchange and the transport stay one layer at a time under EP (memory: one layer's table).
-    Gradients are handled as two column blocks per expert, fc1 [L, X, P1] and fc2 [L, X, P2]
-    (the transport is row mixing, so blocks are independent; the repulsion touches fc2 only):
-    one gather copy per block in, one fused copy per block back into megatron's grad buffers.
-    Also leaves ``layer.active_E`` for the freeze of inactive experts.
+    Layers of the same shapes (usually all) share one batch [L, ...] for the masks, kernels and
+    repulsion (small: E x E and rank-two factors; one counts all-reduce, one expert-TP all-reduce);
+    the gradients are transported one layer at a time: the layer's two column blocks, fc1 [X, P1]
+    and fc2 [X, P2] (the transport is row mixing, so blocks are independent; the repulsion touches
+    fc2 only), are gathered into one fp32 buffer sized by the largest MoE layer of the stage
+    (allocated once per call, reused by every layer), mixed (with EP > 1 through one static-shape
+    neighbour exchange), and copied back into megatron's grad buffers. Memory: one layer's gather
+    copy, output and exchange, not all layers'. Also leaves ``layer.active_E`` for the freeze of
+    inactive experts.
     """
     gathered = gather_expert_grads(ddp_model)
     metrics = {"stein/grad_gather_bytes": gathered}
@@ -152,19 +154,32 @@ def apply_stein(ddp_model, layers, groups: VP2OGroups, cfg: SteinConfig, num_tok
         key = (tuple(v[0].shape[1] for v in views.values()), tuple(layer.protos_ED.shape), layer.top_k,
                layer.expert_offset, layer.num_local_experts)
         batches.setdefault(key, []).append((layer, views))
-    blocks = []
-    for entries in batches.values():
-        num_layers, num_local = len(entries), entries[0][0].num_local_experts
-        blocks.append({kind: torch.cat([v for _, views in entries for v in views[kind]]).float().view(
-            num_layers, num_local, -1) for kind in ("fc1", "fc2")})
-    # One reduction per block: a sum is non-finite iff some element is (or it overflows fp32, which
-    # also leaves the gradients alone).
-    bad = (~torch.isfinite(torch.stack([b.sum() for blk in blocks for b in blk.values()]))).sum(0, keepdim=True)
+    # One reduction per layer and block, on the grad views themselves (no copy): a sum is
+    # non-finite iff some element is (or it overflows fp32, which also leaves the gradients alone).
+    sums = [torch.stack([v.float().sum() for v in views[kind]]).sum()
+            for entries in batches.values() for _, views in entries for kind in ("fc1", "fc2")]
+    bad = (~torch.isfinite(torch.stack(sums))).sum(0, keepdim=True)
     ok = world_sum(bad.float())[0] == 0
     metrics["stein/nonfinite"] = (~ok).float()
-    for entries, blk in zip(batches.values(), blocks):
-        metrics.update(_layers_step(entries, blk, groups, cfg, num_tokens, ok))
+    largest = max(sum(v.numel() for kind in ("fc1", "fc2") for v in views[kind])
+                  for entries in batches.values() for _, views in entries)
+    buffer = torch.empty(largest, dtype=torch.float32, device=layers[0].counts_EE.device)
+    for entries in batches.values():
+        metrics.update(_layers_step(entries, buffer, groups, cfg, num_tokens, ok))
     return metrics
+
+
+def _gather_layer(views: dict, buffer: torch.Tensor, num_local: int) -> dict:
+    """One layer's fc1 / fc2 gradient rows, fp32, as [X, P1] and [X, P2] views of ``buffer``."""
+    out, start = {}, 0
+    for kind in ("fc1", "fc2"):
+        cols = sum(v.shape[1] for v in views[kind][:1])
+        rows = sum(v.shape[0] for v in views[kind])
+        block = buffer[start:start + rows * cols].view(rows, cols)
+        torch._foreach_copy_(list(block.split([v.shape[0] for v in views[kind]])), views[kind])
+        out[kind] = block.view(num_local, -1)
+        start += rows * cols
+    return out
 
 
 def _transport_blocks(blk, idx, w, active, rep, cfg, ok, ep_group, num_ranks):
@@ -178,7 +193,7 @@ def _transport_blocks(blk, idx, w, active, rep, cfg, ok, ep_group, num_ranks):
     return outs, torch.sqrt(sq_norm)
 
 
-def _layers_step(entries, blk, groups, cfg, num_tokens, ok) -> dict:
+def _layers_step(entries, buffer, groups, cfg, num_tokens, ok) -> dict:
     layers = [layer for layer, _ in entries]
     counts_LEE = reduce_counts_(torch.stack([layer.counts_EE for layer in layers]), groups)
     torch._foreach_copy_([layer.counts_EE for layer in layers], list(counts_LEE.unbind(0)))
@@ -189,31 +204,23 @@ def _layers_step(entries, blk, groups, cfg, num_tokens, ok) -> dict:
     rows = slice(off, off + num_local)
     rep_L, rep_norm_L = layer_repulsion(layers, inactive_LEE, protos_LED, cfg, groups)
     num_ranks = group_size(groups.expert_ep)
-    if num_ranks == 1:  # every neighbour is local: one batched transport per block
-        outs, attraction_L = _transport_blocks(blk, {"all": idx_LEM1, "rows": idx_LEM1}, w_LEM1, active_LE,
-                                               rep_L, cfg, ok, groups.expert_ep, 1)
-    else:  # one layer at a time: the exchange holds one layer's neighbour table
-        per_layer, norms = [], []
-        for i in range(len(layers)):
-            out_i, norm = _transport_blocks({k: b[i] for k, b in blk.items()},
-                                            {"all": idx_LEM1[i], "rows": idx_LEM1[i, rows]}, w_LEM1[i, rows],
-                                            active_LE[i, rows], None if rep_L is None else (rep_L[0][i], rep_L[1][i]),
-                                            cfg, ok,
-                                            groups.expert_ep, num_ranks)
-            per_layer.append(out_i)
-            norms.append(norm)
-        outs = {kind: torch.stack([o[kind] for o in per_layer]) for kind in blk}
-        attraction_L = torch.stack(norms)
-    for kind, out_LXP in outs.items():  # back into megatron's grad buffers: one fused copy per block
-        views = [v for _, vs in entries for v in vs[kind]]
-        rows_out = out_LXP.reshape(-1, out_LXP.shape[-1]).split([v.shape[0] for v in views])
-        torch._foreach_copy_(views, list(rows_out))
+    norms = []
+    for i, (_, views) in enumerate(entries):  # one layer at a time: one layer's buffers
+        blk = _gather_layer(views, buffer, num_local)
+        out_i, norm = _transport_blocks(blk, {"all": idx_LEM1[i], "rows": idx_LEM1[i, rows]}, w_LEM1[i, rows],
+                                        active_LE[i, rows], None if rep_L is None else (rep_L[0][i], rep_L[1][i]),
+                                        cfg, ok, groups.expert_ep, num_ranks)
+        for kind, out_XP in out_i.items():  # back into megatron's grad buffers: one fused copy per block
+            torch._foreach_copy_(views[kind], list(out_XP.split([v.shape[0] for v in views[kind]])))
+        norms.append(norm)
+    attraction_L = torch.stack(norms)
+    blk = {kind: views[kind][0] for kind in ("fc1", "fc2")}
     for layer, active_E in zip(layers, active_LE.unbind(0)):
         layer.active_E = active_E
     need_LE = requested_rows(idx_LEM1, num_ranks)[:, dist.get_rank(groups.expert_ep) if num_ranks > 1 else 0]
     remote_LE = need_LE.clone()
     remote_LE[:, rows] = False
-    row_bytes = sum(b.shape[-1] for b in blk.values()) * blk["fc1"].element_size()
+    row_bytes = sum(b.shape[-1] for b in blk.values()) * 4  # fp32 rows
     num_experts = kernel_LEE.shape[-1]
     per_layer = {
         "stein/attraction_norm": attraction_L,
