@@ -10,6 +10,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.vp2o-installed
+SYSTEM_STAMP := $(VENV)/.vp2o-system-deps
 TORCH_VERSION ?= 2.13.0
 
 # megatron-core's newest release, tested in a second venv. 0.17-0.19 declare Python >= 3.12 but ship
@@ -25,7 +26,7 @@ STAMP_LATEST := $(VENV_LATEST)/.vp2o-installed-$(MCORE_LATEST)
 LATEST_TESTS ?= tests/foundation tests/config/test_config.py tests/distributed tests/moe tests/e2e tests/checkpoint tests/generation/test_rollout.py \
 	tests/algo/test_device_boundary.py
 
-.PHONY: install install-latest demo compare test test-fast test-latest gpu-check bench clean
+.PHONY: install system-deps install-latest demo compare test test-fast test-latest gpu-check bench clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +36,10 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# What pip cannot install (bubblewrap, the code-reward sandbox): apt as root, else one line naming it.
+system-deps:
+	@test -f $(SYSTEM_STAMP) && command -v bwrap >/dev/null 2>&1 || sh tools/system_deps.sh $(SYSTEM_STAMP)
 
 $(STAMP_LATEST): setup.py
 	test -x $(PY_LATEST) || $(PYTHON) -m venv $(VENV_LATEST)
@@ -48,21 +53,21 @@ $(STAMP_LATEST): setup.py
 
 install-latest: $(STAMP_LATEST)
 
-demo: install
+demo: install system-deps
 	rm -rf runs/demo
 	$(VENV)/bin/vp2o train --config examples/configs/tiny_cpu.yaml --out runs/demo $(ARGS)
 
 compare: install
 	$(PY) tools/compare.py --out runs/study $(ARGS)
 
-test: install
+test: install system-deps
 	$(PY) -m pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
 
 # The inner loop: everything not marked slow / dist / slurm / gpu (pytest.ini, tests/conftest.py), < 2 min.
 test-fast: install
 	$(PY) -m pytest tests -q -m "not slow and not dist and not slurm and not gpu" $(PYTEST_ARGS)
 
-test-latest: install-latest
+test-latest: install-latest system-deps
 	$(PY_LATEST) -m pytest $(LATEST_TESTS) -q -p no:cacheprovider $(PYTEST_ARGS)
 
 gpu-check: install

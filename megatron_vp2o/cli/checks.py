@@ -58,11 +58,26 @@ def check_tokenizer(cfg):
     return tok
 
 
+def check_sandbox(what: str) -> None:
+    """Code rewards run model-written programs: refuse up front (not as every sample failing later)
+    where the sandbox cannot run them and its unconfined mode was not opted into."""
+    from megatron_vp2o.rewards.sandbox import UNCONFINED_ENV, bwrap_problem
+
+    problem = bwrap_problem()
+    if problem is not None and os.environ.get(UNCONFINED_ENV, "") in ("", "0"):
+        fix = ("install bubblewrap (Debian/Ubuntu: apt-get install bubblewrap; `make test` does it as root)"
+               if "not found" in problem else "let bwrap create user namespaces")
+        raise ConfigError(f"{what}: code rewards need the bubblewrap sandbox ({problem}); {fix}, or accept the "
+                          f"weaker unconfined mode with {UNCONFINED_ENV}=1")
+
+
 def check_prompts(path: str, field: str) -> None:
     from megatron_vp2o.generation.prompts import load_prompt_file
 
     read_text(path, field)  # exists, readable, UTF-8
-    load_prompt_file(path, field)
+    records = load_prompt_file(path, field)
+    if any(r.task == "code" for r in records):
+        check_sandbox(f"{field}: '{path}' has code prompts")
 
 
 def check_sft_data(path: str) -> None:
@@ -113,6 +128,8 @@ def preflight_train(args):
     check_prompts(cfg.rl.prompts, "rl.prompts")
     if cfg.rl.eval_prompts:
         check_prompts(cfg.rl.eval_prompts, "rl.eval_prompts")
+    if any(entry.task == "code" for entry in cfg.rl.eval or ()):
+        check_sandbox("rl.eval (task code)")
     policy = cfg.rl.policy_path(cfg.checkpoint.load)
     if policy is None:
         raise ConfigError("rl.policy must point at the initial policy checkpoint (e.g. the shipped "

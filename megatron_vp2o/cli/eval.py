@@ -84,6 +84,10 @@ def check_args(args) -> None:
         raise ConfigError("--out is required (the directory for results.json and results.md)")
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise ConfigError(f"--out '{args.out}' exists and is not a directory")
+    if "code" in args.task:
+        from megatron_vp2o.cli.checks import check_sandbox
+
+        check_sandbox("--task code")
 
 
 def _config(args, ckpts):

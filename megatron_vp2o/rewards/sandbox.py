@@ -20,7 +20,9 @@ hung or damaged trainer. `run_python` layers four defences:
      bwrap that also tears down the PID namespace and everything in it. Output is read in chunks
      from the pipes with a selector and the run is killed as soon as a stream passes its cap.
 
-Where bwrap cannot run, `SandboxUnavailable` names the fix. The opt-in unconfined mode
+Where bwrap cannot run, `SandboxUnavailable` names the fix (`check_available()` says so up front, for
+the CLI pre-flights). VP2O_SANDBOX_NO_BWRAP=1 makes the sandbox act as if bwrap were not installed
+(to test the no-sandbox path on a machine that has it). The opt-in unconfined mode
 (`allow_unconfined=True` or VP2O_SANDBOX_UNCONFINED=1) keeps defences 2-4 only: its programs can
 read and write what their uid can, reach the network, and (if not root) signal the trainer.
 
@@ -46,6 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 UNCONFINED_ENV = "VP2O_SANDBOX_UNCONFINED"
 MAX_PROCS_ENV = "VP2O_SANDBOX_MAX_PROCS"
+NO_BWRAP_ENV = "VP2O_SANDBOX_NO_BWRAP"  # 1: act as if bwrap were not installed
 SANDBOX_UID = 65534  # nobody: used only when the trainer runs as root
 WORKDIR = "/tmp/sandbox"  # the program's cwd inside bwrap, on the private /tmp tmpfs
 _MINIMAL_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -193,18 +196,39 @@ def _write_script(tmp: str, source: str) -> str:
     return path
 
 
+def _opted_in(allow_unconfined: bool = False) -> bool:
+    return allow_unconfined or os.environ.get(UNCONFINED_ENV, "") not in ("", "0")
+
+
+def find_bwrap() -> str | None:
+    """The bwrap executable on PATH (None if absent, or hidden by VP2O_SANDBOX_NO_BWRAP=1)."""
+    if os.environ.get(NO_BWRAP_ENV, "") not in ("", "0"):
+        return None
+    return shutil.which("bwrap")
+
+
+def bwrap_problem() -> str | None:
+    """Why bwrap cannot confine a program here (None: it can)."""
+    return _bwrap_problem(find_bwrap())
+
+
+def check_available(allow_unconfined: bool = False) -> None:
+    """Raise SandboxUnavailable (naming the fix) if `run_python(mode="auto")` would: bwrap cannot
+    run here and the unconfined mode was not opted into."""
+    _resolve_mode("auto", allow_unconfined)
+
+
 def _resolve_mode(mode: str, allow_unconfined: bool) -> bool:
     """True: run under bwrap; False: unconfined. Raises SandboxUnavailable."""
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     if mode == "unconfined":
         return False
-    bwrap = shutil.which("bwrap")
+    bwrap = find_bwrap()
     problem = _bwrap_problem(bwrap)
     if problem is None:
         return True
-    opted_in = allow_unconfined or os.environ.get(UNCONFINED_ENV, "") not in ("", "0")
-    if mode == "auto" and opted_in:
+    if mode == "auto" and _opted_in(allow_unconfined):
         return False
     fix = ("install bubblewrap (Debian/Ubuntu: `apt-get install bubblewrap`)" if bwrap is None
            else "let bwrap create user namespaces (e.g. sysctl kernel.unprivileged_userns_clone=1"
@@ -227,7 +251,7 @@ def run_python(source: str, stdin: str = "", timeout_s: float = 10.0, memory_mb:
     with tempfile.TemporaryDirectory(prefix="vp2o-sbx-") as tmp, _slots():
         script = _write_script(tmp, source)
         if confined:
-            prefix, home = _bwrap_argv(shutil.which("bwrap"), script, limits)
+            prefix, home = _bwrap_argv(find_bwrap(), script, limits)
             cwd, program = None, "main.py"
         else:
             prefix, home, cwd, program = [], tmp, tmp, script

@@ -36,10 +36,9 @@ def bench_args(with_templates: bool = True) -> list[str]:
 
 def _env():
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    from megatron_vp2o.rewards.sandbox import UNCONFINED_ENV, _bwrap_problem
-    import shutil
+    from megatron_vp2o.rewards.sandbox import UNCONFINED_ENV, bwrap_problem
 
-    if _bwrap_problem(shutil.which("bwrap")) is not None:
+    if bwrap_problem() is not None:  # no usable bubblewrap here: the documented opt-in
         env[UNCONFINED_ENV] = "1"
     return env
 
@@ -109,7 +108,22 @@ def test_one_rank_and_ep2_give_the_same_texts_and_scores(runs):
     assert a == b
 
 
-def test_responses_give_the_same_scores_as_generation(runs, tmp_path, capsys):
+@pytest.mark.parametrize("hide_bwrap", [False, True], ids=["as-generated", "bwrap-hidden"])
+def test_responses_give_the_same_scores_as_generation(runs, tmp_path, capsys, monkeypatch, hide_bwrap):
+    """Scored here under the generation's sandbox settings, and again with bwrap hidden (the unconfined
+    mode a machine without bubblewrap opts into): the code benchmark scores the same either way."""
+    from megatron_vp2o.rewards.sandbox import NO_BWRAP_ENV, UNCONFINED_ENV
+
+    for key in (UNCONFINED_ENV, NO_BWRAP_ENV):
+        monkeypatch.delenv(key, raising=False)
+    if UNCONFINED_ENV in _env():
+        monkeypatch.setenv(UNCONFINED_ENV, "1")
+    if hide_bwrap:
+        monkeypatch.setenv(NO_BWRAP_ENV, "1")
+        refused = main(["eval", "--responses", "x.jsonl", "--task", "code", "--data", BENCHES[-1][1], "--out",
+                        str(tmp_path / "refused")])
+        assert refused == 2 and "bubblewrap" in capsys.readouterr().err  # without the opt-in: one line
+        monkeypatch.setenv(UNCONFINED_ENV, "1")
     gen = runs[0]
     out = tmp_path / "scored"
     responses = []

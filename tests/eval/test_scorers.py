@@ -2,7 +2,6 @@
 verdict on hand-made right, wrong and malformed answers; every supported IFEval instruction id has a
 known pass and a known fail case; thinking blocks are split off before scoring."""
 
-import shutil
 
 import pytest
 
@@ -10,7 +9,7 @@ from megatron_vp2o.eval.score import score_problems, split_thinking, summarize
 from megatron_vp2o.eval.tasks import EvalItem
 from megatron_vp2o.rewards.ifeval import CHECKERS
 from megatron_vp2o.rewards.multiple_choice import extract_choice
-from megatron_vp2o.rewards.sandbox import UNCONFINED_ENV, _bwrap_problem
+from megatron_vp2o.rewards.sandbox import UNCONFINED_ENV, bwrap_problem
 
 
 def verdicts(item: EvalItem, responses: list[str]) -> list[float]:
@@ -43,7 +42,7 @@ def test_multiple_choice_scores_and_votes():
 
 @pytest.fixture
 def sandbox_env(monkeypatch):
-    if _bwrap_problem(shutil.which("bwrap")) is not None:
+    if bwrap_problem() is not None:
         monkeypatch.setenv(UNCONFINED_ENV, "1")  # no bubblewrap here: limits and deadline only
 
 

@@ -3,7 +3,6 @@ raises, hangs or returns a non-number becomes a recorded, counted failure, never
 
 import json
 import math
-import shutil
 import threading
 import time
 
@@ -13,9 +12,9 @@ from megatron_vp2o import rewards
 from megatron_vp2o.rewards import RewardModel, canonical_answer, score_batch
 from megatron_vp2o.rewards.digit_sum import num_solutions
 from megatron_vp2o.rewards.ifeval import check_instructions, split_sentences
-from megatron_vp2o.rewards.sandbox import _bwrap_problem
+from megatron_vp2o.rewards.sandbox import bwrap_problem
 
-_NO_BWRAP = _bwrap_problem(shutil.which("bwrap"))
+_NO_BWRAP = bwrap_problem()
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 from megatron_vp2o.rewards import sandbox
 from megatron_vp2o.rewards.sandbox import SandboxLimits, SandboxUnavailable, run_many, run_python
 
-_BWRAP_PROBLEM = sandbox._bwrap_problem(shutil.which("bwrap"))
+_BWRAP_PROBLEM = sandbox.bwrap_problem()
 needs_bwrap = pytest.mark.skipif(_BWRAP_PROBLEM is not None, reason=f"no bwrap: {_BWRAP_PROBLEM}")
 FAST = SandboxLimits(timeout_s=1.0, memory_mb=256, max_output_bytes=4096)
 
@@ -177,6 +177,19 @@ def test_missing_bwrap_names_the_fix(monkeypatch):
     monkeypatch.setattr(sandbox.shutil, "which", lambda name, path=None: "/bin/false")
     with pytest.raises(SandboxUnavailable, match="bwrap exited 1.*user namespaces"):
         run_python("print(1)", mode="bwrap")  # installed but unable to run: a different fix
+
+
+def test_hidden_bwrap_acts_as_missing(monkeypatch):
+    """VP2O_SANDBOX_NO_BWRAP=1: the no-sandbox path on any machine (the same refusal, the same opt-in)."""
+    monkeypatch.setenv(sandbox.NO_BWRAP_ENV, "1")
+    monkeypatch.delenv(sandbox.UNCONFINED_ENV, raising=False)
+    assert sandbox.find_bwrap() is None and "not found" in sandbox.bwrap_problem()
+    with pytest.raises(SandboxUnavailable, match="apt-get install bubblewrap"):
+        sandbox.check_available()
+    monkeypatch.setenv(sandbox.UNCONFINED_ENV, "1")
+    sandbox.check_available()
+    res = run_python("print(6 * 7)", python=sandbox._default_python())
+    assert res.stdout == "42\n" and not res.confined
 
 
 def test_limits_are_validated():
