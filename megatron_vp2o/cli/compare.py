@@ -1,6 +1,6 @@
 """``vp2o compare``: VP2O against GRPO at equal rollout budget -- tasks x arms x seeds, then a report.
 
-    vp2o compare --out docs/study/runs [--tasks digit_sum digit_sum3] [--seeds 1 2 3 4 5]
+    vp2o compare --out docs/study/runs [--tasks digit_sum digit_sum3 digit_product] [--seeds 1 2 3 4 5]
                  [--arms grpo vp2o] [--ablations] [--budget 1536] [--eval-every 256] [--jobs 2]
                  [--report DIR] [--report-only] [section.field=value ...]
 
@@ -13,8 +13,9 @@ whose metrics.jsonl already ends at its budget is not rerun (a study can be resu
 Arms: ``grpo`` and ``vp2o``; ``--ablations`` adds one VP2O arm per part turned off (``vp2o-no_stein``,
 ``-no_repulsion``, ``-no_specialization``, ``-no_anchor``, ``-no_behaviour``) and ``vp2o-clip`` (PPO
 clip on). ``--arm NAME=ALGO:k=v,k=v`` adds an arm of your own (the sweep uses it). Tasks:
-``digit_sum`` (two digits, checkpoints/tiny_policy) and ``digit_sum3`` (three digits,
-checkpoints/tiny_policy_sum3), both run with ``--config`` and the same overrides.
+``digit_sum`` (two digits, checkpoints/tiny_policy), ``digit_sum3`` (three digits,
+checkpoints/tiny_policy_sum3) and ``digit_product`` (three digits whose product is N, many answers
+per prompt, checkpoints/tiny_policy_product), all run with ``--config`` and the same overrides.
 Parallel runs are plain subprocesses (a thread pool waiting on them): nemo-run's LocalExecutor
 would add an experiment directory layout and packaging for no gain on one machine.
 """
@@ -39,6 +40,9 @@ TASKS = {
     "digit_sum": [],
     "digit_sum3": ["rl.prompts=data/prompts/digit_sum3_train.jsonl",
                    "rl.eval_prompts=data/prompts/digit_sum3_eval.jsonl", "rl.policy=checkpoints/tiny_policy_sum3"],
+    "digit_product": ["rl.prompts=data/prompts/digit_product_train.jsonl",
+                      "rl.eval_prompts=data/prompts/digit_product_eval.jsonl",
+                      "rl.policy=checkpoints/tiny_policy_product"],
 }
 ARMS = {"grpo": ["rl.algo=grpo"], "vp2o": ["rl.algo=vp2o"]}
 ABLATIONS = {

@@ -6,6 +6,7 @@ One JSON object per line: {"prompt": str, "task": str, ...} with, per task,
   ifeval:        "meta": {"instruction_id_list": [...], "kwargs": [...]}
   reasoning_gym: "meta": {"dataset", "seed", "index"} (or "meta": {"entry": {...}})
   digit_sum:     "meta": {"target": int, "n_terms": int}
+  digit_product: "meta": {"target": int, "n_digits": int}
 and optional "id". `PromptRecord.reward_meta()` is what the task's reward function receives.
 A malformed line raises ValueError naming the file, the line number and the field.
 
@@ -28,6 +29,7 @@ _NEEDS = {"math": "answer", "code": "tests"}  # a top-level field the task canno
 _META_NEEDS = {  # meta keys each task needs, and their types
     "ifeval": {"instruction_id_list": list, "kwargs": list},
     "digit_sum": {"target": int, "n_terms": int},
+    "digit_product": {"target": int, "n_digits": int},
 }
 
 
@@ -158,6 +160,22 @@ def make_digit_sum_prompts(n: int, seed: int, n_terms: int = 2) -> list[PromptRe
     targets = [rng.randint(lo, hi) for _ in range(n)]
     return [PromptRecord(f"{t}=", "digit_sum", meta={"target": t, "n_terms": n_terms})
             for t in targets]
+
+
+def make_digit_product_prompts(n: int, seed: int, n_digits: int = 3,
+                               min_answers: int = 3) -> list[PromptRecord]:
+    """`n` digit_product prompts f"{target}*" with targets drawn uniformly from the digit products
+    that have at least `min_answers` ordered n_digits-digit answers (rewards/digit_product.py)."""
+    from megatron_vp2o.rewards.digit_product import solution_counts
+
+    if n < 0 or n_digits < 1:
+        raise ValueError(f"need n >= 0 and n_digits >= 1, got n={n}, n_digits={n_digits}")
+    eligible = sorted(t for t, c in solution_counts(n_digits).items() if t > 0 and c >= min_answers)
+    if not eligible:
+        raise ValueError(f"no digit product of {n_digits} digits has >= {min_answers} answers")
+    rng = random.Random(seed)
+    return [PromptRecord(f"{t}*", "digit_product", meta={"target": t, "n_digits": n_digits})
+            for t in (rng.choice(eligible) for _ in range(n))]
 
 
 def reasoning_gym_prompts(name: str, n: int, seed: int, **config) -> list[PromptRecord]:
