@@ -229,11 +229,12 @@ def verify_logits(ckpt, hf_dir, cfg: Config, seed: int = 0) -> float:
 def export_hf(ckpt, out, max_shard_bytes: int = 4 << 30) -> dict:
     """Collective (any world; rank 0 writes): a dist checkpoint -> HF safetensors + config.json at ``out``."""
     from megatron_vp2o.checkpoint import latest_checkpoint
+    from megatron_vp2o.checkpoint.meta import read_meta
 
     found = latest_checkpoint(ckpt)
     if found is None:
         raise archs.ConversionError(f"no complete checkpoint at '{ckpt}' (expected vp2o.json or a 'latest' marker)")
-    meta = json.loads((found / "vp2o.json").read_text())
+    meta = read_meta(found, "--ckpt")  # the saved config migrated to this version's keys
     hf_meta = meta.get("hf") or {}
     saved = build(Config, meta["config"]).model
     arch = archs.get_arch(hf_meta.get("arch") or ("qwen3_moe" if saved.qk_layernorm else "mixtral"))

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
-from megatron_vp2o.checkpoint.meta import latest_checkpoint  # noqa: F401  (re-exported: no megatron needed)
+from megatron_vp2o.checkpoint.meta import latest_checkpoint, new_meta, read_meta  # noqa: F401  (re-exported)
 from megatron_vp2o.checkpoint.safety import verify_checkpoint
 from megatron_vp2o.checkpoint.state import load_state, save_state
 from megatron_vp2o.config import ConfigError
@@ -85,7 +85,7 @@ def save_checkpoint(root: str | Path, step: int, trainable, meta: dict, extra: d
         save_state(rank_state, tmp / f"rank{rank}.pt")
     _barrier()
     if _rank0():
-        (tmp / "vp2o.json").write_text(json.dumps(dict(meta, step=step), indent=1, default=str))
+        (tmp / "vp2o.json").write_text(json.dumps(new_meta(**dict(meta, step=step)), indent=1, default=str))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -130,7 +130,7 @@ def load_model(path: str | Path, models, strict: bool = True) -> dict:
     unexpected = [k for k in result.missing_keys if not any(p in k for p in OPTIONAL_KEY_PARTS) and "_extra_state" not in k]
     if strict and (unexpected or result.unexpected_keys):
         raise RuntimeError(f"loading '{found}': missing {unexpected}, unexpected {result.unexpected_keys}")
-    return dict(json.loads((found / "vp2o.json").read_text()), missing_optional=missing)
+    return dict(read_meta(found, "checkpoint"), missing_optional=missing)
 
 
 def load_rank_state(path: str | Path):
@@ -213,7 +213,7 @@ def load_checkpoint(path: str | Path, trainable, with_optimizer: bool = True, re
     if found is None:
         raise FileNotFoundError(f"no complete checkpoint at '{path}'; nothing to resume")
     verify_checkpoint(found, "--resume")
-    meta = json.loads((found / "vp2o.json").read_text())
+    meta = read_meta(found, "--resume")
     model_sd = model_sharded_state_dict(trainable.models)
     state = {"model": model_sd}
     world = dist.get_world_size() if dist.is_initialized() else 1

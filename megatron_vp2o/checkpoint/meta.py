@@ -2,7 +2,9 @@
 and check that it holds the model our config builds *before* any tensor is loaded.
 
 Every checkpoint this project writes (``vp2o sft``, ``vp2o train``, ``vp2o convert hf-to-mcore``)
-stores the full config it was written with in ``vp2o.json`` (``{"config": {"model": {...}, ...}}``).
+stores the full config it was written with in ``vp2o.json`` (``{"config": {"model": {...}, ...}}``)
+and the project version that wrote it (``"version"``); :func:`read_meta` returns the config migrated to
+this version's keys (:mod:`megatron_vp2o.config.migrate`) and refuses a newer version's checkpoint.
 :func:`check_same_model` compares the fields that decide tensor names and shapes; a checkpoint
 without a saved config (none are known, but a hand-made one may lack it) is not compared and loads
 as before. Nothing here imports megatron-core, so the CLI runs these checks before the platform
@@ -15,6 +17,7 @@ import json
 from pathlib import Path
 
 from megatron_vp2o.config import ConfigError
+from megatron_vp2o.config.migrate import PROJECT_VERSION, migrate_meta
 
 # ModelConfig fields that decide which tensors a checkpoint holds and their shapes.
 SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "head_dim", "num_experts",
@@ -39,8 +42,14 @@ def latest_checkpoint(root: str | Path) -> Path | None:
     return done[-1] if done else None
 
 
+def new_meta(**fields) -> dict:
+    """The ``vp2o.json`` of a checkpoint written now: ``fields`` plus this project version."""
+    return dict(fields, version=PROJECT_VERSION)
+
+
 def read_meta(found: str | Path, what: str) -> dict:
-    """``found/vp2o.json`` as a dict; unreadable or malformed metadata is a one-line :class:`ConfigError`."""
+    """``found/vp2o.json`` as a dict, its saved config migrated to this version's keys (a checkpoint of a
+    newer version is refused); unreadable or malformed metadata is a one-line :class:`ConfigError`."""
     path = Path(found) / "vp2o.json"
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
@@ -50,7 +59,7 @@ def read_meta(found: str | Path, what: str) -> dict:
                           "the checkpoint is damaged: point at another one") from None
     if not isinstance(meta, dict):
         raise ConfigError(f"{what}: checkpoint metadata '{path}' is not a JSON object; point at another checkpoint")
-    return meta
+    return migrate_meta(meta, what, str(found))  # the saved config in this version's keys (config/migrate.py)
 
 
 def find_checkpoint(path: str | Path, what: str) -> Path:

@@ -122,9 +122,16 @@ def validate(args) -> None:
         if not (math.isfinite(args.max_shard_gb) and args.max_shard_gb > 0):
             raise ConversionError(f"--max-shard-gb must be a finite number > 0 (got {args.max_shard_gb})")
         found = find_checkpoint(args.ckpt, "--ckpt")
-        if not isinstance((read_meta(found, "--ckpt").get("config") or {}).get("model"), dict):
+        saved = read_meta(found, "--ckpt").get("config") or {}  # migrated to this version's keys
+        if not isinstance(saved.get("model"), dict):
             raise ConversionError(f"--ckpt: '{found}/vp2o.json' holds no model config; only checkpoints written by "
                                   "vp2o (sft, train, convert) export")
+        from megatron_vp2o.config import Config, ConfigError, build
+
+        try:
+            build(Config, saved)
+        except ConfigError as exc:
+            raise ConversionError(f"--ckpt: the config saved in '{found}/vp2o.json' is unusable: {exc}") from None
     io.check_output_dir(args.out)
 
 

@@ -165,6 +165,7 @@ def test_missing_bwrap_names_the_fix(monkeypatch):
     python = sandbox._default_python()
     monkeypatch.setattr(sandbox.shutil, "which", lambda name, path=None: None)
     monkeypatch.delenv(sandbox.UNCONFINED_ENV, raising=False)
+    monkeypatch.delenv(sandbox.NO_BWRAP_ENV, raising=False)
     with pytest.raises(SandboxUnavailable, match="apt-get install bubblewrap") as info:
         run_python("print(1)")
     assert sandbox.UNCONFINED_ENV in str(info.value) and "allow_unconfined" in str(info.value)
