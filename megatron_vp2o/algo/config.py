@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Optional, Tuple
 
 from .grpo import ADVANTAGES, AGGREGATIONS, POLICY_LOSSES
-from .kernels import KERNELS
+from .kernels import BANDWIDTHS, KERNELS
 from .specialization import ORTHO_FORMS
 from .trust_region import ON_VIOLATION
 
@@ -57,8 +57,13 @@ class SteinConfig:
     enabled: bool = True
     #: Prototype kernel name, one of the `kernels.KERNELS` registry (spec 2.6).
     kernel: str = "sq_cos"
-    #: Kernel base temperature tau0; tau_E = tau0 / log(E + 1) (spec 2.6).
+    #: Kernel base temperature tau0; tau_E = tau0 / log(E + 1) (spec 2.6; bandwidth "fixed").
     kernel_tau0: float = 1.0
+    #: Kernel bandwidth rule (`kernels.BANDWIDTHS`): "fixed" (tau_E above) or "median" (SVGD's
+    #: median heuristic, h = median off-diagonal distance / log(E + 1), per layer and step).
+    kernel_bandwidth: str = "fixed"
+    #: Kernel sharpness s: tau is divided by s (1 = the bandwidth rule as stated).
+    kernel_sharpness: float = 1.0
     #: Repulsion weight alpha on dR_i/dW_i (spec 2.8); 0 disables the repulsion.
     repulsion_coef: float = 0.01
     #: Co-active neighbours m per expert (spec 2.7); None = the router's top-k K.
@@ -76,6 +81,10 @@ class SteinConfig:
         KERNELS.check(self.kernel, f"{s}.kernel")
         _require(_is_number(self.kernel_tau0) and self.kernel_tau0 > 0, s, "kernel_tau0", "> 0",
                  self.kernel_tau0)
+        _require(self.kernel_bandwidth in BANDWIDTHS, s, "kernel_bandwidth",
+                 f"one of {{{', '.join(BANDWIDTHS)}}}", self.kernel_bandwidth)
+        _require(_is_number(self.kernel_sharpness) and self.kernel_sharpness > 0, s,
+                 "kernel_sharpness", "> 0", self.kernel_sharpness)
         _require(_is_number(self.repulsion_coef) and self.repulsion_coef >= 0, s,
                  "repulsion_coef", ">= 0", self.repulsion_coef)
         _require(self.coact_topm is None or (_is_int(self.coact_topm) and self.coact_topm >= 0),
@@ -85,6 +94,11 @@ class SteinConfig:
         _require(_is_int(self.init_power_iters) and self.init_power_iters >= 1, s,
                  "init_power_iters", "an int >= 1", self.init_power_iters)
         _require_bool(s, "freeze_inactive", self.freeze_inactive)
+
+    def kernel_args(self) -> dict:
+        """The kernel keyword arguments of `kernels.prototype_kernel` and the repulsion."""
+        return {"tau0": self.kernel_tau0, "form": self.kernel,
+                "bandwidth": self.kernel_bandwidth, "sharpness": self.kernel_sharpness}
 
     def resolved_topm(self, top_k: int) -> int:
         """m for a router with top-k ``top_k``: ``coact_topm`` or K when None."""
@@ -140,7 +154,8 @@ class TrustRegionConfig:
                  s, "ess_temper", "None or > 0", self.ess_temper)
         _require(self.ess_level in ESS_LEVELS, s, "ess_level", "one of {sequence, token}",
                  self.ess_level)
-        _require(self.snapshot in ("device", "host"), s, "snapshot", "one of {device, host}", self.snapshot)
+        _require(self.snapshot in ("device", "host"), s, "snapshot", "one of {device, host}",
+                 self.snapshot)
         _require(_is_int(self.max_steps_per_refresh) and self.max_steps_per_refresh >= 1, s,
                  "max_steps_per_refresh", "an int >= 1", self.max_steps_per_refresh)
 

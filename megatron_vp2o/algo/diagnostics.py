@@ -4,8 +4,10 @@ What: the statistics the paper says it lacked, as 0-dim device tensors for loggi
 entropy, expert utilisation (tokens per expert as a fraction, its max/mean load factor and the
 number of dead experts), expert overlap (mean off-diagonal |c_ij| of prototypes, mean
 off-diagonal C, and the co-activation cosine n_ij / sqrt(n_i n_j)),
-kernel mass (mean off-diagonal k_ij) and the norms of the attraction and
-repulsion parts of the transported gradient. The budgets (D_anc, D_beh, ESS) come from
+kernel mass (mean off-diagonal k_ij), kernel spread (min, median, max off-diagonal k_ij), the
+shares of experts active / co-active / inactive, the norms of the attraction and repulsion parts
+of the transported gradient and their size relative to the raw gradient.
+The budgets (D_anc, D_beh, ESS) come from
 `trust_region`; refresh and step-decision counts are kept by the RL loop.
 Why pure: they are reduced over ranks by the caller like every other statistic, and computing
 them never syncs the host (the logger reads them once per step).
@@ -21,6 +23,7 @@ from typing import Dict
 
 import torch
 
+from .kernels import median_off_diagonal, off_diagonal
 
 def _off_diagonal_mean(matrix_EE: torch.Tensor) -> torch.Tensor:
     """Mean of the off-diagonal entries of [..., E, E] (0 when E == 1)."""
@@ -82,6 +85,55 @@ def coactivation_cosine(counts_EE: torch.Tensor) -> torch.Tensor:
 def kernel_mass(kernel_EE: torch.Tensor) -> torch.Tensor:
     """Mean off-diagonal k_ij (how strongly experts look alike to the kernel)."""
     return _off_diagonal_mean(kernel_EE)
+
+
+def kernel_spread(kernel_EE: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """min, median and max of the off-diagonal k_ij per layer ([..., E, E] -> [...] each).
+
+    A kernel that tells experts apart spreads these; max/min near 1 means the attraction mixes
+    every co-active neighbour with the same weight whatever the geometry. Needs E >= 2.
+    """
+    off = off_diagonal(kernel_EE)
+    return {"min": off.amin(-1), "median": median_off_diagonal(kernel_EE), "max": off.amax(-1)}
+
+
+def expert_shares(
+    active_E: torch.Tensor, coactive_EE: torch.Tensor, inactive_EE: torch.Tensor
+) -> Dict[str, torch.Tensor]:
+    """Share of experts active (>= 1 routed token), and per active expert the mean share of the
+    other E - 1 experts in its co-active (attraction) and inactive (repulsion) sets ([...] each).
+    """
+    num_experts = active_E.shape[-1]
+    act = active_E.to(torch.float32)
+    n_act = act.sum(-1).clamp_min(1.0)
+    others = max(num_experts - 1, 1)
+    co_E = coactive_EE.to(torch.float32).sum(-1) / others
+    in_E = inactive_EE.to(torch.float32).sum(-1) / others
+    return {
+        "active": act.mean(-1),
+        "coactive": (co_E * act).sum(-1) / n_act,
+        "inactive": (in_E * act).sum(-1) / n_act,
+    }
+
+
+def relative_change(
+    grads_EP: torch.Tensor,
+    attracted_EP: torch.Tensor,
+    repulsion_EP: torch.Tensor | None = None,
+    repulsion_coef: float = 0.0,
+) -> Dict[str, torch.Tensor]:
+    """How much the Stein transport changes the gradient, relative to the raw one, over the layer:
+    attraction ||a - g|| / ||g||, repulsion ||alpha dR/dW|| / ||g|| and total
+    ||a + alpha dR/dW - g|| / ||g|| (0 when the raw gradient is 0)."""
+    raw = torch.linalg.vector_norm(grads_EP).clamp_min(1e-30)
+    out = {"attraction": torch.linalg.vector_norm(attracted_EP - grads_EP) / raw}
+    total_EP = attracted_EP
+    if repulsion_EP is not None:
+        rep_EP = repulsion_coef * repulsion_EP.to(attracted_EP.dtype)
+        out["repulsion"] = torch.linalg.vector_norm(rep_EP) / raw
+        total_EP = attracted_EP + rep_EP
+    out["total"] = torch.linalg.vector_norm(total_EP - grads_EP) / raw
+    return out
 
 
 def transport_norms(

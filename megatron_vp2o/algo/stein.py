@@ -36,7 +36,7 @@ import math
 import torch
 from torch.nn.functional import embedding_bag
 
-from .kernels import cross_kernel, kernel_temperature
+from .kernels import cross_kernel, kernel_tau
 from .prototypes import power_step_partial
 
 
@@ -129,6 +129,8 @@ def repulsion_factors_from_z(
     tau0: float,
     form: str = "sq_cos",
     expert_offset: int = 0,
+    bandwidth: str = "fixed",
+    sharpness: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dR_i/dW_i = left_i @ right_i, a rank-two [D, F] matrix per expert: ([X, D, 2], [X, 2, F]).
 
@@ -138,7 +140,8 @@ def repulsion_factors_from_z(
     z = W W^T v must already be summed over the expert-TP group (spec 2.8). Callers that add the
     repulsion into a gradient buffer use the factors (one batched matmul-add, no [X, D, F] tensor).
     ``weight_XDF`` holds the X local experts (global ids expert_offset .. expert_offset+X-1),
-    ``protos_ED`` all E prototypes of the layer (tau_E uses this E), ``inactive_XE`` their rows.
+    ``protos_ED`` all E prototypes of the layer (tau uses this E and, for the ``median``
+    bandwidth, these prototypes), ``inactive_XE`` their rows.
     """
     num_local, num_experts = weight_XDF.shape[-3], protos_ED.shape[-2]
     dtype = torch.promote_types(weight_XDF.dtype, torch.float32)
@@ -148,7 +151,7 @@ def repulsion_factors_from_z(
     z_XD = z_XD.to(dtype)
     z_norm_X1 = torch.linalg.vector_norm(z_XD, dim=-1, keepdim=True).clamp_min(1e-30)
     u_XD = z_XD / z_norm_X1
-    tau = kernel_temperature(num_experts, tau0)
+    tau = kernel_tau(protos_ED, tau0, form, bandwidth, sharpness)
     _, dk_XE = cross_kernel(u_XD, protos_ED, tau, form)
     gamma_XD = torch.matmul(repulsion_weights(inactive_XE, dtype) * dk_XE, protos_ED)
     g_z_XD = (gamma_XD - u_XD * (u_XD * gamma_XD).sum(-1, keepdim=True)) / z_norm_X1
@@ -166,11 +169,13 @@ def repulsion_grad_from_z(
     tau0: float,
     form: str = "sq_cos",
     expert_offset: int = 0,
+    bandwidth: str = "fixed",
+    sharpness: float = 1.0,
 ) -> torch.Tensor:
     """Closed-form dR_i/dW_i [X, D, F] given z = W W^T v summed over the expert-TP group (spec
     2.8): the product of `repulsion_factors_from_z` (float32 or wider)."""
     left_XD2, right_X2F = repulsion_factors_from_z(
-        weight_XDF, protos_ED, z_XD, inactive_XE, tau0, form, expert_offset
+        weight_XDF, protos_ED, z_XD, inactive_XE, tau0, form, expert_offset, bandwidth, sharpness
     )
     return torch.matmul(left_XD2, right_X2F)
 
@@ -189,6 +194,8 @@ def repulsion_grad(
     tau0: float,
     form: str = "sq_cos",
     expert_offset: int = 0,
+    bandwidth: str = "fixed",
+    sharpness: float = 1.0,
 ) -> torch.Tensor:
     """dR_i/dW_i for every expert of an un-sharded fc2 weight [E, D, F] (spec 2.8).
 
@@ -200,7 +207,7 @@ def repulsion_grad(
     v_ED = protos_ED[..., expert_offset : expert_offset + num_local, :]
     z_ED = power_step_partial(weight_EDF, v_ED)
     return repulsion_grad_from_z(
-        weight_EDF, protos_ED, z_ED, inactive_EE, tau0, form, expert_offset
+        weight_EDF, protos_ED, z_ED, inactive_EE, tau0, form, expert_offset, bandwidth, sharpness
     )
 
 

@@ -49,7 +49,13 @@ CASES = {
     "neighbour_masks": (coactivation.neighbour_masks, (X["coact"], K)),
     "prototype_cosines": (kernels.prototype_cosines, (X["protos"],)),
     "prototype_kernel": (kernels.prototype_kernel, (X["protos"], 1.0, "cos")),
+    "prototype_kernel_median": (kernels.prototype_kernel,
+                                (X["protos"], 1.0, "sq_cos", "median", 3.0)),
     "cross_kernel": (kernels.cross_kernel, (X["protos"][:2], X["protos"], 0.5)),
+    "off_diagonal": (kernels.off_diagonal, (X["kernel"],)),
+    "median_off_diagonal": (kernels.median_off_diagonal, (X["kernel"],)),
+    "median_bandwidth": (kernels.median_bandwidth, (torch.stack([X["protos"]] * 2),)),
+    "kernel_tau": (kernels.kernel_tau, (X["protos"], 1.0, "sq_cos", "median", 2.0)),
     "power_step_partial": (prototypes.power_step_partial, (X["weight"], X["protos"])),
     "normalize": (prototypes.normalize, (X["grads"], X["grads"])),
     "power_iteration": (prototypes.power_iteration, (X["weight"], X["protos"], 2)),
@@ -64,6 +70,8 @@ CASES = {
     "repulsion_grad_from_z": (stein.repulsion_grad_from_z,
                               (X["weight"], X["protos"], X["protos"], X["inactive"], 1.0)),
     "repulsion_grad": (stein.repulsion_grad, (X["weight"], X["protos"], X["inactive"], 1.0)),
+    "repulsion_grad_median": (stein.repulsion_grad, (X["weight"], X["protos"], X["inactive"], 1.0,
+                                                     "sq_cos", 0, "median", 2.0)),
     "repulsion_factors_from_z": (stein.repulsion_factors_from_z,
                                  (X["weight"], X["protos"], X["protos"], X["inactive"], 1.0)),
     "rank_two_norm": (stein.rank_two_norm, stein.repulsion_factors_from_z(
@@ -99,6 +107,8 @@ CASES = {
     "tempered_ess": (trust_region.tempered_ess, (X["adv"] * 100, 0.25)),
     "behaviour_ess": (trust_region.behaviour_ess,
                       (X["logp"], X["logp_old"], X["mask_bt"], 1.0, "token")),
+    "refresh_reason": (trust_region.refresh_reason,
+                       (X["adv"][0], X["adv"][1], torch.tensor(False), torch.tensor(3))),
     "refresh_needed": (trust_region.refresh_needed,
                        (X["adv"][0], X["adv"][1], torch.tensor(False), torch.tensor(3))),
     "scaled_update": (trust_region.scaled_update, (X["grads"], -X["grads"], 0.25)),
@@ -120,6 +130,10 @@ CASES = {
     "coactivation_overlap": (diagnostics.coactivation_overlap, (X["coact"],)),
     "coactivation_cosine": (diagnostics.coactivation_cosine, (X["counts"],)),
     "kernel_mass": (diagnostics.kernel_mass, (X["kernel"],)),
+    "kernel_spread": (diagnostics.kernel_spread, (X["kernel"],)),
+    "expert_shares": (diagnostics.expert_shares, (X["counts"].diagonal() > 0, X["coactive"],
+                                                  X["inactive"])),
+    "relative_change": (diagnostics.relative_change, (X["grads"], -X["grads"], X["grads"], 0.1)),
     "transport_norms": (diagnostics.transport_norms, (X["grads"], -X["grads"], X["grads"], 0.1)),
 }
 
@@ -129,7 +143,7 @@ def test_every_public_function_has_a_case():
         name for module in MODULES for name, fn in vars(module).items()
         if inspect.isfunction(fn) and fn.__module__ == module.__name__ and not name.startswith("_")
     }
-    assert public - NOT_TENSOR_FUNCTIONS == set(CASES)
+    assert public - NOT_TENSOR_FUNCTIONS == {name.removesuffix("_median") for name in CASES}
 
 
 def _assert_same(a, b):
