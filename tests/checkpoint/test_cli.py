@@ -40,6 +40,11 @@ def _broken(src, tmp_path, how):
     elif how == "unsupported":
         cfg = json.loads((bad / "config.json").read_text())
         (bad / "config.json").write_text(json.dumps(dict(cfg, model_type="deepseek_v3")))
+    elif how in ("wrong_type", "missing_key"):
+        cfg = json.loads((bad / "config.json").read_text())
+        cfg = dict(cfg, hidden_size="32") if how == "wrong_type" else {k: v for k, v in cfg.items()
+                                                                       if k != "num_hidden_layers"}
+        (bad / "config.json").write_text(json.dumps(cfg))
     return bad
 
 
@@ -48,6 +53,8 @@ def _broken(src, tmp_path, how):
     ("config", "config.json' is not valid JSON"), ("missing_expert", "1 missing tensors.*experts.2.w3"),
     ("missing_shard", "shard 'model-00002-of-00002.safetensors' listed in"),
     ("unsupported", r"model_type='deepseek_v3'; supported: \['mixtral', 'qwen3_moe'\]"),
+    ("wrong_type", r"key 'hidden_size' must be a positive integer, got '32' \(str\)"),
+    ("missing_key", r"missing key 'num_hidden_layers'"),
 ])
 def test_bad_input_gives_clear_error_and_writes_nothing(src, tmp_path, capsys, how, message):
     import re

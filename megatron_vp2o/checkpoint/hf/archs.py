@@ -82,12 +82,46 @@ def get_arch(model_type: str | None) -> Arch:
     return ARCHS[model_type]
 
 
+_REQUIRED = object()
+# our ModelConfig field -> the HF config.json key it comes from (to name the key in range errors)
+_HF_KEYS = {"norm_eps": "rms_norm_eps", "num_layers": "num_hidden_layers", "num_attention_heads": "num_attention_heads",
+            "num_query_groups": "num_key_value_heads", "head_dim": "head_dim", "moe_router_topk": "num_experts_per_tok",
+            "num_experts": "num_local_experts/num_experts", "moe_ffn_hidden_size": "moe_intermediate_size",
+            "ffn_hidden_size": "intermediate_size", "vocab_size": "vocab_size", "seq_length": "max_position_embeddings",
+            "rotary_base": "rope_theta", "aux_loss_coeff": "router_aux_loss_coef", "hidden_size": "hidden_size"}
+_KINDS = {"int": "a positive integer", "count": "an integer >= 0", "float": "a finite number",
+          "bool": "true or false", "str": "a string", "dict": "a JSON object"}
+
+
+def _read(hf: dict, key: str, kind: str, default=_REQUIRED, where: str = ""):
+    """``hf[key]`` checked against ``kind`` (see _KINDS); a missing required key or a wrong-typed value
+    is a one-line ConversionError naming the key. ``None`` counts as absent."""
+    import math
+
+    name = f"{where}{key}"
+    value = hf.get(key) if isinstance(hf, dict) else None
+    if value is None:
+        if default is _REQUIRED:
+            raise ConversionError(f"config.json: missing key '{name}' ({_KINDS[kind]}); add it to config.json")
+        return default
+    ok = {"int": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+          "count": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+          "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+          "bool": lambda v: isinstance(v, bool), "str": lambda v: isinstance(v, str),
+          "dict": lambda v: isinstance(v, dict)}[kind](value)
+    if not ok:
+        raise ConversionError(f"config.json: key '{name}' must be {_KINDS[kind]}, got {value!r} "
+                              f"({type(value).__name__}); fix it in config.json")
+    return value
+
+
 def _rope(hf: dict) -> float:
-    params = hf.get("rope_parameters") or {}
-    rope_type = params.get("rope_type", "default")
+    params = _read(hf, "rope_parameters", "dict", {})
+    rope_type = _read(params, "rope_type", "str", "default", "rope_parameters.")
     if rope_type != "default":
         raise ConversionError(f"unsupported rope_parameters.rope_type={rope_type!r}; supported: ['default']")
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    theta = _read(params, "rope_theta", "float", None, "rope_parameters.")
+    theta = _read(hf, "rope_theta", "float", 10000.0) if theta is None else theta
     if float(theta) != int(theta):
         raise ConversionError(f"rope_theta={theta} must be an integer (model.rotary_base is an int)")
     return int(theta)
@@ -105,27 +139,40 @@ def model_config_from_hf(hf: dict, dtype: str | None = None, expert_impl: str = 
     """(architecture, our ModelConfig) for an HF ``config.json`` dict; raises on unsupported flags."""
     arch = get_arch(hf.get("model_type"))
     check_flags(arch, hf)
-    experts = hf.get("num_local_experts", hf.get("num_experts"))
+    expert_key = "num_local_experts" if hf.get("num_local_experts") is not None else "num_experts"
+    experts = _read(hf, expert_key, "count", 0)
     if not experts:
         raise ConversionError(f"{arch.hf_class}: config has no experts (num_experts={experts}); only MoE models convert")
-    hf_dtype = str(hf.get("dtype") or hf.get("torch_dtype") or "float32").replace("torch.", "")
+    dtype_key = "dtype" if hf.get("dtype") is not None else "torch_dtype"
+    hf_dtype = _read(hf, dtype_key, "str", "float32").replace("torch.", "")
     if dtype is None and hf_dtype not in _DTYPES:
-        raise ConversionError(f"checkpoint dtype {hf_dtype!r} has no matching params_dtype; supported: "
+        raise ConversionError(f"config.json key '{dtype_key}': checkpoint dtype {hf_dtype!r} has no matching "
+                              f"params_dtype; supported: "
                               f"{sorted(_DTYPES)} or pass --dtype fp32|bf16")
-    moe_ffn = hf["moe_intermediate_size"] if arch.model_type == "qwen3_moe" else hf["intermediate_size"]
-    heads = hf["num_attention_heads"]
-    topk_norm = True if arch.model_type == "mixtral" else bool(hf.get("norm_topk_prob", False))
-    cfg = ModelConfig(
-        num_layers=hf["num_hidden_layers"], hidden_size=hf["hidden_size"], num_attention_heads=heads,
-        num_query_groups=hf.get("num_key_value_heads") or heads, head_dim=hf.get("head_dim"),
-        num_experts=experts, moe_router_topk=hf["num_experts_per_tok"], moe_ffn_hidden_size=moe_ffn,
-        ffn_hidden_size=hf.get("intermediate_size", moe_ffn), vocab_size=hf["vocab_size"],
-        seq_length=hf.get("max_position_embeddings", 4096), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        rotary_base=_rope(hf), qk_layernorm=arch.qk_norm, untie_embeddings=not hf.get("tie_word_embeddings", False),
-        swiglu=True, expert_impl=expert_impl, params_dtype=dtype or _DTYPES[hf_dtype],
-        router=RouterConfig(score_function="softmax", topk_normalize=topk_norm, aux_loss_type="aux_loss",
-                            aux_loss_coeff=float(hf.get("router_aux_loss_coef", 0.001))),
-    )
+    moe_ffn = _read(hf, "moe_intermediate_size" if arch.model_type == "qwen3_moe" else "intermediate_size", "int")
+    heads = _read(hf, "num_attention_heads", "int")
+    topk_norm = True if arch.model_type == "mixtral" else _read(hf, "norm_topk_prob", "bool", False)
+    try:
+        cfg = ModelConfig(
+            num_layers=_read(hf, "num_hidden_layers", "int"), hidden_size=_read(hf, "hidden_size", "int"),
+            num_attention_heads=heads, num_query_groups=_read(hf, "num_key_value_heads", "int", heads),
+            head_dim=_read(hf, "head_dim", "int", None), num_experts=experts,
+            moe_router_topk=_read(hf, "num_experts_per_tok", "int"), moe_ffn_hidden_size=moe_ffn,
+            ffn_hidden_size=_read(hf, "intermediate_size", "int", moe_ffn), vocab_size=_read(hf, "vocab_size", "int"),
+            seq_length=_read(hf, "max_position_embeddings", "int", 4096),
+            norm_eps=float(_read(hf, "rms_norm_eps", "float", 1e-6)), rotary_base=_rope(hf),
+            qk_layernorm=arch.qk_norm, untie_embeddings=not _read(hf, "tie_word_embeddings", "bool", False),
+            swiglu=True, expert_impl=expert_impl, params_dtype=dtype or _DTYPES[hf_dtype],
+            router=RouterConfig(score_function="softmax", topk_normalize=topk_norm, aux_loss_type="aux_loss",
+                                aux_loss_coeff=float(_read(hf, "router_aux_loss_coef", "float", 0.001))),
+        )
+    except ValueError as exc:  # ModelConfig's own range checks (e.g. top-k above the expert count)
+        if isinstance(exc, ConversionError):
+            raise
+        msg = str(exc).splitlines()[0]
+        keys = [hf_key for ours, hf_key in _HF_KEYS.items() if ours in msg]
+        named = f"key '{keys[0]}'" if keys else "its values"
+        raise ConversionError(f"config.json: {named} gives {msg}; fix it in config.json") from None
     return arch, cfg
 
 
