@@ -19,7 +19,6 @@ None of these changes arithmetic: every op runs the same kernel it would run on 
 CPU run is bitwise reproducible. The TorchFunctionMode (4) is per thread (torch semantics); it is
 entered for the thread that calls :func:`install`. Code reached from autograd's worker threads
 does not see it, which is why the model code passes explicit CPU attention masks.
-Measured overhead of the mode: see ``bench/bench_platform.py``.
 """
 
 from __future__ import annotations
