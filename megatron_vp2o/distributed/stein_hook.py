@@ -39,6 +39,7 @@ import torch.distributed as dist
 from megatron_vp2o.device import device
 from megatron_vp2o.algo.coactivation import active_experts, coactivation_matrix, neighbour_masks
 from megatron_vp2o.algo.config import SteinConfig
+from megatron_vp2o.algo.diagnostics import expert_shares, kernel_spread
 from megatron_vp2o.algo.kernels import prototype_kernel
 from megatron_vp2o.algo.prototypes import power_step_partial
 from megatron_vp2o.algo.stein import attraction_weights, gather_mix, rank_two_norm, repulsion_factors_from_z
@@ -51,7 +52,7 @@ def layer_masks(counts_EE, protos_ED, num_tokens, cfg: SteinConfig, top_k: int):
     m = cfg.resolved_topm(top_k)
     active_E = active_experts(counts_EE)
     coactive_EE, inactive_EE = neighbour_masks(coactivation_matrix(counts_EE, num_tokens), m)
-    kernel_EE = prototype_kernel(protos_ED, cfg.kernel_tau0, cfg.kernel)
+    kernel_EE = prototype_kernel(protos_ED, **cfg.kernel_args())
     idx_EM1, w_EM1 = attraction_weights(kernel_EE, coactive_EE, m)
     return active_E, coactive_EE, inactive_EE, kernel_EE, idx_EM1, w_EM1
 
@@ -82,13 +83,14 @@ def exchange_neighbours(grads_XP: torch.Tensor, idx_EM1: torch.Tensor, ep_group)
     return recv_RXP.view(num_ranks * num_local, -1)
 
 
-def transport_rows(table_EP, idx_XM1, w_XM1, active_X, ok, rep=None, alpha: float = 0.0):
+def transport_rows(table_EP, idx_XM1, w_XM1, active_X, ok, rep=None, alpha: float = 0.0, raw_XP=None):
     """grad_x = [x in A] (sum_m w[x, m] table[idx[x, m]] + alpha rep_x); the identity unless ``ok``.
 
     ``rep`` (or None) is the repulsion gradient of the block's rows as rank-two factors
     ``(left [..., X, A, 2], right [..., X, 2, C])`` whose product ``[A, C]`` is each row's layout
     (fc2's ``[D, F]``, or ``[F, D]`` for GroupedMLP: the caller passes the factors transposed).
-    Returns (transported [..., X, P], norm of the applied attraction per leading index). Pure
+    Returns (transported [..., X, P], norm of the applied attraction per leading index), and with
+    ``raw_XP`` (the rows' own untransported gradients) a third value: ||attraction - raw||. Pure
     tensor work (static shapes, no host syncs; leading batch dims = layers), two passes over the
     rows: the mix (`algo.stein.gather_mix`, one fused pass) and the repulsion added in place by one
     batched matmul-add. ``ok`` enters the weights: False makes each row's weights its own row with
@@ -102,6 +104,7 @@ def transport_rows(table_EP, idx_XM1, w_XM1, active_X, ok, rep=None, alpha: floa
     w_XM1 = torch.where(ok, w_XM1 * keep_X1, self_w_XM1)
     out_XP = gather_mix(table_EP, idx_XM1, w_XM1)
     attraction_norm = torch.linalg.vector_norm(out_XP, dim=(-2, -1))
+    shift_norm = None if raw_XP is None else torch.linalg.vector_norm(out_XP - raw_XP, dim=(-2, -1))
     if rep is not None and alpha != 0.0:
         left_XA2, right_X2C = rep
         scale_X11 = (keep_X1 * ok.to(keep_X1.dtype) * alpha).unsqueeze(-1).to(out_XP.dtype)
@@ -109,6 +112,8 @@ def transport_rows(table_EP, idx_XM1, w_XM1, active_X, ok, rep=None, alpha: floa
         lead = rows_NAC.shape[0]
         rows_NAC.baddbmm_((left_XA2.to(out_XP.dtype) * scale_X11).reshape(lead, -1, 2),
                           right_X2C.to(out_XP.dtype).reshape(lead, 2, -1))
+    if raw_XP is not None:
+        return out_XP, attraction_norm, shift_norm
     return out_XP, attraction_norm
 
 
@@ -123,7 +128,7 @@ def layer_repulsion(layers, inactive_LEE, protos_LED, cfg: SteinConfig, groups: 
     z_LXD = all_reduce_(power_step_partial(weight_LXDF, protos_LED[:, off:off + num_local]), groups.expert_tp)
     left_LXD2, right_LX2F = repulsion_factors_from_z(weight_LXDF, protos_LED, z_LXD,
                                                      inactive_LEE[:, off:off + num_local], cfg.kernel_tau0,
-                                                     cfg.kernel, off)
+                                                     cfg.kernel, off, cfg.kernel_bandwidth, cfg.kernel_sharpness)
     norm_L = rank_two_norm(left_LXD2, right_LX2F)
     if layers[0].accessor.fc2_transposed:  # rows hold W^T [F, D]: (L R)^T = R^T L^T
         return (right_LX2F.transpose(-1, -2), left_LXD2.transpose(-1, -2)), norm_L
@@ -183,14 +188,43 @@ def _gather_layer(views: dict, buffer: torch.Tensor, num_local: int) -> dict:
 
 
 def _transport_blocks(blk, idx, w, active, rep, cfg, ok, ep_group, num_ranks):
-    """Both column blocks of one layer (or a batch of layers when every neighbour is local)."""
-    outs, sq_norm = {}, 0.0
+    """Both column blocks of one layer (or a batch of layers when every neighbour is local).
+
+    Returns (outputs, attraction norm, squared norms [raw, attraction - raw, transported - raw] of
+    this rank's rows: the Stein relative change, summed over ranks by the caller)."""
+    outs, sq_norm, sq = {}, 0.0, [0.0, 0.0, 0.0]
     for kind, grads in blk.items():
         table = grads if num_ranks == 1 else exchange_neighbours(grads, idx["all"], ep_group)
-        outs[kind], norm = transport_rows(table, idx["rows"], w, active, ok, rep if kind == "fc2" else None,
-                                          cfg.repulsion_coef)
+        rep_kind = rep if kind == "fc2" else None
+        outs[kind], norm, shift = transport_rows(table, idx["rows"], w, active, ok, rep_kind, cfg.repulsion_coef,
+                                                 raw_XP=grads)
         sq_norm = sq_norm + norm * norm
-    return outs, torch.sqrt(sq_norm)
+        total = shift if rep_kind is None or cfg.repulsion_coef == 0.0 else torch.linalg.vector_norm(outs[kind] - grads)
+        sq = [sq[0] + grads.square().sum(), sq[1] + shift * shift, sq[2] + total * total]
+    return outs, torch.sqrt(sq_norm), torch.stack([torch.as_tensor(x, dtype=torch.float32, device=norm.device)
+                                                     for x in sq])
+
+
+def _rank_two_sq_norms(left_XA2, right_X2C):
+    """||left_x @ right_x||_F^2 per row x, from [2, 2] Gram matrices (no product): [..., X]."""
+    gram_l = torch.matmul(left_XA2.transpose(-1, -2), left_XA2)
+    gram_r = torch.matmul(right_X2C, right_X2C.transpose(-1, -2))
+    return (gram_l * gram_r).sum((-2, -1)).clamp_min(0.0)
+
+
+def _relative_change(sq_L3, rep_L, active_LX, ok, alpha: float, groups: VP2OGroups) -> torch.Tensor:
+    """Stein relative change per layer, [L, 3]: ||attraction - raw||, ||applied repulsion|| and
+    ||transported - raw||, each over ||raw||, with the squared norms summed over the expert-EP and
+    expert-TP ranks (one small all-reduce each). The applied repulsion is alpha dR/dW on active
+    rows when the transport ran, its norm from the rank-two factors' Gram matrices."""
+    rep_sq_L = torch.zeros_like(sq_L3[:, 0])
+    if rep_L is not None and alpha != 0.0:
+        keep_LX = active_LX.to(rep_sq_L.dtype) * ok.to(rep_sq_L.dtype)
+        rep_sq_L = alpha * alpha * (_rank_two_sq_norms(rep_L[0].float(), rep_L[1].float()) * keep_LX).sum(-1)
+    sq_L4 = torch.cat([sq_L3, rep_sq_L.unsqueeze(-1)], -1)
+    sq_L4 = all_reduce_(all_reduce_(sq_L4, groups.expert_ep), groups.expert_tp)
+    raw_L1 = sq_L4[:, :1].clamp_min(1e-30)
+    return torch.sqrt(sq_L4[:, [1, 3, 2]] / raw_L1)
 
 
 def _layers_step(entries, buffer, groups, cfg, num_tokens, ok) -> dict:
@@ -204,16 +238,20 @@ def _layers_step(entries, buffer, groups, cfg, num_tokens, ok) -> dict:
     rows = slice(off, off + num_local)
     rep_L, rep_norm_L = layer_repulsion(layers, inactive_LEE, protos_LED, cfg, groups)
     num_ranks = group_size(groups.expert_ep)
-    norms = []
+    norms, sq_norms = [], []
     for i, (_, views) in enumerate(entries):  # one layer at a time: one layer's buffers
         blk = _gather_layer(views, buffer, num_local)
-        out_i, norm = _transport_blocks(blk, {"all": idx_LEM1[i], "rows": idx_LEM1[i, rows]}, w_LEM1[i, rows],
+        out_i, norm, sq_i = _transport_blocks(blk, {"all": idx_LEM1[i], "rows": idx_LEM1[i, rows]}, w_LEM1[i, rows],
                                         active_LE[i, rows], None if rep_L is None else (rep_L[0][i], rep_L[1][i]),
                                         cfg, ok, groups.expert_ep, num_ranks)
         for kind, out_XP in out_i.items():  # back into megatron's grad buffers: one fused copy per block
             torch._foreach_copy_(views[kind], list(out_XP.split([v.shape[0] for v in views[kind]])))
         norms.append(norm)
+        sq_norms.append(sq_i)
     attraction_L = torch.stack(norms)
+    change_L = _relative_change(torch.stack(sq_norms), rep_L, active_LE[:, rows], ok, cfg.repulsion_coef, groups)
+    spread = kernel_spread(kernel_LEE)
+    shares = expert_shares(active_LE, coactive_LEE, inactive_LEE)
     blk = {kind: views[kind][0] for kind in ("fc1", "fc2")}
     for layer, active_E in zip(layers, active_LE.unbind(0)):
         layer.active_E = active_E
@@ -230,6 +268,15 @@ def _layers_step(entries, buffer, groups, cfg, num_tokens, ok) -> dict:
         / max(num_experts * num_experts - num_experts, 1),
         "stein/active_experts": active_LE.sum(-1),
         "stein/coactive_pairs": coactive_LEE.sum((-2, -1)),
+        "stein/rel_change": change_L[:, 2],
+        "stein/rel_change_attraction": change_L[:, 0],
+        "stein/rel_change_repulsion": change_L[:, 1],
+        "stein/kernel_min": spread["min"],
+        "stein/kernel_median": spread["median"],
+        "stein/kernel_max": spread["max"],
+        "stein/share_active": shares["active"],
+        "stein/share_coactive": shares["coactive"],
+        "stein/share_inactive": shares["inactive"],
         "exchange/bytes_needed": remote_LE.sum(-1) * row_bytes,
     }
     out = {}

@@ -77,3 +77,33 @@ def test_hook_tensor_work_traces_fullgraph():
     assert torch.allclose(eager, ref, atol=1e-6) and eager[3].abs().max() == 0
     same = hook(counts_EE, protos_ED, grads_EP, left_EA2, right_E2C, torch.tensor(False))
     assert torch.equal(same, grads_EP)
+
+
+def test_hook_relative_change_matches_the_pure_diagnostic():
+    """The hook's Stein relative change (transport_rows' attraction shift + the rank-two repulsion
+    norm, one rank) equals algo.diagnostics.relative_change on the materialised tensors."""
+    from megatron_vp2o.algo import diagnostics
+    from megatron_vp2o.algo.config import SteinConfig
+    from megatron_vp2o.algo.prototypes import normalize
+    from megatron_vp2o.distributed import stein_hook
+    from megatron_vp2o.distributed.reductions import VP2OGroups
+
+    cfg, num_experts, rows, cols = SteinConfig(kernel_bandwidth="median", kernel_sharpness=2.0), 8, 4, 6
+    gen = torch.Generator().manual_seed(1)
+    counts_EE = torch.randint(0, 5, (num_experts, num_experts), generator=gen).float()
+    counts_EE = counts_EE + counts_EE.T
+    counts_EE[3] = counts_EE[:, 3] = 0.0
+    protos_ED = normalize(torch.randn(num_experts, 16, generator=gen))
+    fc2 = torch.randn(num_experts, rows * cols, generator=gen)
+    left, right = torch.randn(num_experts, rows, 2, generator=gen), torch.randn(num_experts, 2, cols, generator=gen)
+    active_E, _, _, _, idx, w = stein_hook.layer_masks(counts_EE, protos_ED, 128.0, cfg, 2)
+    ok = torch.tensor(True)
+    out, _, shift = stein_hook.transport_rows(fc2, idx, w, active_E, ok, (left, right), 0.01, raw_XP=fc2)
+    attracted, _ = stein_hook.transport_rows(fc2, idx, w, active_E, ok)
+    assert torch.allclose(shift, torch.linalg.vector_norm(attracted - fc2))
+    groups = VP2OGroups(tokens=[], expert_tp=None, expert_ep=None, expert_dp=None)
+    sq = torch.stack([fc2.square().sum(), shift * shift, torch.linalg.vector_norm(out - fc2) ** 2])
+    got = stein_hook._relative_change(sq[None], ((left[None], right[None])), active_E[None], ok, 0.01, groups)[0]
+    rep_EP = torch.where(active_E[:, None], (left @ right).reshape(num_experts, -1), 0.0)
+    ref = diagnostics.relative_change(fc2, attracted, rep_EP, 0.01)
+    assert torch.allclose(got, torch.stack([ref["attraction"], ref["repulsion"], ref["total"]]), rtol=1e-5)
