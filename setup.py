@@ -31,6 +31,7 @@ setup(
         "rewards": ["math-verify", "reasoning-gym"],
         "launch": ["nemo-run==0.11.1", "leptonai==0.27.3"],  # vp2o launch / recipes.nemo (tests/launch)
         "plots": ["matplotlib"],
+        "tune": ["optuna>=4", "matplotlib"],  # tools/tune.py (equal tuning, issue 21)
         # GPU: transformer-engine[pytorch], apex and grouped_gemm ship in the NGC PyTorch image.
         "gpu": ["transformer-engine[pytorch]"],
     },
