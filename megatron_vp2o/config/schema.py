@@ -125,8 +125,22 @@ class TrainConfig:
     adam_eps: float = 1e-8  # AdamW epsilon
     clip_grad: float = 1.0  # global gradient-norm clip (0: off)
     seed: int = 1234  # seed for init, data order and sampling
+    # megatron-core memory levers (OptimizerConfig; counted by `vp2o plan`)
+    optimizer_cpu_offload: bool = False  # Adam on the host (megatron HybridDeviceOptimizer)
+    optimizer_offload_fraction: float = 1.0  # with optimizer_cpu_offload: share of the state on the host
+    overlap_cpu_optimizer_d2h_h2d: bool = True  # with optimizer_cpu_offload: overlap the host copies
+    use_precision_aware_optimizer: bool = False  # low-precision main params / moments (TE FusedAdam or CPU offload)
+    main_params_dtype: Literal["fp32", "bf16"] = "fp32"  # with the precision-aware optimizer
+    exp_avg_dtype: Literal["fp32", "bf16"] = "fp32"  # Adam first moment dtype (precision-aware optimizer)
+    exp_avg_sq_dtype: Literal["fp32", "bf16"] = "fp32"  # Adam second moment dtype (precision-aware optimizer)
 
     def __post_init__(self):
+        check(0.0 <= self.optimizer_offload_fraction <= 1.0, "train.optimizer_offload_fraction", "be in [0, 1]",
+              self.optimizer_offload_fraction)
+        if not self.use_precision_aware_optimizer:
+            for name in ("main_params_dtype", "exp_avg_dtype", "exp_avg_sq_dtype"):
+                check(getattr(self, name) == "fp32", f"train.{name}",
+                      "be fp32 unless train.use_precision_aware_optimizer=true", getattr(self, name))
         for name in ("steps", "micro_batch_size", "global_batch_size"):
             check(getattr(self, name) >= 1, f"train.{name}", "be >= 1", getattr(self, name))
         check(self.lr > 0, "train.lr", "be > 0", self.lr)

@@ -39,6 +39,45 @@ class Trainable:
         return self.model.module
 
 
+def memory_levers(cfg) -> dict:
+    """megatron-core's optimizer memory levers from ``train`` (CPU offload of Adam, precision-aware
+    optimizer with bf16 moments / main params). megatron's own rules, checked here so that a run
+    fails at build time with the setting to change: both need the distributed optimizer; the
+    precision-aware optimizer needs Transformer Engine's FusedAdam unless Adam runs on the host."""
+    import importlib.util
+
+    import torch
+
+    from megatron_vp2o.config import ConfigError
+
+    train, par = cfg.train, cfg.parallel
+    if not (train.optimizer_cpu_offload or train.use_precision_aware_optimizer):
+        return {}
+    if not par.distributed_optimizer:
+        raise ConfigError("train.optimizer_cpu_offload / train.use_precision_aware_optimizer need "
+                          "parallel.distributed_optimizer=true (megatron-core)")
+    if train.use_precision_aware_optimizer and importlib.util.find_spec("transformer_engine") is None:
+        # megatron-core checks the Transformer Engine version in OptimizerConfig (a TypeError without it)
+        raise ConfigError("train.use_precision_aware_optimizer needs Transformer Engine (its FusedAdam keeps the "
+                          "bf16 moments / main params; megatron-core checks its version); install "
+                          "transformer_engine on the GPU machine, or set train.use_precision_aware_optimizer=false")
+    if train.optimizer_cpu_offload and not torch.cuda.is_available():
+        # HybridDeviceOptimizer splits device and host parameters; on a CPU-only machine every
+        # parameter is already a host tensor and torch refuses its host copies ("non-leaf Tensor")
+        raise ConfigError("train.optimizer_cpu_offload moves Adam from the GPU to the host: without CUDA the "
+                          "optimizer state is already in host memory; set train.optimizer_cpu_offload=false")
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    out = {}
+    if train.optimizer_cpu_offload:
+        out |= dict(optimizer_cpu_offload=True, optimizer_offload_fraction=train.optimizer_offload_fraction,
+                    overlap_cpu_optimizer_d2h_h2d=train.overlap_cpu_optimizer_d2h_h2d and torch.cuda.is_available(),
+                    pin_cpu_grads=torch.cuda.is_available(), pin_cpu_params=torch.cuda.is_available())
+    if train.use_precision_aware_optimizer:
+        out |= dict(use_precision_aware_optimizer=True, main_params_dtype=dtypes[train.main_params_dtype],
+                    exp_avg_dtype=dtypes[train.exp_avg_dtype], exp_avg_sq_dtype=dtypes[train.exp_avg_sq_dtype])
+    return out
+
+
 def build_trainable(cfg, moe_layer_cls=MoELayer, **transformer_overrides) -> Trainable:
     """Model, DDP, optimizer and LR schedule for ``cfg`` on the already-initialised parallel state."""
     tconf = transformer_config(cfg.model, cfg.parallel, calculate_per_token_loss=True, **transformer_overrides)
@@ -53,6 +92,7 @@ def build_trainable(cfg, moe_layer_cls=MoELayer, **transformer_overrides) -> Tra
         optimizer="adam", lr=train.lr, min_lr=train.min_lr, weight_decay=train.weight_decay,
         adam_beta1=train.adam_beta1, adam_beta2=train.adam_beta2, adam_eps=train.adam_eps, clip_grad=train.clip_grad,
         bf16=tconf.bf16, params_dtype=tconf.params_dtype, use_distributed_optimizer=par.distributed_optimizer,
+        **memory_levers(cfg),
     )
     optimizer = get_megatron_optimizer(opt_cfg, [ddp])
     scheduler = OptimizerParamScheduler(
