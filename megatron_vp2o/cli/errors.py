@@ -26,10 +26,13 @@ CLASSES = (
     ("ConfigError", "megatron_vp2o.config.loader",
      "a config field or an input is unusable: unknown key, wrong type, out-of-range or non-finite "
      "number, malformed YAML, impossible parallel layout for WORLD_SIZE, a missing/empty/unreadable "
-     "input file, a checkpoint that is missing, damaged or of another model",
+     "input file, a checkpoint that is missing, damaged, of another model or of a newer megatron-vp2o version "
+     "(older versions' saved configs are migrated: megatron_vp2o/config/migrate.py), code rewards where the "
+     "bubblewrap sandbox cannot run",
      "change the named field or path as the message says; the message names it as `section.field`"),
     ("ConversionError", "megatron_vp2o.checkpoint.hf.archs",
-     "`vp2o convert` input is unusable: the HF directory, its config.json or safetensors, the "
+     "`vp2o convert` input is unusable: the HF directory, its config.json (not JSON, a required key missing, "
+     "a value of the wrong type or out of range: the key is named) or safetensors, the "
      "layout flags, or an output directory that already has content (a ConfigError)",
      "fix the named directory or flag; nothing was written"),
     ("CheckpointStateError", "megatron_vp2o.checkpoint.state",
@@ -62,6 +65,10 @@ EXAMPLES = (
      ["train", "--config", TINY, "--out", "runs/x", "rl.prompts_per_step=3"]),
     ("missing input file", {}, ["train", "--config", TINY, "--out", "runs/x", "rl.prompts=data/prompts/nope.jsonl"]),
     ("missing checkpoint", {}, ["train", "--config", TINY, "--out", "runs/x", "rl.policy=checkpoints/nope"]),
+    ("checkpoint of a newer version", {},
+     ["train", "--config", TINY, "--out", "runs/x", "rl.policy=tests/checkpoint/fixtures/v9.0.0-future"]),
+    ("code rewards without a sandbox", {"VP2O_SANDBOX_NO_BWRAP": "1", "VP2O_SANDBOX_UNCONFINED": "0"},
+     ["train", "--config", TINY, "--out", "runs/x", "rl.eval=[{task: code, data: data/eval/code_sample.jsonl}]"]),
     ("checkpoint of another model", {}, ["train", "--config", TINY, "--out", "runs/x", "model.num_experts=16"]),
     ("missing SFT data", {}, ["sft", "--config", TINY, "--out", "runs/x", "data.path=data/sft/nope.jsonl"]),
     ("bad WORLD_SIZE", {"WORLD_SIZE": "two"}, ["sft", "--config", TINY, "--out", "runs/x"]),

@@ -1,6 +1,6 @@
 """Stop on a signal with a checkpoint: preemption and the end of a slurm time limit.
 
-What: :class:`StopOnSignal` installs handlers for SIGURG, SIGTERM and SIGUSR1 that only set a flag
+What: :class:`StopOnSignal` installs handlers for SIGURG, SIGTERM, SIGUSR1 and SIGINT that only set a flag
 (nothing unsafe runs inside a signal handler). At the end of each training step the trainer calls
 :meth:`StopOnSignal.after_step`: the flag is max-reduced over every rank (one 1-element all-reduce;
 a signal reaching only some ranks stops all of them at the same step, so the collective checkpoint
@@ -14,7 +14,8 @@ waiting for its workers, and megatron's checkpoint writer helper (a spawned mult
 manager) can still take the checkpoint. SIGTERM and SIGUSR1 also work when they reach the workers
 alone (``kill``, torchrun forwarding its own SIGTERM), but slurm's SIGTERM to *every* process
 (``scancel``, preemption) also ends that helper, so the stop checkpoint then fails; the newest
-periodic checkpoint (written atomically) is what ``--resume`` continues from.
+periodic checkpoint (written atomically) is what ``--resume`` continues from. SIGINT (Ctrl-C) stops
+the same way; a second SIGINT before the step ends raises KeyboardInterrupt (leave now, no checkpoint).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch.distributed as dist
 
 from megatron_vp2o.device import device
 
-STOP_SIGNALS = (signal.SIGURG, signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGURG, signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class StopOnSignal:
@@ -41,6 +42,8 @@ class StopOnSignal:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:  # noqa: ARG002 (signal handler signature)
+        if signum == signal.SIGINT and self.received == signal.SIGINT:
+            raise KeyboardInterrupt  # Ctrl-C twice: do not wait for the step to end
         self.received = signum
 
     def should_stop(self) -> bool:

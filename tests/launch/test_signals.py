@@ -21,7 +21,7 @@ class State:
     step = 7
 
 
-@pytest.mark.parametrize("sig", [signal.SIGURG, signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGURG, signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
 @pytest.mark.parametrize("saved", [False, True])
 def test_signal_then_step_boundary(sig, saved):
     before = signal.getsignal(sig)
@@ -35,3 +35,14 @@ def test_signal_then_step_boundary(sig, saved):
     finally:
         stopper.restore()
     assert signal.getsignal(sig) == before  # handlers put back
+
+
+def test_second_sigint_interrupts_at_once():
+    stopper = StopOnSignal()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stopper.received == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stopper.restore()
