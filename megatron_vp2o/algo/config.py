@@ -60,8 +60,10 @@ class SteinConfig:
     #: Kernel base temperature tau0; tau_E = tau0 / log(E + 1) (spec 2.6; bandwidth "fixed").
     kernel_tau0: float = 1.0
     #: Kernel bandwidth rule (`kernels.BANDWIDTHS`): "fixed" (tau_E above) or "median" (SVGD's
-    #: median heuristic, h = median off-diagonal distance / log(E + 1), per layer and step).
-    kernel_bandwidth: str = "fixed"
+    #: median heuristic, h = median off-diagonal distance / log(E + 1), per layer and step). The
+    #: default by the kernel spread on the tiny recipe (issue 21): off-diagonal max/min k 4.8 vs
+    #: 3.8 for "fixed", attraction still changing the gradient by 23% (29% for "fixed").
+    kernel_bandwidth: str = "median"
     #: Kernel sharpness s: tau is divided by s (1 = the bandwidth rule as stated).
     kernel_sharpness: float = 1.0
     #: Repulsion weight alpha on dR_i/dW_i (spec 2.8); 0 disables the repulsion.

@@ -86,8 +86,8 @@ def test_repulsion_under_median_bandwidth_equals_autograd(sharpness):
 
 def test_config_fields_and_kernel_args():
     cfg = SteinConfig()
-    assert (cfg.kernel_bandwidth, cfg.kernel_sharpness) == ("fixed", 1.0)
-    assert cfg.kernel_args() == {"tau0": 1.0, "form": "sq_cos", "bandwidth": "fixed", "sharpness": 1.0}
+    assert (cfg.kernel_bandwidth, cfg.kernel_sharpness) == ("median", 1.0)
+    assert cfg.kernel_args() == {"tau0": 1.0, "form": "sq_cos", "bandwidth": "median", "sharpness": 1.0}
     with pytest.raises(ValueError, match=r"stein\.kernel_bandwidth must be one of \{fixed, median\}"):
         SteinConfig(kernel_bandwidth="mean")
     with pytest.raises(ValueError, match=r"stein\.kernel_sharpness must be > 0"):

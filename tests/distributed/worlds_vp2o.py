@@ -92,7 +92,7 @@ class HookProbe:
                 m = self.cfg.resolved_topm(layer.top_k)
                 coact, inactive = coactivation.neighbour_masks(
                     coactivation.coactivation_matrix(counts, self.tokens), m)
-                kernel = kernels.prototype_kernel(layer.protos_ED, self.cfg.kernel_tau0, self.cfg.kernel)
+                kernel = kernels.prototype_kernel(layer.protos_ED, **self.cfg.kernel_args())
                 rep_EP = self._repulsion(layer, state, inactive, grads_EP.shape[1])
                 self.ref[layer.layer_number] = stein.stein_transport(
                     grads_EP, kernel, coact, coactivation.active_experts(counts), topm=m,
@@ -112,7 +112,8 @@ class HookProbe:
             dist.all_gather(shards, w_XDF.contiguous(), group=state.groups.expert_tp)
         w_full = gather_experts(torch.cat(shards, -1).flatten(1), state.groups.expert_ep)
         w_full = w_full.view(-1, w_XDF.shape[1], etp * w_XDF.shape[2])
-        rep_EDF = stein.repulsion_grad(w_full, layer.protos_ED, inactive, self.cfg.kernel_tau0, self.cfg.kernel)
+        rep_EDF = stein.repulsion_grad(w_full, layer.protos_ED, inactive, self.cfg.kernel_tau0, self.cfg.kernel, 0,
+                                       self.cfg.kernel_bandwidth, self.cfg.kernel_sharpness)
         per = num_cols // etp
         off2 = layer.accessor.fc2_offset()
         rep_EP = rep_EDF.new_zeros(rep_EDF.shape[0], num_cols)

@@ -71,7 +71,7 @@ def test_hook_tensor_work_traces_fullgraph():
     m = cfg.resolved_topm(2)
     coactive, _ = coactivation.neighbour_masks(coactivation.coactivation_matrix(counts_EE, 128.0), m)
     rep_EP = torch.cat([torch.zeros(num_experts, 10), (left_EA2 @ right_E2C).reshape(num_experts, -1)], dim=1)
-    ref = stein.stein_transport(grads_EP, kernels.prototype_kernel(protos_ED, cfg.kernel_tau0, cfg.kernel), coactive,
+    ref = stein.stein_transport(grads_EP, kernels.prototype_kernel(protos_ED, **cfg.kernel_args()), coactive,
                                 coactivation.active_experts(counts_EE), topm=m, repulsion_EP=rep_EP,
                                 repulsion_coef=0.01)
     assert torch.allclose(eager, ref, atol=1e-6) and eager[3].abs().max() == 0

@@ -92,7 +92,8 @@ def _repulsion_layout_diff(layer) -> float:
     idx = torch.arange(num_experts).view(1, -1, 1)
     out, _ = transport_rows(torch.zeros(1, num_experts, rows), idx, torch.ones(1, num_experts, 1),
                             torch.ones(1, num_experts, dtype=torch.bool), torch.tensor(True), (left, right), 1.0)
-    ref = acc.fc2_flat(repulsion_grad(acc.fc2_weight_XDF().float(), protos_ED, inactive_EE, cfg.kernel_tau0, cfg.kernel))
+    ref = acc.fc2_flat(repulsion_grad(acc.fc2_weight_XDF().float(), protos_ED, inactive_EE, cfg.kernel_tau0, cfg.kernel,
+                                       0, cfg.kernel_bandwidth, cfg.kernel_sharpness))
     return float((out[0] - ref).abs().max() / ref.abs().max())
 
 
