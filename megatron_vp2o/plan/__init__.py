@@ -27,10 +27,15 @@ def render(title: str, plans: list[RankPlan]) -> str:
     for row in ROWS:
         lines.append(f"{row:<24}" + "".join(f"{_gib(p.bytes[row]):>{width}}" for p in plans))
     for name, fn in (("peak (no recompute)", lambda p: _gib(p.peak_bytes(False))),
+                     ("peak (selective)", lambda p: _gib(p.peak_bytes("selective"))),
                      ("peak (full recompute)", lambda p: _gib(p.peak_bytes(True))),
+                     ("peak (model.recompute)", lambda p: _gib(p.peak)),
                      ("usable (1 - headroom)", lambda p: _gib(p.usable)),
                      ("fits (no recompute)", lambda p: _yes(p.fits(False))),
-                     ("fits (full recompute)", lambda p: _yes(p.fits(True)))):
+                     ("fits (full recompute)", lambda p: _yes(p.fits(True))),
+                     ("fits (model.recompute)", lambda p: _yes(p.fits())),
+                     ("host GiB per node", lambda p: _gib(p.host_per_node)),
+                     ("host fits (2 TB/node)", lambda p: _yes(p.host_fits()))):
         lines.append(f"{name:<24}" + "".join(f"{fn(p):>{width}}" for p in plans))
     return "\n".join(lines)
 

@@ -10,15 +10,20 @@ row counts, and where it comes from in the code:
   parameters are their own masters), and Adam's per-tensor ``step``; with the distributed
   optimizer dense parameters are sharded over the dense DP group and expert parameters over the
   expert DP group (``ceil(P / dp)``; megatron's per-bucket ranges differ by at most the padding).
-* ``tr_snapshot``: VP2O's trust-region ``ParamSnapshot`` (``distributed/trust_region.py``): a
-  persistent copy of the parameters, the bf16 masters and every optimizer state tensor -- i.e.
-  ``params + optimizer`` again. With the trust region off but the freeze of inactive experts on,
-  only the expert part. GRPO: none.
-* ``backtrack``: transient copy of the post-step parameters (and masters) while backtracking.
+* ``tr_snapshot``: VP2O's trust-region ``ParamSnapshot`` (``distributed/trust_region.py``): the
+  main parameters (fp32 masters, or the fp32 parameter shards themselves) and every optimizer state
+  tensor, never the model parameters (rebuilt from the mains as megatron does after a step). With
+  the trust region off but the freeze of inactive experts on, only the expert part. GRPO: none.
+  ``vp2o.trust_region.snapshot: host`` (or the optimizer offloaded to the host) moves it to
+  ``host_snapshot``.
+* ``backtrack``: 0 -- the post-step mains wait in the consumed gradient buffer.
+* ``host_optimizer`` / ``host_snapshot``: bytes per rank in host memory (``train.optimizer_cpu_offload``:
+  ``optimizer_offload_fraction`` of the optimizer; the snapshot follows it), checked per node
+  (x GPUs per node) against the node's host memory (``HOST_BYTES``, DGX H100: 2 TB).
 * ``prototypes``: per MoE layer ``protos_XD``, ``protos_ED``, ``counts_EE`` and the trust
   region's old prototypes and anchor copy (fp32).
-* ``stein``: the Stein hook's fp32 gather copy and output of the local expert gradients of all
-  MoE layers on the stage, plus (EP > 1) one layer's static-shape neighbour exchange, send and
+* ``stein``: the Stein hook's fp32 gather buffer and output of the local expert gradients of ONE
+  MoE layer (it transports one layer at a time; the largest layer of the stage), plus (EP > 1) one layer's static-shape neighbour exchange, send and
   receive ``[ep, X, P_fc1]``.
 * ``activations``: stored for backward by one learner micro-batch (``rl.micro_batch_size``
   sequences of ``model.seq_length`` tokens), times the micro-batches in flight under 1F1B
@@ -33,13 +38,16 @@ row counts, and where it comes from in the code:
   path saves on top (two more F-wide copies per routed token in megatron's unfused sequential
   experts, K and V expanded to all query heads by math SDPA), within 5%.
   ``activations_recompute``: full recompute (megatron ``recompute_granularity=full``): the layer
-  inputs ``aD`` per layer plus one layer's full set.
+  inputs ``aD`` per layer plus one layer's full set. ``activations_selective``: ``model.recompute:
+  selective`` (core_attn, moe): the MoE block keeps its norm input and its own input ``2aD`` per
+  token instead of its internals (plus one MoE block's set while recomputing); fused attention saves
+  nothing more to recompute. The peak uses ``model.recompute``.
 * ``kv_cache``: the actors' KV cache while generating: ``2 x layers x Hkv/tp x hd x
   model.seq_length`` per sequence for the ``prompts_per_step x group_size / dp`` sequences a
   rank generates at once.
 
 ``peak = params + grads + optimizer + tr_snapshot + prototypes + max(activations + stein,
-backtrack, kv_cache)``: rollouts and the learner step do not overlap, the Stein buffers live
+kv_cache)`` (device rows only): rollouts and the learner step do not overlap, the Stein buffers live
 after the backward, backtracking after the optimizer step. Not counted: the CUDA context and
 NCCL buffers, allocator fragmentation, the KL reference model (``rl.policy_loss.kl_coef > 0``:
 add ``params`` again); the ``headroom`` fraction of the GPU is kept free for them.
@@ -61,7 +69,9 @@ GPUS = {"h100-80gb": 81559 * (1 << 20), "h200": 143771 * (1 << 20), "a100-80gb":
         "a100-40gb": 40537 * (1 << 20)}
 _BYTES = {"fp32": 4, "bf16": 2}
 ROWS = ("params", "grads", "optimizer", "tr_snapshot", "backtrack", "prototypes", "stein", "activations",
-        "activations_recompute", "kv_cache")
+        "activations_recompute", "activations_selective", "kv_cache", "host_optimizer", "host_snapshot")
+HOST_BYTES = 2 * 10**12  # host memory of one node (DGX H100: 2 TB)
+GPUS_PER_NODE = 8
 
 
 @dataclass
@@ -70,7 +80,7 @@ class RankPlan:
     layout: str
     params: StageParams
     bytes: dict = field(default_factory=dict)  # row -> bytes
-    recompute: bool = False  # whether peak uses the recompute activations
+    recompute: "bool | str" = False  # activations in peak: none/False, full/True or selective
     gpu: str = "h100-80gb"
     headroom: float = 0.1
 
@@ -78,11 +88,20 @@ class RankPlan:
     def peak(self) -> int:
         return self.peak_bytes(self.recompute)
 
-    def peak_bytes(self, recompute: bool) -> int:
+    def peak_bytes(self, recompute: "bool | str") -> int:
         b = self.bytes
-        act = b["activations_recompute"] if recompute else b["activations"]
+        mode = {True: "full", False: "none"}.get(recompute, recompute)
+        act = {"full": b["activations_recompute"], "selective": b["activations_selective"]}.get(mode, b["activations"])
         static = sum(b[k] for k in ("params", "grads", "optimizer", "tr_snapshot", "prototypes"))
         return static + max(act + b["stein"], b["backtrack"], b["kv_cache"])
+
+    @property
+    def host_per_node(self) -> int:
+        """Host bytes of one node (every rank of the node holds its host rows)."""
+        return GPUS_PER_NODE * (self.bytes["host_optimizer"] + self.bytes["host_snapshot"])
+
+    def host_fits(self) -> bool:
+        return self.host_per_node <= HOST_BYTES
 
     @property
     def capacity(self) -> int:
@@ -102,12 +121,20 @@ def _shard(n: int, dp: int, distributed: bool) -> int:
 
 def optimizer_bytes(cfg, sp: StageParams, dp: int, edp: int, part: str = "all") -> tuple[int, int]:
     """(optimizer state bytes, bf16 master bytes) of this rank: Adam moments + masters + steps."""
-    dist_opt = cfg.parallel.distributed_optimizer
+    dist_opt, train = cfg.parallel.distributed_optimizer, cfg.train
     dense, expert = _shard(sp.dense, dp, dist_opt), _shard(sp.expert, edp, dist_opt)
     elems = (dense if part != "expert" else 0) + expert
     tensors = (sp.dense_tensors if part != "expert" else 0) + sp.expert_tensors
-    master = 4 * elems if cfg.model.params_dtype == "bf16" else 0
-    return 8 * elems + master + 4 * tensors, master
+    moments = _BYTES[train.exp_avg_dtype] + _BYTES[train.exp_avg_sq_dtype]
+    master = _BYTES[train.main_params_dtype] * elems if cfg.model.params_dtype == "bf16" else 0
+    return moments * elems + master + 4 * tensors, master
+
+
+def main_param_bytes(cfg, sp: StageParams, dp: int, edp: int, part: str = "all") -> int:
+    """Bytes of the optimizer's main parameters of this rank (masters, or fp32 parameter shards)."""
+    dist_opt = cfg.parallel.distributed_optimizer
+    elems = (_shard(sp.dense, dp, dist_opt) if part != "expert" else 0) + _shard(sp.expert, edp, dist_opt)
+    return (_BYTES[cfg.train.main_params_dtype] if cfg.model.params_dtype == "bf16" else 4) * elems
 
 
 def snapshot_kind(cfg) -> str:
@@ -148,7 +175,15 @@ def activation_bytes(cfg, sp: StageParams, num_micro: int, last_stage: bool) -> 
     inputs = sp.layers * tokens * model.hidden_size * a // (par.tp * par.cp)
     full = in_flight * per_micro + logits
     recompute = in_flight * inputs + max(moe_l, dense_l) + logits
-    return full, recompute
+    # selective (core_attn, moe): a MoE block keeps norm input + its input (2aD) instead of its internals
+    d = model.hidden_size
+    moe_block = tokens * (a * (3 * d + model.moe_router_topk * (d + 4 * model.moe_ffn_hidden_size // par.expert_tp))
+                          + 8 * model.num_experts) // (par.tp * par.cp)
+    if model.shared_expert_ffn_hidden_size:
+        moe_block += tokens * a * (d + 4 * model.shared_expert_ffn_hidden_size // par.tp) // (par.tp * par.cp)
+    kept = tokens * a * 2 * d // (par.tp * par.cp)
+    selective = full - in_flight * sp.moe_layers * (moe_block - kept) + (moe_block if sp.moe_layers else 0)
+    return full, recompute, selective
 
 
 def kv_cache_bytes(cfg, sp: StageParams, dp: int) -> int:
@@ -163,7 +198,7 @@ def stein_bytes(cfg, sp: StageParams) -> int:
     if cfg.rl.algo != "vp2o" or not cfg.vp2o.stein.enabled or not sp.moe_layers:
         return 0
     model, par = cfg.model, cfg.parallel
-    local_grads = 4 * sp.expert
+    local_grads = 4 * math.ceil(sp.expert / sp.moe_layers)  # one layer at a time (equal MoE layers)
     exchange = 0
     if par.ep > 1:
         gate = 2 if model.swiglu else 1
@@ -195,18 +230,27 @@ def plan_rank(cfg, world: int, stage: int | None = None, gpu: str = "h100-80gb",
     pb = _BYTES[cfg.model.params_dtype]
     opt, master = optimizer_bytes(cfg, sp, lay.dp, lay.edp)
     kind = snapshot_kind(cfg)
+    fp32_mains = 0 if cfg.model.params_dtype == "bf16" else 1  # fp32: the mains are the parameter shards
     if kind == "full":
-        snap = sp.total * pb + opt
+        snap = opt + fp32_mains * main_param_bytes(cfg, sp, lay.dp, lay.edp)
     elif kind == "expert":
-        snap = sp.expert * pb + optimizer_bytes(cfg, sp, lay.dp, lay.edp, "expert")[0]
+        snap = optimizer_bytes(cfg, sp, lay.dp, lay.edp, "expert")[0] + \
+            fp32_mains * main_param_bytes(cfg, sp, lay.dp, lay.edp, "expert")
     else:
         snap = 0
-    backtrack = sp.total * pb + master if kind == "full" and cfg.vp2o.trust_region.on_violation == "backtrack" else 0
+    train = cfg.train
+    offload = train.optimizer_offload_fraction if train.optimizer_cpu_offload else 0.0
+    host_opt = int(opt * offload)
+    host_snap = snap if (offload > 0 or cfg.vp2o.trust_region.snapshot == "host") else 0
     micro = math.ceil(cfg.rl.prompts_per_step * cfg.rl.policy_loss.group_size / (lay.dp * cfg.rl.micro_batch_size))
-    act, act_rc = activation_bytes(cfg, sp, micro, stage == par.pp - 1)
-    rows = {"params": sp.total * pb, "grads": sp.total * 4, "optimizer": opt, "tr_snapshot": snap,
-            "backtrack": backtrack, "prototypes": prototype_bytes(cfg, sp), "stein": stein_bytes(cfg, sp),
-            "activations": act, "activations_recompute": act_rc, "kv_cache": kv_cache_bytes(cfg, sp, lay.dp)}
+    act, act_rc, act_sel = activation_bytes(cfg, sp, micro, stage == par.pp - 1)
+    rows = {"params": sp.total * pb, "grads": sp.total * 4, "optimizer": opt - host_opt,
+            "tr_snapshot": snap - host_snap, "backtrack": 0, "prototypes": prototype_bytes(cfg, sp),
+            "stein": stein_bytes(cfg, sp), "activations": act, "activations_recompute": act_rc,
+            "activations_selective": act_sel, "kv_cache": kv_cache_bytes(cfg, sp, lay.dp),
+            "host_optimizer": host_opt, "host_snapshot": host_snap}
+    if recompute is False:
+        recompute = cfg.model.recompute
     layout = (f"world={world} tp={lay.tp} pp={lay.pp} ep={lay.ep} etp={lay.etp} cp={lay.cp} dp={lay.dp} "
               f"edp={lay.edp} stage={stage}")
     return RankPlan(world, layout, sp, rows, recompute, gpu, headroom)

@@ -50,7 +50,10 @@ def test_activation_formula_matches_saved_tensors_on_cpu():
 def test_snapshot_follows_the_algorithm():
     cfg = tiny_cpu()
     vp2o = plan_rank(cfg, 1).bytes
-    assert vp2o["tr_snapshot"] == vp2o["params"] + vp2o["optimizer"]
+    # main params (fp32: the parameters themselves) + optimizer state; never the model params again
+    assert vp2o["tr_snapshot"] == vp2o["params"] + vp2o["optimizer"] and vp2o["backtrack"] == 0
+    bf16 = plan_rank(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, params_dtype="bf16")), 1).bytes
+    assert bf16["tr_snapshot"] == bf16["optimizer"]
     grpo = plan_rank(dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, algo="grpo")), 1).bytes
     assert (grpo["tr_snapshot"], grpo["stein"], grpo["prototypes"], grpo["backtrack"]) == (0, 0, 0, 0)
     tr_off = dataclasses.replace(cfg.vp2o, trust_region=dataclasses.replace(cfg.vp2o.trust_region, enabled=False))
