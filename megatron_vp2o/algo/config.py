@@ -66,6 +66,10 @@ class SteinConfig:
     kernel_bandwidth: str = "median"
     #: Kernel sharpness s: tau is divided by s (1 = the bandwidth rule as stated).
     kernel_sharpness: float = 1.0
+    #: Attraction among co-active neighbours (spec 2.8). False removes exactly that term: each
+    #: active expert keeps its own gradient (plus the repulsion), the co-active / inactive sets
+    #: (and so the repellers) stay as they are.
+    attraction: bool = True
     #: Repulsion weight alpha on dR_i/dW_i (spec 2.8); 0 disables the repulsion.
     repulsion_coef: float = 0.01
     #: Co-active neighbours m per expert (spec 2.7); None = the router's top-k K.
@@ -80,6 +84,7 @@ class SteinConfig:
     def __post_init__(self) -> None:
         s = self.SECTION
         _require_bool(s, "enabled", self.enabled)
+        _require_bool(s, "attraction", self.attraction)
         KERNELS.check(self.kernel, f"{s}.kernel")
         _require(_is_number(self.kernel_tau0) and self.kernel_tau0 > 0, s, "kernel_tau0", "> 0",
                  self.kernel_tau0)

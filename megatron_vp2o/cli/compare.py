@@ -10,7 +10,8 @@ evaluated every ``--eval-every`` responses, so every curve is read at the same r
 whose metrics.jsonl already ends at its budget is not rerun (a study can be resumed or extended).
 ``--report`` writes report.md and PNG plots (`megatron_vp2o.monitor.study`).
 
-Arms: ``grpo`` and ``vp2o``; ``--ablations`` adds one VP2O arm per part turned off (``vp2o-no_stein``,
+Arms: ``grpo`` and ``vp2o``; ``--ablations`` adds one VP2O arm per part turned off (``vp2o-no_stein``
+(m = 0: no attraction and all other experts repel), ``-no_attraction`` (exactly the attraction term),
 ``-no_repulsion``, ``-no_specialization``, ``-no_anchor``, ``-no_behaviour``) and ``vp2o-clip`` (PPO
 clip on). ``--arm NAME=ALGO:k=v,k=v`` adds an arm of your own (the sweep uses it). Tasks:
 ``digit_sum`` (two digits, checkpoints/tiny_policy), ``digit_sum3`` (three digits,
@@ -46,7 +47,8 @@ TASKS = {
 }
 ARMS = {"grpo": ["rl.algo=grpo"], "vp2o": ["rl.algo=vp2o"]}
 ABLATIONS = {
-    "vp2o-no_stein": ["rl.algo=vp2o", "rl.ablate.stein=false"],
+    "vp2o-no_stein": ["rl.algo=vp2o", "rl.ablate.stein=false"],  # m = 0: no attraction AND every other expert repels
+    "vp2o-no_attraction": ["rl.algo=vp2o", "vp2o.stein.attraction=false"],  # exactly the attraction term
     "vp2o-no_repulsion": ["rl.algo=vp2o", "rl.ablate.repulsion=false"],
     "vp2o-no_specialization": ["rl.algo=vp2o", "rl.ablate.specialization=false"],
     "vp2o-no_anchor": ["rl.algo=vp2o", "rl.ablate.anchor_budget=false"],

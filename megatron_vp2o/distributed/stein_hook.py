@@ -53,7 +53,7 @@ def layer_masks(counts_EE, protos_ED, num_tokens, cfg: SteinConfig, top_k: int):
     active_E = active_experts(counts_EE)
     coactive_EE, inactive_EE = neighbour_masks(coactivation_matrix(counts_EE, num_tokens), m)
     kernel_EE = prototype_kernel(protos_ED, **cfg.kernel_args())
-    idx_EM1, w_EM1 = attraction_weights(kernel_EE, coactive_EE, m)
+    idx_EM1, w_EM1 = attraction_weights(kernel_EE, coactive_EE, m if cfg.attraction else 0)  # 0: self only
     return active_E, coactive_EE, inactive_EE, kernel_EE, idx_EM1, w_EM1
 
 

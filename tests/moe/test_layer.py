@@ -107,3 +107,25 @@ def test_hook_relative_change_matches_the_pure_diagnostic():
     rep_EP = torch.where(active_E[:, None], (left @ right).reshape(num_experts, -1), 0.0)
     ref = diagnostics.relative_change(fc2, attracted, rep_EP, 0.01)
     assert torch.allclose(got, torch.stack([ref["attraction"], ref["repulsion"], ref["total"]]), rtol=1e-5)
+
+
+def test_attraction_switch_removes_exactly_the_attraction():
+    """stein.attraction=false: active experts keep their own gradient plus the repulsion, with the
+    same co-active / inactive sets (so the same repellers) as with the attraction on."""
+    from megatron_vp2o.algo.config import SteinConfig
+    from megatron_vp2o.algo.prototypes import normalize
+    from megatron_vp2o.distributed.stein_hook import layer_masks, transport_rows
+
+    gen = torch.Generator().manual_seed(2)
+    counts_EE = torch.randint(0, 5, (8, 8), generator=gen).float()
+    counts_EE = counts_EE + counts_EE.T
+    counts_EE[5] = counts_EE[:, 5] = 0.0
+    protos_ED = normalize(torch.randn(8, 16, generator=gen))
+    fc2 = torch.randn(8, 12, generator=gen)
+    left, right = torch.randn(8, 3, 2, generator=gen), torch.randn(8, 2, 4, generator=gen)
+    on = layer_masks(counts_EE, protos_ED, 64.0, SteinConfig(), 2)
+    off = layer_masks(counts_EE, protos_ED, 64.0, SteinConfig(attraction=False), 2)
+    assert all(torch.equal(a, b) for a, b in zip(on[:4], off[:4]))  # active, co-active, inactive, kernel
+    out, _ = transport_rows(fc2, off[4], off[5], off[0], torch.tensor(True), (left, right), 0.01)
+    expected = torch.where(off[0][:, None], fc2 + 0.01 * (left @ right).reshape(8, -1), 0.0)
+    assert torch.allclose(out, expected, atol=1e-6)
