@@ -116,6 +116,27 @@ def expert_shares(
     }
 
 
+def ratio_quantiles(
+    logp_BT: torch.Tensor, logp_old_BT: torch.Tensor, mask_BT: torch.Tensor
+) -> Dict[str, torch.Tensor]:
+    """Per-token importance ratio pi / pi_old over valid tokens: p50, p99 (nearest rank) and max.
+
+    What the clip bounds and VP2O's average-drift budget does not; static shapes (a sort over all
+    tokens, masked ones sent to +inf, the rank read from the valid count). 1.0 with no valid token.
+    """
+    valid = mask_BT.to(torch.bool).reshape(-1)
+    ratio = torch.exp((logp_BT - logp_old_BT).to(torch.float32)).reshape(-1)
+    values = torch.sort(torch.where(valid, ratio, float("inf"))).values
+    count = valid.sum()
+
+    def rank(q: float) -> torch.Tensor:
+        idx = (torch.ceil(q * count.to(torch.float32)) - 1).clamp_min(0).to(torch.long)
+        picked = values.gather(0, idx.reshape(1)).reshape(())
+        return torch.where(count > 0, picked, 1.0)
+
+    return {"p50": rank(0.5), "p99": rank(0.99), "max": rank(1.0)}
+
+
 def relative_change(
     grads_EP: torch.Tensor,
     attracted_EP: torch.Tensor,

@@ -122,7 +122,7 @@ def check_rl_layout(cfg, layout: Layout) -> None:
 def preflight_train(args):
     cfg = load_run_config(args.config, args.overrides)
     check_out_dir(args.out)
-    layout = check_layout(cfg, world_size())
+    layout = check_layout(cfg, world_size(), sft_batch=False)  # RL reads rl.*, never train.global_batch_size
     check_rl_layout(cfg, layout)
     check_tokenizer(cfg)
     check_prompts(cfg.rl.prompts, "rl.prompts")
@@ -142,7 +142,9 @@ def preflight_train(args):
 def preflight_sft(args):
     cfg = load_run_config(args.config, args.overrides)
     check_out_dir(args.out)
-    check_layout(cfg, world_size())
+    check_layout(cfg, world_size(), sft_batch=True)
+    if cfg.parallel.cp > 1:
+        raise ConfigError("parallel.cp > 1 is not supported by `vp2o sft` yet; set parallel.cp=1")
     check_tokenizer(cfg)
     check_sft_data(cfg.data.path)
     if cfg.checkpoint.load is not None:

@@ -160,7 +160,7 @@ def run_generate(args) -> int:
     cfg = _config(args, ckpts)
     for found in ckpts:  # the saved model config against ours, before any tensor is loaded
         check_same_model(found, cfg.model, "--ckpt")
-    check_layout(cfg, world_size_from_env())
+    check_layout(cfg, world_size_from_env(), sft_batch=False)
     benchmarks = load_benchmarks(args.task, args.data, _templates(args))
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     for bench in benchmarks:  # fail before any process group exists

@@ -33,8 +33,10 @@ def _need(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
-def check_layout(cfg, world_size: int) -> Layout:
-    """Validate ``cfg.parallel`` / ``cfg.model`` / ``cfg.train`` for ``world_size`` ranks."""
+def check_layout(cfg, world_size: int, sft_batch: bool = True) -> Layout:
+    """Validate ``cfg.parallel`` / ``cfg.model`` / ``cfg.train`` for ``world_size`` ranks. ``sft_batch``:
+    also ``train.global_batch_size`` against micro-batch x data-parallel size, which only supervised
+    training (``vp2o sft``) reads; RL and evaluation pass False (their batches are ``rl.*``)."""
     par, model, train = cfg.parallel, cfg.model, cfg.train
     tp, pp, ep, cp, etp = par.tp, par.pp, par.ep, par.cp, par.expert_tp
     _need(model.num_experts % ep == 0,
@@ -59,9 +61,9 @@ def check_layout(cfg, world_size: int) -> Layout:
     dp = world_size // (tp * pp * cp)
     edp = world_size // (etp * ep * pp)
     per_step = train.micro_batch_size * dp
-    _need(train.global_batch_size % per_step == 0,
+    _need(not sft_batch or train.global_batch_size % per_step == 0,
           f"train.global_batch_size={train.global_batch_size} must be a multiple of train.micro_batch_size x "
           f"data-parallel size = {train.micro_batch_size} x {dp} = {per_step}")
     _need(model.seq_length % (tp * cp * 2 if cp > 1 else tp) == 0,
           f"model.seq_length={model.seq_length} must be divisible by parallel.tp (x 2 x cp with context parallel)")
-    return Layout(world_size, tp, pp, ep, etp, cp, dp, edp, sp, train.global_batch_size // per_step)
+    return Layout(world_size, tp, pp, ep, etp, cp, dp, edp, sp, max(1, train.global_batch_size // per_step))

@@ -54,11 +54,12 @@ def seed_everything(seed: int) -> None:
     model_parallel_cuda_manual_seed(seed)
 
 
-def init_parallel(cfg, seed: int | None = None) -> Layout:
-    """Validate the layout, start the process group and megatron's parallel state; returns sizes."""
+def init_parallel(cfg, seed: int | None = None, sft_batch: bool = True) -> Layout:
+    """Validate the layout (``sft_batch``: see ``check_layout``), start the process group and megatron's
+    parallel state; returns sizes."""
     from megatron.core import parallel_state
 
-    layout = check_layout(cfg, world_size_from_env())
+    layout = check_layout(cfg, world_size_from_env(), sft_batch)
     init_process_group()
     par: ParallelConfig = cfg.parallel
     if not parallel_state.model_parallel_is_initialized():

@@ -74,7 +74,7 @@ def evaluate_checkpoints(cfg, ckpts: list[str], benchmarks: list[Benchmark], sam
     from megatron_vp2o.model import build_gpt, transformer_config
 
     tokenizer = load_tokenizer(cfg.data.tokenizer)
-    init_parallel(cfg)
+    init_parallel(cfg, sft_batch=False)  # evaluation reads no train.* batch
     model = build_gpt(cfg.model, transformer_config(cfg.model, cfg.parallel))
     out = []
     for path in ckpts:

@@ -133,6 +133,7 @@ CASES = {
     "kernel_spread": (diagnostics.kernel_spread, (X["kernel"],)),
     "expert_shares": (diagnostics.expert_shares, (X["counts"].diagonal() > 0, X["coactive"],
                                                   X["inactive"])),
+    "ratio_quantiles": (diagnostics.ratio_quantiles, (X["logp"], X["logp_old"], X["mask_bt"])),
     "relative_change": (diagnostics.relative_change, (X["grads"], -X["grads"], X["grads"], 0.1)),
     "transport_norms": (diagnostics.transport_norms, (X["grads"], -X["grads"], X["grads"], 0.1)),
 }

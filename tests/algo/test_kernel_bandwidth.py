@@ -122,3 +122,13 @@ def test_relative_change_analytic():
     assert out["attraction"].item() == pytest.approx(0.2) and out["repulsion"].item() == pytest.approx(0.2)
     assert out["total"].item() == pytest.approx(math.sqrt(2) / 5)
     assert set(dg.relative_change(g, g)) == {"attraction", "total"} and dg.relative_change(g, g)["total"] == 0
+
+
+def test_ratio_quantiles_analytic():
+    ratios = torch.tensor([[1.0, 2.0, 4.0, 100.0], [0.5, 1.5, 3.0, 8.0]])
+    mask = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    q = dg.ratio_quantiles(ratios.log(), torch.zeros(2, 4), mask)
+    # valid sorted: .5 1 1.5 2 3 4 8 (n = 7): p50 = rank 4 = 2, p99 = rank 7 = 8, max = 8 (100 masked)
+    assert [q[k].item() for k in ("p50", "p99", "max")] == pytest.approx([2.0, 8.0, 8.0])
+    none = dg.ratio_quantiles(ratios.log(), torch.zeros(2, 4), torch.zeros(2, 4, dtype=torch.bool))
+    assert none["max"].item() == 1.0
