@@ -83,6 +83,7 @@ class RankPlan:
     recompute: "bool | str" = False  # activations in peak: none/False, full/True or selective
     gpu: str = "h100-80gb"
     headroom: float = 0.1
+    cfg: object = None  # the config planned
 
     @property
     def peak(self) -> int:
@@ -253,4 +254,4 @@ def plan_rank(cfg, world: int, stage: int | None = None, gpu: str = "h100-80gb",
         recompute = cfg.model.recompute
     layout = (f"world={world} tp={lay.tp} pp={lay.pp} ep={lay.ep} etp={lay.etp} cp={lay.cp} dp={lay.dp} "
               f"edp={lay.edp} stage={stage}")
-    return RankPlan(world, layout, sp, rows, recompute, gpu, headroom)
+    return RankPlan(world, layout, sp, rows, recompute, gpu, headroom, cfg)

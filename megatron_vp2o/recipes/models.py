@@ -107,7 +107,7 @@ def qwen3_30b_a3b(nodes: int = 2, ckpt: str = "/checkpoints/qwen3-30b-a3b") -> C
     """RL of Qwen3-30B-A3B on ``nodes`` x 8 H100 (1, 2 or 4); ``ckpt`` holds ``hf/`` and ``mcore/``."""
     parallel = _layout("qwen3_30b_a3b", QWEN3_LAYOUTS, nodes)
     dp = nodes * GPUS_PER_NODE // (parallel.tp * parallel.pp * parallel.cp)
-    return Config(
+    return fitted(Config(
         model=qwen3_30b_a3b_model(), parallel=parallel,
         train=TrainConfig(steps=500, micro_batch_size=1, global_batch_size=dp, lr=1e-6, min_lr=1e-6, warmup_steps=0,
                           weight_decay=0.01, clip_grad=1.0, seed=1234),
@@ -115,14 +115,14 @@ def qwen3_30b_a3b(nodes: int = 2, ckpt: str = "/checkpoints/qwen3-30b-a3b") -> C
         checkpoint=CheckpointConfig(every=20),
         logging=LoggingConfig(progress=False, wandb=True, wandb_project="vp2o-qwen3-30b-a3b"),
         rl=_rl_config(nodes, ckpt, prompts_per_step=64, max_new_tokens=3072),
-    )
+    ), "qwen3_30b_a3b", nodes)
 
 
 def paper_33b_a4b(nodes: int = 8, ckpt: str = "/checkpoints/qwen3-moe-33b-a4b") -> Config:
     """The paper's 33B/4B MoE on ``nodes`` x 8 H100 (8 or 16)."""
     parallel = _layout("paper_33b_a4b", PAPER_LAYOUTS, nodes)
     dp = nodes * GPUS_PER_NODE // (parallel.tp * parallel.pp * parallel.cp)
-    return Config(
+    return fitted(Config(
         model=paper_33b_a4b_model(), parallel=parallel,
         train=TrainConfig(steps=1000, micro_batch_size=1, global_batch_size=dp, lr=1e-6, min_lr=1e-6,
                           warmup_steps=0, weight_decay=0.01, clip_grad=1.0, seed=1234),
@@ -130,7 +130,33 @@ def paper_33b_a4b(nodes: int = 8, ckpt: str = "/checkpoints/qwen3-moe-33b-a4b") 
         checkpoint=CheckpointConfig(every=50),
         logging=LoggingConfig(progress=False, wandb=True, wandb_project="vp2o-33b"),
         rl=_rl_config(nodes, ckpt, prompts_per_step=128, max_new_tokens=4096),
-    )
+    ), "paper_33b_a4b", nodes)
+
+
+#: Memory settings that make each layout fit 80 GB with 10% headroom at VP2O <= 1.10 x GRPO
+#: (`vp2o plan`, docs/cluster.md): activation recompute, the trust-region snapshot on the host, and on
+#: one node Adam on the host (megatron's HybridDeviceOptimizer; the snapshot follows it).
+MEMORY = {
+    ("qwen3_30b_a3b", 1): dict(recompute="full", snapshot="host", optimizer_cpu_offload=True),
+    ("qwen3_30b_a3b", 2): dict(recompute="full", snapshot="host"),
+    ("qwen3_30b_a3b", 4): dict(recompute="full", snapshot="host"),
+    ("paper_33b_a4b", 8): dict(recompute="full", snapshot="host"),
+    ("paper_33b_a4b", 16): dict(recompute="selective", snapshot="host"),
+}
+
+
+def fitted(cfg: Config, name: str, nodes: int) -> Config:
+    """``cfg`` with the layout's memory settings (`MEMORY`)."""
+    import dataclasses
+
+    mem = MEMORY.get((name, nodes))
+    if not mem:
+        return cfg
+    tr = dataclasses.replace(cfg.vp2o.trust_region, snapshot=mem["snapshot"])
+    return dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, recompute=mem["recompute"]),
+        train=dataclasses.replace(cfg.train, optimizer_cpu_offload=mem.get("optimizer_cpu_offload", False)),
+        vp2o=dataclasses.replace(cfg.vp2o, trust_region=tr))
 
 
 RECIPES = {"tiny_cpu": tiny_cpu, "qwen3_30b_a3b": qwen3_30b_a3b, "paper_33b_a4b": paper_33b_a4b}

@@ -10,6 +10,7 @@ the plan's, not hand arithmetic.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from megatron_vp2o.plan import model_params, plan_rank
@@ -22,12 +23,15 @@ GIB = float(1 << 30)
 def _memory_lines(name: str, nodes: int, plan) -> str:
     rows = plan.bytes
     g = {k: f"{v / GIB:.1f}" for k, v in rows.items()}
+    grpo = plan_rank(dataclasses.replace(plan_cfg := plan.cfg, rl=dataclasses.replace(plan_cfg.rl, algo="grpo")),
+                     plan.world)
     return f"""Memory per rank, busiest stage (`vp2o plan --recipe {name} --nodes {nodes}`; rows: megatron_vp2o/plan/memory.py),
-GiB: params {g['params']}, grads {g['grads']} (fp32), optimizer {g['optimizer']} (distributed: fp32 master + 2 Adam moments),
-trust-region snapshot {g['tr_snapshot']} (counted), backtrack copy {g['backtrack']} (transient), prototypes {g['prototypes']},
-Stein buffers {g['stein']}, activations {g['activations']} / {g['activations_recompute']} with full recompute, KV cache {g['kv_cache']}.
-Peak {plan.peak_bytes(False) / GIB:.1f} GiB without recompute, {plan.peak_bytes(True) / GIB:.1f} GiB with full recompute; fits H100 80GB
-(10% headroom): {'yes' if plan.fits(False) else 'no'} / {'yes' if plan.fits(True) else 'no'} (vp2o train has no recompute switch yet)."""
+GiB: params {g['params']}, grads {g['grads']} (fp32), optimizer {g['optimizer']} on the GPU + {g['host_optimizer']} on the host,
+trust-region snapshot {g['tr_snapshot']} on the GPU + {g['host_snapshot']} on the host (main params + optimizer state), prototypes {g['prototypes']},
+Stein buffers {g['stein']} (one layer), activations {g['activations']} / {g['activations_selective']} selective / {g['activations_recompute']} full recompute,
+KV cache {g['kv_cache']}. Settings: model.recompute={plan_cfg.model.recompute}, vp2o.trust_region.snapshot={plan_cfg.vp2o.trust_region.snapshot},
+train.optimizer_cpu_offload={str(plan_cfg.train.optimizer_cpu_offload).lower()}. Peak {plan.peak / GIB:.1f} GiB (GRPO, same settings: {grpo.peak / GIB:.1f}; \
+ratio {plan.peak / grpo.peak:.3f}); fits H100 80GB (10% headroom): {'yes' if plan.fits() else 'no'}; host {plan.host_per_node / GIB:.0f} GiB per node of 2 TB."""
 
 
 def qwen3_text(nodes: int) -> str:
