@@ -217,6 +217,21 @@ def plot_utilisation(runs, path: Path) -> bool:
     return _heatmaps(panels, path, "Expert utilisation (fraction of routed tokens)", "fraction")
 
 
+def plot_stein(runs, path: Path) -> bool:
+    """Heatmaps layers x steps (mean over seeds) of whether the Stein parts act (issue 21): relative
+    change of the gradient by the attraction and by the repulsion, kernel spread (min, median, max
+    off-diagonal k) and the shares of experts co-active / inactive."""
+    panels = []
+    for group, members in _groups(runs).items():
+        for name in ("rel_change_attraction", "rel_change_repulsion", "kernel_min", "kernel_median", "kernel_max",
+                     "share_coactive", "share_inactive"):
+            keys = _keys(members, rf"stein/{name}/layer\d+")
+            steps, mat = _matrix(members, keys) if keys else ([], None)
+            if steps:
+                panels.append((f"{group}: {name}", steps, mat, [k.rsplit("/", 1)[1] for k in keys]))
+    return _heatmaps(panels, path, "Stein transport per layer: relative change, kernel spread, expert shares", "value")
+
+
 def plot_decisions(runs, path: Path) -> bool:
     import matplotlib.pyplot as plt
 
@@ -263,6 +278,9 @@ def write_plots(run_dirs: list[str | Path], out: str | Path) -> list[tuple[str, 
          lambda p: _line_panels(runs, ["vp2o/d_anc", "vp2o/drift", "vp2o/ess", "vp2o/refreshes"], p, "Trust region",
                                 {"vp2o/d_anc": th["anchor_delta"], "vp2o/drift": th["drift_delta"],
                                  "vp2o/ess": th["ess_min"]})),
+        ("stein.png", "Stein transport per layer: ||attraction - raw|| / ||raw||, ||alpha dR/dW|| / ||raw||, kernel "
+         "spread (min / median / max off-diagonal k), shares of experts co-active / inactive (mean over seeds)",
+         lambda p: plot_stein(runs, p)),
         ("decisions.png", "Trust-region decisions and rollout refreshes per step", lambda p: plot_decisions(runs, p)),
     ]
     written = [(name, caption) for name, caption, draw in figures if draw(out / name)]
