@@ -9,7 +9,8 @@ before a release. It runs:
    rises, no skipped step); the same under ``torchrun --nproc-per-node 1`` (NCCL); rollouts on CUDA
    whose log-probs equal a teacher-forced forward; the Transformer Engine spec (``te_grouped``)
    building the tiny model with SFT steps and a VP2O step; CUDA-graph capture and replay of the
-   Stein hook's tensor work;
+   Stein hook's tensor work; ``torch.cuda.max_memory_allocated`` of a tiny VP2O and GRPO
+   learner step against `vp2o plan`'s peak, printed as a ratio (tests/gpu/test_memory_plan.py);
 2. ``bench/bench_step.py --quick`` on the GPU: the VP2O / GRPO learner-step ratio and the model
    FLOP utilisation of each.
 
