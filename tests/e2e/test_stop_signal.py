@@ -60,11 +60,14 @@ def test_signal_to_every_rank_checkpoints_the_step_and_resume_is_exact(tmp_path,
                            start_new_session=True)
     try:
         deadline = time.time() + 300
-        while time.time() < deadline and _steps_logged(cut) < STOP_AT - 1 and run.poll() is None:
-            time.sleep(0.02)
-        time.sleep(0.3)  # step STOP_AT - 1 has passed its stop check: the signal lands in step STOP_AT
+        while time.time() < deadline and _steps_logged(cut) < 1 and run.poll() is None:
+            time.sleep(0.05)
         ranks = _children(run.pid)
         assert len(ranks) == 2, ranks
+        while time.time() < deadline and _steps_logged(cut) < STOP_AT - 1 and run.poll() is None:
+            time.sleep(0.002)
+        # step STOP_AT - 1 is logged, and its stop check follows within a millisecond; a step takes >= 0.25 s
+        time.sleep(0.03)  # so the signal lands in step STOP_AT
         for pid in ranks:  # every rank, not torchrun
             os.kill(pid, sig)
         _, err = run.communicate(timeout=300)
