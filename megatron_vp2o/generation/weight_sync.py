@@ -1,0 +1,154 @@
+"""Streamed weight refresh: the learner's weights, from any TP/PP/EP layout, into a rollout engine.
+
+What: :class:`WeightSync` turns the learner's model chunks into the architecture's Hugging Face tensors with
+the project's one HF mapping (:func:`megatron_vp2o.checkpoint.hf.stream.hf_tensors`, also behind
+``vp2o convert mcore-to-hf``), groups them in buckets of at most ``bucket_bytes`` and hands the buckets to
+the engine (:meth:`VLLMEngine.load_weights`), which pushes them one of two ways:
+
+* workers in this process (CPU, and GPU with vLLM TP = 1): :func:`reload_in_process`, one
+  ``worker.model_runner.reload_weights(weights_iterator=...)`` through ``llm.collective_rpc`` over a lazy
+  iterator of the buckets, so the buckets are produced while vLLM consumes them (vLLM buffers each layer
+  until all of its tensors arrived, then processes and copies it in place; module ``load_weights`` alone
+  does not reach the CPU backend's packed expert weights);
+* workers in other processes (GPU, vLLM TP > 1): :class:`IPCSender`, vLLM's weight-transfer API
+  (``start_weight_update`` / ``update_weights`` per bucket with CUDA IPC handles / ``finish_weight_update``).
+  CUDA IPC cannot open a handle in the process that made it, hence the in-process path above for TP = 1.
+  It can only run on GPU (``make gpu-check``); nothing on CPU reaches it.
+
+Every refresh checks that exactly the model's HF tensors went out (a skipped or partial refresh raises,
+:class:`WeightSyncError`), bumps the engine's weight version and returns ``timing/weight_sync`` (seconds),
+``rollout/weight_version`` and ``rollout/weight_sync_mib``.
+Why: the engine must sample from the learner's current policy; streaming in buckets keeps the extra memory
+at one bucket (plus one parameter's gathered tensor) instead of a full model copy.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from megatron_vp2o.checkpoint.hf import mapping, stream
+
+
+class WeightSyncError(RuntimeError):
+    """The engine did not receive exactly the model's tensors."""
+
+
+def _reload(worker, weights) -> None:  # runs on the vLLM worker (collective_rpc passes the worker first)
+    layers: set[str] = set()
+
+    def named(pairs):
+        for name, t in pairs:
+            layers.add(".".join(name.split(".")[:3]) + ".")  # model.layers.L.
+            yield name, t
+
+    worker.model_runner.reload_weights(weights_iterator=named(weights))
+    _repack_cpu_experts(worker.model_runner.model, layers)
+
+
+def _repack_cpu_experts(model, layers: set[str]) -> None:
+    """vLLM 0.32 re-runs a fused-MoE layer's weight processing on reload but skips the experts' own step on
+    a weight update (``_setup_kernel``: only the first load calls ``fused_experts.process_weights_after_loading``),
+    which on CPU is the prepacking into the grouped-GEMM layout: the reloaded experts stay unpacked and the
+    CPU kernel reads them as packed (wrong logits). Run that step for the MoE layers this reload touched."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return
+    for name, module in model.named_modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if experts is not None and any(name.startswith(p) for p in layers):
+            experts.process_weights_after_loading(module)
+
+
+def reload_in_process(llm, buckets) -> int:
+    """Push ``buckets`` into in-process workers with one ``reload_weights``; returns the tensor count."""
+    count = [0]
+
+    def pairs():
+        for bucket in buckets:
+            for pair in bucket:
+                count[0] += 1
+                yield pair
+
+    llm.collective_rpc(_reload, args=(pairs(),))
+    return count[0]
+
+
+class IPCSender:
+    """GPU, workers in other processes: vLLM's weight-transfer API over CUDA IPC, one update per bucket.
+    The bucket's tensors stay referenced until ``finish_weight_update`` returns (vLLM may defer a layer's
+    processing until its last tensor arrived)."""
+
+    def __init__(self, llm):
+        self.llm = llm
+        if not getattr(llm, "_vp2o_ipc_ready", False):
+            llm.collective_rpc("init_weight_transfer_engine", args=({"packed": False},))
+            llm._vp2o_ipc_ready = True
+
+    def send(self, buckets) -> int:
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
+        self.llm.collective_rpc("start_weight_update")
+        keep, n = [], 0
+        for bucket in buckets:
+            names, dtypes, shapes, handles = [], [], [], []
+            for name, t in bucket:
+                w = t.detach().contiguous()
+                keep.append(w)
+                names.append(name)
+                dtypes.append(str(w.dtype).split(".")[-1])
+                shapes.append(list(w.shape))
+                handles.append({uuid: reduce_tensor(w)[1]})
+            torch.cuda.synchronize()
+            self.llm.collective_rpc("update_weights", args=(dict(names=names, dtype_names=dtypes, shapes=shapes,
+                                                                 ipc_handles=handles),))
+            n += len(names)
+        self.llm.collective_rpc("finish_weight_update")
+        del keep
+        torch.cuda.ipc_collect()
+        return n
+
+
+class WeightSync:
+    """Refresh ``engine`` from the learner's ``chunks`` (bare GPTModel chunks of this rank); collective over
+    the model-parallel groups: every rank calls it at the same time."""
+
+    def __init__(self, engine, chunks: list, cfg, bucket_bytes: int | None = None, arch=None):
+        from megatron_vp2o.checkpoint.convert_hf import shards_of
+
+        self.engine, self.chunks, self.cfg = engine, list(chunks), cfg
+        self.arch = arch or engine.arch
+        self.bucket_bytes = bucket_bytes or engine.config.bucket_bytes
+        self.shards = [shards_of(c, cfg) for c in self.chunks]
+        self.expected = mapping.expected_hf_shapes(self.arch, cfg.model)
+        self.groups = stream.Groups.from_parallel_state()
+
+    def tensors(self):
+        return stream.hf_tensors(self.chunks, self.shards, self.arch, self.cfg.model.vocab_size, self.groups)
+
+    def __call__(self, tensors=None) -> dict:
+        """One refresh; ``tensors`` replaces the learner's stream (tests: a partial refresh must raise)."""
+        start = time.perf_counter()
+        seen: dict[str, tuple] = {}
+        held = [0]
+
+        def checked():
+            for name, t in (self.tensors() if tensors is None else tensors):
+                if name in seen:
+                    raise WeightSyncError(f"weight refresh: '{name}' sent twice")
+                seen[name] = tuple(t.shape)
+                held[0] += t.numel() * t.element_size()
+                yield name, t
+
+        with torch.no_grad():
+            self.engine.load_weights(stream.buckets(checked(), self.bucket_bytes))
+        try:
+            mapping.check_hf_tensors(seen, self.expected, "weight refresh")
+        except mapping.ConversionError as exc:
+            raise WeightSyncError(str(exc)) from None
+        return {"timing/weight_sync": time.perf_counter() - start, "rollout/weight_version": self.engine.weight_version,
+                "rollout/weight_sync_mib": held[0] / (1 << 20)}
