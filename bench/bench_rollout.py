@@ -11,7 +11,14 @@ Why: rollouts dominate an RL step's wall time; the goal is to be no slower than 
 The megatron engine also logs per-layer routing (a forward hook) and behaviour log-probs, which HF
 does not, so the comparison is conservative. CPU only here; on GPU the numbers differ in kind.
 
-Usage: python bench/bench_rollout.py [--quick] [--threads N]   (--quick finishes in < 60 s)
+``--vllm`` (run it with vLLM installed: ``.venv-vllm/bin/python bench/bench_rollout.py --vllm --threads 2``,
+see ``make test-vllm``) measures the vLLM engine against the megatron engine instead, issue 20's shape:
+random Qwen3-MoE-shaped weights (4 layers, hidden 128, head_dim 32, 8 experts top-2, qk-norm, fp32) built in
+megatron and pushed into vLLM by the weight refresh, batch 64, prompts of 128 tokens with 128 sampled
+tokens and 512 with 512 (temperature 1, no stop ids: every sequence runs to the end), the same threads;
+tokens/s counts new tokens.
+
+Usage: python bench/bench_rollout.py [--quick] [--threads N] [--vllm]   (--quick finishes in < 60 s)
 
 Shape legend: B sequences, P prompt length, T new tokens, D hidden, E experts, K top-k.
 """
@@ -81,13 +88,68 @@ def time_hf(model, ids_BP, t: int) -> float:
     return (out.shape[1] - ids_BP.shape[1]) * ids_BP.shape[0] / (time.perf_counter() - t0)
 
 
+VLLM_SHAPE = dict(SHAPE, num_layers=4, hidden_size=128, moe_ffn_hidden_size=128, ffn_hidden_size=256, seq_length=1024)
+
+
+def vllm_column(threads: int, batch: int = 64, shapes=((128, 128), (512, 512))) -> dict:
+    """tokens/s of the megatron engine and the vLLM engine on the same weights (see the module doc)."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_vp2o.config import Config, build
+    from megatron_vp2o.distributed.init import init_parallel
+    from megatron_vp2o.generation import MegatronEngine, SamplingConfig
+    from megatron_vp2o.generation.vllm_engine import VLLMConfig, VLLMEngine
+    from megatron_vp2o.generation.weight_sync import WeightSync
+    from megatron_vp2o.model import build_gpt, transformer_config
+
+    cfg = build(Config, {"model": VLLM_SHAPE, "train": {"seed": 0}})
+    if not ps.model_parallel_is_initialized():
+        init_parallel(cfg)
+    model = build_gpt(cfg.model, transformer_config(cfg.model, cfg.parallel)).eval()
+    vocab = VLLM_SHAPE["vocab_size"]
+    engines = {"megatron": MegatronEngine(model, pad_id=0, vocab_size=vocab),
+               "vllm": VLLMEngine(cfg.model, pad_id=0, vocab_size=vocab, config=VLLMConfig(max_num_seqs=batch))}
+    sync = WeightSync(engines["vllm"], [model], cfg)()
+    torch.set_num_threads(threads)
+    print(f"\nvLLM vs megatron engine: batch {batch}, fp32, temperature 1, {threads} thread(s), weights pushed in "
+          f"{sync['timing/weight_sync']:.2f} s; new tokens/s")
+    print(f"{'prompt':>6} | {'new':>4} | {'megatron':>9} | {'vLLM':>9} | {'vLLM/megatron':>13}")
+    out = {}
+    for p, t in shapes:
+        ids = prompts_BP(batch, p).tolist()
+        tps = {}
+        for name, eng in engines.items():
+            eng.generate(ids[:4], SamplingConfig(max_new_tokens=4, seed=1))  # warm-up at this prompt length
+            runs = []
+            for rep in range(1 if (name == "megatron" and p >= 512) else 2):
+                t0 = time.perf_counter()
+                r = eng.generate(ids, SamplingConfig(max_new_tokens=t, seed=rep))
+                runs.append(float(r.response_mask_BT.sum()) / (time.perf_counter() - t0))
+            tps[name] = max(runs)
+        out[(p, t)] = tps
+        ratio = tps["vllm"] / tps["megatron"]
+        print(f"{p:>6} | {t:>4} | {tps['megatron']:>9.0f} | {tps['vllm']:>9.0f} | {ratio:>13.2f}", flush=True)
+    engines["vllm"].close()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer tokens, best of two (< 60 s)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--vllm", action="store_true", help="vLLM engine vs megatron engine (needs vLLM)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.vllm:
+        from megatron_vp2o import platform
+
+        platform.activate()
+        vllm_column(args.threads)
+        from megatron_vp2o.distributed.init import shutdown
+
+        shutdown()
+        return
     t_new, repeats = (16, 2) if args.quick else (64, 3)
     variants = [("fp32, megatron SequentialMLP (expert_impl=sequential, the CPU default)", {}, torch.float32),
                 ("bf16, megatron GroupedMLP (expert_impl=grouped: one grouped GEMM per projection, the "

@@ -46,6 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
+from megatron_vp2o import platform
 from megatron_vp2o.generation.rollouts import Rollouts, left_pad, positions_from_pads
 from megatron_vp2o.generation.sampling import SamplingConfig
 
@@ -89,15 +90,24 @@ def _dp_rank() -> int:
 
 
 @contextlib.contextmanager
-def _keep_torch_threads():
-    """vLLM's CPU worker replaces ``torch.set_num_threads`` with a no-op and drops the process to one
-    thread while it starts; in-process that would be the trainer's setting too: restore both."""
+def _keep_process_state():
+    """In-process, vLLM's start-up would change the trainer's process: its CPU worker replaces
+    ``torch.set_num_threads`` with a no-op and drops to one thread, and it seeds python's, numpy's and
+    torch's global generators with its ``seed``. Restore all of them."""
+    import random
+
+    import numpy as np
+
     set_threads, threads = torch.set_num_threads, torch.get_num_threads()
+    py_state, np_state = random.getstate(), np.random.get_state()
     try:
-        yield
+        with torch.random.fork_rng(devices=[]):
+            yield
     finally:
         torch.set_num_threads = set_threads
         torch.set_num_threads(threads)
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 def hf_architecture(model_cfg, arch=None):
@@ -144,7 +154,7 @@ class VLLMEngine:
                 kwargs["enable_return_routed_experts"] = True
         else:
             kwargs.update(kv_cache_memory_bytes=c.kv_cache_bytes)
-        with _keep_torch_threads():
+        with _keep_process_state():
             self.llm = LLM(**kwargs)
         self.num_model_vocab = int(hf_config["vocab_size"])
 
@@ -215,7 +225,7 @@ class VLLMEngine:
         requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
         params = ([self.sampling_params(sampling, i) for i in range(len(prompts))] if cuda()
                   else self.sampling_params(sampling))
-        with self._seeded(sampling):
+        with self._seeded(sampling), platform.native():  # CPU: no device-rewriting mode on vLLM's hot path
             outs = self.llm.generate(requests, params, use_tqdm=False)
         return self._rollouts(prompts, [o.outputs[0] for o in outs], sampling)
 

@@ -72,3 +72,4 @@ def test_sampling_settings_map_one_to_one(res):
 
 def test_seeded_generation_repeats_and_leaves_trainer_rng_alone(res):
     assert res["seed_repeats"] and res["seed_differs"] and res["rng_untouched"]
+    assert res["start_keeps_rng_and_threads"]  # in-process start-up leaves the trainer's process as it was

@@ -58,9 +58,11 @@ def checks(payload) -> dict:
     cfg, model = build()
     out: dict = {"head_dim": cfg.model.hidden_size // cfg.model.num_attention_heads}
     t0 = time.perf_counter()
+    rng = torch.get_rng_state()
     engine = VLLMEngine(cfg.model, pad_id=0, vocab_size=cfg.model.vocab_size,
                         config=VLLMConfig(kv_cache_bytes=64 << 20))
     out["engine_start_s"] = time.perf_counter() - t0
+    out["start_keeps_rng_and_threads"] = torch.equal(rng, torch.get_rng_state()) and torch.get_num_threads() == 2
     sync = WeightSync(engine, [model], cfg, bucket_bytes=1 << 20)  # ~7 MiB of fp32 weights: several buckets
     first = sync()
     out["sync"] = first
