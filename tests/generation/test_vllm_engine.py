@@ -73,3 +73,9 @@ def test_sampling_settings_map_one_to_one(res):
 def test_seeded_generation_repeats_and_leaves_trainer_rng_alone(res):
     assert res["seed_repeats"] and res["seed_differs"] and res["rng_untouched"]
     assert res["start_keeps_rng_and_threads"]  # in-process start-up leaves the trainer's process as it was
+
+
+def test_one_engine_per_data_parallel_rank():
+    out = run_world(2, "generation.worlds_vllm:data_parallel", {}, timeout_s=600)
+    assert out["dp_ranks"] == [0, 1] and out["samples_differ"]
+    assert out["max_diff"] < TOL, out

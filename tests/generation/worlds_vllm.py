@@ -164,3 +164,33 @@ def checks(payload) -> dict:
     out["weight_version"] = engine.weight_version
     engine.close()
     return out
+
+
+def data_parallel(payload) -> dict:
+    """Two data-parallel ranks, one engine each (colocated): every rank refreshes its own engine and samples
+    its own prompts; its log-probs match its learner's, and the ranks' samples differ (seed offset per rank)."""
+    import torch.distributed as dist
+
+    from megatron_vp2o.generation import SamplingConfig
+    from megatron_vp2o.generation.megatron_engine import teacher_forced_logprobs
+    from megatron_vp2o.generation.vllm_engine import VLLMConfig, VLLMEngine
+    from megatron_vp2o.generation.weight_sync import WeightSync
+
+    torch.set_num_threads(1)
+    cfg, model = build()
+    engine = VLLMEngine(cfg.model, pad_id=0, vocab_size=cfg.model.vocab_size,
+                        config=VLLMConfig(kv_cache_bytes=32 << 20))
+    WeightSync(engine, [model], cfg)()
+    prompts = _prompts(8, 0)  # the same prompts on both ranks: the samples must still differ
+    r = engine.generate(prompts, SamplingConfig(max_new_tokens=16, seed=3))
+    with torch.no_grad():
+        tf = teacher_forced_logprobs(model, r)
+    d = _diff(r, tf.logp_BT)
+    stats = torch.tensor([d["max"], float(engine.dp_rank)], dtype=torch.float64, device="cpu")
+    parts = [torch.zeros_like(stats) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, stats)
+    toks = [torch.zeros_like(r.response_ids_BT) for _ in range(dist.get_world_size())]
+    dist.all_gather(toks, r.response_ids_BT.contiguous())
+    engine.close()
+    return {"max_diff": max(p[0].item() for p in parts), "dp_ranks": sorted(int(p[1].item()) for p in parts),
+            "samples_differ": not torch.equal(toks[0], toks[1])}
