@@ -276,11 +276,12 @@ def _device():
 def learner_behaviour(model, rollouts: Rollouts) -> tuple[Rollouts, torch.Tensor]:
     """The rollouts with the learner's own behaviour log-probs and routing (one teacher-forced forward
     of the refreshed learner weights, so ratios and VP2O's budgets compare megatron with megatron), and
-    the engine's log-probs ``[B, T]`` (kept for the mismatch metrics)."""
-    from megatron_vp2o.generation.megatron_engine import teacher_forced_logprobs
+    the engine's log-probs ``[B, T]`` (kept for the mismatch metrics). Routing the engine reported (GPU,
+    ``routed_experts``) is replayed in that forward (R3); on CPU the forward routes by itself."""
+    from megatron_vp2o.generation.megatron_engine import inference_mode, teacher_forced_logprobs
 
-    with torch.no_grad():
-        tf = teacher_forced_logprobs(model, rollouts)
+    with inference_mode(model):
+        tf = teacher_forced_logprobs(model, rollouts, replay=rollouts.topk_idx_LBSK.shape[0] > 0)
     layers = list(range(1, tf.topk_idx_LBSK.shape[0] + 1))  # every layer is an MoE layer (checkpoint/hf)
     return dataclasses.replace(rollouts, logp_BT=tf.logp_BT.detach(), topk_idx_LBSK=tf.topk_idx_LBSK,
                                gates_LBSK=tf.gates_LBSK, moe_layers=layers), rollouts.logp_BT
@@ -295,3 +296,35 @@ def mismatch(engine_logp_BT: torch.Tensor, learner_logp_BT: torch.Tensor, mask_B
         return {"rollout/mismatch_k3": 0.0, "rollout/mismatch_max_abs": 0.0}
     k3 = (torch.exp(d) - 1.0 - d).mean()
     return {"rollout/mismatch_k3": float(k3), "rollout/mismatch_max_abs": float(d.abs().max())}
+
+
+class SyncedEngine:
+    """The RL loop's :class:`RolloutEngine` on vLLM: each :meth:`generate` refreshes the engine from the
+    learner (:class:`~megatron_vp2o.generation.weight_sync.WeightSync`), samples with vLLM, then takes the
+    behaviour log-probs and routing from the learner's own forward (:func:`learner_behaviour`).
+    ``last_metrics`` holds the refresh's and the mismatch's metrics of the last call (``timing/weight_sync``,
+    ``rollout/weight_version``, ``rollout/mismatch_k3``, ``rollout/mismatch_max_abs``) and
+    ``last_engine_logp_BT`` vLLM's own log-probs (``rollout/engine_logp``). GPU: vLLM sleeps in between."""
+
+    def __init__(self, engine: VLLMEngine, sync, model):
+        self.engine, self.sync, self.model = engine, sync, model
+        self.last_metrics: dict = {}
+        self.last_engine_logp_BT: torch.Tensor | None = None
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> Rollouts:
+        self.engine.wake_up()
+        metrics = self.sync()
+        rollouts, engine_logp_BT = learner_behaviour(self.model, self.engine.generate(prompts, sampling))
+        self.engine.sleep()
+        self.last_engine_logp_BT = engine_logp_BT
+        self.last_metrics = {**metrics, **mismatch(engine_logp_BT, rollouts.logp_BT, rollouts.response_mask_BT)}
+        return rollouts
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def truncated_is_weight(engine_logp_BT: torch.Tensor, behaviour_logp_BT: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance weight ``min(mu_learner / mu_engine, cap)`` per token (no gradient): corrects the
+    policy gradient for sampling with the engine's slightly different numerics (verl / NeMo-RL's TIS)."""
+    return torch.exp(behaviour_logp_BT.detach() - engine_logp_BT.detach()).clamp(max=cap)

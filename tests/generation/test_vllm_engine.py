@@ -79,3 +79,11 @@ def test_one_engine_per_data_parallel_rank():
     out = run_world(2, "generation.worlds_vllm:data_parallel", {}, timeout_s=600)
     assert out["dp_ranks"] == [0, 1] and out["samples_differ"]
     assert out["max_diff"] < TOL, out
+
+
+def test_synced_engine_takes_behaviour_from_the_learner(res):
+    s = res["synced"]
+    assert s["behaviour_is_learner"] == 0.0 and s["routing_layers"] == 4 and s["moe_layers"] == [1, 2, 3, 4]
+    assert s["metrics"]["rollout/weight_version"] == 5 and s["metrics"]["timing/weight_sync"] > 0
+    assert s["metrics"]["rollout/mismatch_max_abs"] < TOL and abs(s["metrics"]["rollout/mismatch_k3"]) < 1e-6
+    assert s["max"] < TOL and 0.99 < s["is_weight_range"][0] <= s["is_weight_range"][1] < 1.01

@@ -162,6 +162,19 @@ def checks(payload) -> dict:
     r, tf = measure(base, prompts)
     out["expert_full"] = _diff(r, tf.logp_BT)
     out["weight_version"] = engine.weight_version
+
+    # the RL loop's engine: refresh + vLLM + learner forward (behaviour log-probs and routing)
+    from megatron_vp2o.generation.vllm_engine import SyncedEngine, truncated_is_weight
+
+    synced = SyncedEngine(engine, sync, model)
+    r = synced.generate(prompts, base)
+    with torch.no_grad():
+        tf = teacher_forced_logprobs(model, r)
+    w = truncated_is_weight(synced.last_engine_logp_BT, r.logp_BT, 2.0)
+    out["synced"] = {"behaviour_is_learner": (r.logp_BT - tf.logp_BT).abs().max().item(),
+                     "routing_layers": r.topk_idx_LBSK.shape[0], "moe_layers": r.moe_layers,
+                     "metrics": synced.last_metrics, "is_weight_range": (w.min().item(), w.max().item()),
+                     **_diff(r, synced.last_engine_logp_BT)}
     engine.close()
     return out
 
