@@ -244,15 +244,15 @@ class VLLMEngine:
                                           device="cpu")
         finish = ["stop" if c.finish_reason == "stop" else "length" for c in completions]
         pos_BS = positions_from_pads(p - lens_B, p + t)[:, :p + t - 1]
-        routing = self._routing(completions, b, p + t - 1)
+        routing = self._routing(completions, (p - lens_B).tolist(), p + t - 1)
         dev = _device()
         return Rollouts(ids_BP.to(dev), lens_B.to(dev), resp_BT.to(dev), mask_BT.to(dev), logp_BT.to(dev),
                         pos_BS.to(dev), routing[0].to(dev), routing[1].to(dev), finish, sampling, self.pad_id,
                         self.vocab_size, list(range(1, self.model_cfg.num_layers + 1)) if routing[0].shape[0] else [])
 
-    def _routing(self, completions, b: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _routing(self, completions, pads: list[int], s: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(topk_idx_LBSK, gates_LBSK)``: empty (L = 0) unless vLLM reported routed experts (GPU)."""
-        k = self.model_cfg.moe_router_topk
+        k, b = self.model_cfg.moe_router_topk, len(pads)
         empty = (torch.zeros(0, b, s, k, dtype=torch.long, device="cpu"), torch.zeros(0, b, s, k, device="cpu"))
         if not (cuda() and self.config.routed_experts):
             return empty
@@ -261,9 +261,9 @@ class VLLMEngine:
             return empty
         layers = self.model_cfg.num_layers
         idx = torch.zeros(layers, b, s, k, dtype=torch.long, device="cpu")
-        for i, r in enumerate(routed):  # [tokens, layers, k] for prompt + response but the last token
-            r_SLK = torch.as_tensor(r, device="cpu").long()[:s]
-            idx[:, i, s - r_SLK.shape[0]:] = r_SLK.permute(1, 0, 2)
+        for i, r in enumerate(routed):  # [tokens, layers, k], from the sequence's first real token (column pad)
+            r_SLK = torch.as_tensor(r, device="cpu").long()[:s - pads[i]]
+            idx[:, i, pads[i]:pads[i] + r_SLK.shape[0]] = r_SLK.permute(1, 0, 2)
         return idx, torch.full((layers, b, s, k), 1.0 / k, device="cpu")  # gates: from the learner's forward
 
 
