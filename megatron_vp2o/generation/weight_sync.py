@@ -24,6 +24,7 @@ at one bucket (plus one parameter's gathered tensor) instead of a full model cop
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -43,8 +44,22 @@ def _reload(worker, weights) -> None:  # runs on the vLLM worker (collective_rpc
             layers.add(".".join(name.split(".")[:3]) + ".")  # model.layers.L.
             yield name, t
 
+    _quiet_rotary_reload()
     worker.model_runner.reload_weights(weights_iterator=named(weights))
     _repack_cpu_experts(worker.model_runner.model, layers)
+
+
+class _RotaryFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:  # rotary tables have no checkpoint tensors: expected
+        return not record.getMessage().startswith("RotaryEmbedding: Failed to load weights")
+
+
+def _quiet_rotary_reload() -> None:
+    """vLLM warns at every reload that the rotary embedding (a computed table, no checkpoint tensor) got no
+    weights, and keeps its table, which is right: drop that one message."""
+    log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+    if not any(isinstance(f, _RotaryFilter) for f in log.filters):
+        log.addFilter(_RotaryFilter())
 
 
 def _repack_cpu_experts(model, layers: set[str]) -> None:
