@@ -3,7 +3,7 @@
 What: one process builds the tiny MoE GPT twice from the same weights -- megatron's MoELayer for
 the GRPO learner step (what `vp2o train` runs for ``rl.algo=grpo``: `training.step.train_step` with
 the clipped policy loss of `rl.learner.policy_forward_step` and the `grads_finite` guard) and
-`VP2OMoELayer` for the VP2O learner step (`training.vp2o_step.vp2o_train_step` with the same policy
+`VP2OMoELayer` for the VP2O learner step (`rl.learner.vp2o.vp2o_train_step` with the same policy
 loss and guard, plus Stein transport, repulsion, specialisation losses, freeze of inactive experts,
 prototype refresh, trust region with an anchor) -- and times ``--steps`` pairs of steps on the same
 RL micro-batches (prompt + response columns, behaviour log-probs, advantages) after one warm-up
@@ -54,7 +54,7 @@ def build(full: bool, batch: int = BATCH, micro: int = MICRO, wide: bool = False
     from megatron_vp2o.distributed.init import init_parallel
     from megatron_vp2o.moe import vp2o_moe_layer
     from megatron_vp2o.training.setup import build_trainable
-    from megatron_vp2o.training.vp2o_step import init_vp2o
+    from megatron_vp2o.rl.learner.vp2o import init_vp2o
 
     model = dict(BENCH_MODEL, **(dict(hidden_size=256, moe_ffn_hidden_size=256) if full else {}), **(WIDE if wide else {}))
     cfg = build_cfg(Config, {
@@ -147,7 +147,7 @@ def main() -> None:
 
     from megatron_vp2o.rl.learner import grads_finite, policy_forward_step
     from megatron_vp2o.training.step import lm_forward_step, train_step
-    from megatron_vp2o.training.vp2o_step import capture_anchors, vp2o_train_step
+    from megatron_vp2o.rl.learner.vp2o import capture_anchors, vp2o_train_step
 
     if args.wide and (args.batch, args.micro) == (BATCH, MICRO):
         args.batch, args.micro = 32, 8

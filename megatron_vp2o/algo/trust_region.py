@@ -9,7 +9,9 @@ two budgets checked after every learner step on the same rollout buffer:
 - Behaviour budget (2.11): D_beh = mean_t (rho_t - 1 - log rho_t) (k3 estimate of KL(mu || pi)) and
   the tempered, normalised effective sample size of the importance weights.
 - Refresh rule (2.12, eq. 11): refresh iff D_beh > delta_drift or ESS < eta_ess or the anchor
-  budget failed or steps since refresh >= max_steps_per_refresh.
+  budget failed or steps since refresh >= max_steps_per_refresh. ``refresh_reason`` decides it once
+  and names the first violated condition (a code into ``REASONS``); ``refresh_needed`` is its
+  ``!= NO_REFRESH``, so the decision and its name cannot disagree.
 Why pure tensors: every statistic comes out as a device tensor (no host sync); the ``*_sum``
 variants return (sum, count) so ranks and layers can all-reduce before dividing, and every rank
 then takes the same decision. Decisions are int64 codes (ACCEPT, BACKTRACK, REJECT, REFRESH).
@@ -31,6 +33,8 @@ from .stein import gather_mix
 ACCEPT, BACKTRACK, REJECT, REFRESH = 0, 1, 2, 3
 DECISION_NAMES = ("accept", "backtrack", "reject", "refresh")
 ON_VIOLATION = ("backtrack", "reject", "refresh")
+NO_REFRESH, REFRESH_ANCHOR, REFRESH_DRIFT, REFRESH_ESS, REFRESH_MAX_STEPS = 0, 1, 2, 3, 4
+REASONS = ("none", "anchor", "drift", "ess", "max_steps")  # refresh_reason codes, by precedence
 
 
 def _valid(mask: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
@@ -177,6 +181,33 @@ def behaviour_ess(
     raise ValueError(f"ess_level must be one of {{sequence, token}} (got {level!r})")
 
 
+def refresh_reason(
+    drift: torch.Tensor | float,
+    ess: torch.Tensor | float,
+    anchor_failed: torch.Tensor | bool,
+    steps_since_refresh: torch.Tensor | int,
+    *,
+    drift_delta: float = 0.02,
+    ess_min: float = 0.5,
+    max_steps_per_refresh: int = 8,
+) -> torch.Tensor:
+    """The refresh rule (spec 2.12, eq. 11) with its reason: an int64 code into ``REASONS``.
+
+    NO_REFRESH when every budget holds, else the first violated condition in the order anchor
+    failed, D_beh > delta, ESS < eta, steps >= max. A NaN drift or ESS counts as a violation.
+    Static shapes, no host read: the caller reads the code once.
+    """
+    drift = torch.as_tensor(drift)
+    ess = torch.as_tensor(ess, device=drift.device)
+    steps = torch.as_tensor(steps_since_refresh, device=drift.device)
+    failed = torch.as_tensor(anchor_failed, device=drift.device).to(torch.bool)
+    drift_ok, ess_ok = drift <= drift_delta, ess >= ess_min  # NaN statistics fail these
+    code = torch.where(steps >= max_steps_per_refresh, REFRESH_MAX_STEPS, NO_REFRESH)
+    code = torch.where(ess_ok, code, REFRESH_ESS)
+    code = torch.where(drift_ok, code, REFRESH_DRIFT)
+    return torch.where(failed, REFRESH_ANCHOR, code).to(torch.int64)
+
+
 def refresh_needed(
     drift: torch.Tensor | float,
     ess: torch.Tensor | float,
@@ -189,14 +220,11 @@ def refresh_needed(
 ) -> torch.Tensor:
     """Refresh iff D_beh > delta or ESS < eta or anchor failed or steps >= max (spec 2.12): bool.
 
-    A NaN drift or ESS counts as a violation (forces a refresh).
+    ``refresh_reason(...) != NO_REFRESH``; a NaN drift or ESS counts as a violation.
     """
-    drift = torch.as_tensor(drift)
-    ess = torch.as_tensor(ess, device=drift.device)
-    steps = torch.as_tensor(steps_since_refresh, device=drift.device)
-    failed = torch.as_tensor(anchor_failed, device=drift.device).to(torch.bool)
-    drift_ok, ess_ok = drift <= drift_delta, ess >= ess_min  # NaN statistics fail these
-    return ~drift_ok | ~ess_ok | failed | (steps >= max_steps_per_refresh)
+    code = refresh_reason(drift, ess, anchor_failed, steps_since_refresh, drift_delta=drift_delta,
+                          ess_min=ess_min, max_steps_per_refresh=max_steps_per_refresh)
+    return code != NO_REFRESH
 
 
 def backtrack_scales(num_scales: int = 3) -> tuple[float, ...]:

@@ -128,6 +128,9 @@ def preflight_train(args):
     check_prompts(cfg.rl.prompts, "rl.prompts")
     if cfg.rl.eval_prompts:
         check_prompts(cfg.rl.eval_prompts, "rl.eval_prompts")
+    from megatron_vp2o.eval.runner import rl_benchmarks
+
+    rl_benchmarks(cfg.rl.eval)  # rl.eval files exist and parse (eval/runner.py; no megatron import)
     if any(entry.task == "code" for entry in cfg.rl.eval or ()):
         check_sandbox("rl.eval (task code)")
     policy = cfg.rl.policy_path(cfg.checkpoint.load)

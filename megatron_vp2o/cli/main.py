@@ -102,9 +102,12 @@ def cmd_sft(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from functools import partial
+
+    from megatron_vp2o.eval.runner import rl_evaluator
     from megatron_vp2o.rl.trainer import run_rl
 
-    return _run_job(args, run_rl, "vp2o train ({cfg.rl.algo})")
+    return _run_job(args, partial(run_rl, evaluate=rl_evaluator(args.cfg)), "vp2o train ({cfg.rl.algo})")
 
 
 def cmd_make_data(args) -> int:

@@ -2,8 +2,12 @@
 checkpoint (resharded from whatever layout saved it), generate n samples per problem
 (eval/generate.py), score on rank 0 (eval/score.py).
 
-Also the in-training hook: :func:`evaluate_benchmarks` runs the same generate-and-score path on the
-trainer's own model and returns flat ``eval/<benchmark>/<metric>`` numbers for metrics.jsonl / wandb.
+Also the in-training hook: :func:`rl_evaluator` gives the RL loop a callable
+``evaluate(model, tokenizer, prefix)`` that runs the ``rl.eval`` benchmarks through the same
+generate-and-score path (:func:`evaluate_benchmarks`) on the trainer's own model and returns flat
+``eval/<benchmark>/<metric>`` numbers for metrics.jsonl / wandb. The CLI builds it and hands it to
+``rl.trainer.run_rl``: evaluation and the RL loop do not import each other. Reading the benchmark
+files (:func:`rl_benchmarks`, also the CLI pre-flight check) does not import megatron-core.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from megatron_vp2o.eval.generate import EvalEngine, encode_prompts, generate_samples
 from megatron_vp2o.eval.score import score_benchmark
 from megatron_vp2o.eval.tasks import EvalItem, load_items
 
@@ -51,6 +54,8 @@ def _rank0() -> bool:
 def evaluate_model(model, tokenizer, benchmarks: list[Benchmark], samples: int, sampling, seed: int,
                    timeout_s: float = 10.0) -> dict:
     """``{benchmark: {"summary", "problems", "responses"}}`` on rank 0 ({} elsewhere)."""
+    from megatron_vp2o.eval.generate import EvalEngine, encode_prompts, generate_samples  # megatron-core
+
     engine = EvalEngine(model, pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size)
     out = {}
     for bench in benchmarks:
@@ -112,12 +117,19 @@ def rl_benchmarks(entries) -> list[Benchmark]:
     return out
 
 
-def evaluate_rl(sess, prefix: str = "eval") -> dict:
-    """The ``rl.eval`` benchmarks on the trainer's current weights (``Session.evaluate``): the same
-    generate-and-score path as ``vp2o eval``, with ``rl.eval_samples`` samples at ``rl.sampling``
-    and one fixed seed, so successive evaluations differ only through the weights."""
-    if not sess.cfg.rl.eval:
-        return {}
-    tokenizer, rl = sess.tokenizer, sess.cfg.rl
-    return evaluate_benchmarks(sess.engine.model, tokenizer, rl_benchmarks(rl.eval), rl.eval_samples, rl.sampling,
-                               sess.cfg.train.seed + RL_EVAL_SEED, rl.reward_timeout_s, prefix)
+def rl_evaluator(cfg):
+    """``evaluate(model, tokenizer, prefix) -> dict``: the ``rl.eval`` benchmarks (read once, here)
+    on the trainer's current weights, the same generate-and-score path as ``vp2o eval``, with
+    ``rl.eval_samples`` samples at ``rl.sampling`` and one fixed seed (``train.seed`` +
+    ``RL_EVAL_SEED``), so successive evaluations differ only through the weights. {} without rl.eval."""
+    rl = cfg.rl
+    benchmarks = rl_benchmarks(rl.eval)
+    seed = cfg.train.seed + RL_EVAL_SEED
+
+    def evaluate(model, tokenizer, prefix: str = "eval") -> dict:
+        if not benchmarks:
+            return {}
+        return evaluate_benchmarks(model, tokenizer, benchmarks, rl.eval_samples, rl.sampling, seed,
+                                   rl.reward_timeout_s, prefix)
+
+    return evaluate

@@ -1,15 +1,20 @@
-"""Everything one RL run holds: checked inputs, the megatron stack, the actors' engine, VP2O state,
-sinks, checkpoints. :mod:`megatron_vp2o.rl.trainer` drives it; this module owns set-up and IO.
+"""Everything one RL run holds, built once by ``build_session``: checked inputs, the megatron stack,
+the learner (``rl.learner``), the actors' engine, the reference model, sinks and checkpoints.
+:mod:`megatron_vp2o.rl.trainer` drives it; this module owns set-up and IO.
 
 Checks before any work starts (each error names the field and the fix): the layout, the tokenizer,
 the prompt set (exists, parses, non-empty), the policy checkpoint (``checkpoint.load``), group size.
+The ``rl.eval`` benchmarks are checked and run by the caller's evaluation callable (the CLI builds
+it from ``eval.runner``): the RL loop does not import evaluation.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 from megatron.core import parallel_state as ps
@@ -20,16 +25,18 @@ from megatron_vp2o.checkpoint.dist import load_rank_state
 from megatron_vp2o.config import ConfigError, check_layout, to_dict
 from megatron_vp2o.data.tokenizer import load_tokenizer
 from megatron_vp2o.distributed.init import init_parallel, world_size_from_env
-from megatron_vp2o.eval.runner import evaluate_rl, rl_benchmarks
+from megatron_vp2o.generation.prompts import load_prompt_file
 from megatron_vp2o.monitor import MetricsLogger, Progress
 from megatron_vp2o.rl.actor import act, reward_metrics
-from megatron_vp2o.rl.batches import make_batches, mini_batches
-from megatron_vp2o.rl.learner import behaviour_stats, grads_finite, policy_forward_step, unwrap
-from megatron_vp2o.generation.prompts import load_prompt_file
+from megatron_vp2o.rl.batches import make_batches
+from megatron_vp2o.rl.learner import GRPOLearner, Learner, VP2OLearner, behaviour_stats, policy_forward_step, unwrap
+from megatron_vp2o.rl.state import LoopState, loop_extra, loop_rank_state, restore_loop
 from megatron_vp2o.training.setup import build_trainable
-from megatron_vp2o.training.step import train_step
 
 EVAL_SEED = 1_000_003
+
+#: ``evaluate(model, tokenizer, prefix) -> {prefix/<benchmark>/<metric>: number}`` (eval.runner.rl_evaluator)
+Evaluate = Callable[[torch.nn.Module, object, str], dict]
 
 
 def check_inputs(cfg):
@@ -40,7 +47,6 @@ def check_inputs(cfg):
     tok = load_tokenizer(cfg.data.tokenizer)
     prompts = load_prompt_file(rl.prompts, "rl.prompts")
     evals = load_prompt_file(rl.eval_prompts, "rl.eval_prompts") if rl.eval_prompts else []
-    rl_benchmarks(rl.eval)  # rl.eval files exist and parse (eval/runner.py)
     policy = rl.policy_path(cfg.checkpoint.load)
     if policy is None:
         raise ConfigError("rl.policy must point at the initial policy checkpoint (e.g. the shipped "
@@ -61,61 +67,41 @@ def vp2o_knobs(cfg):
     return dataclasses.replace(v, stein=stein, specialization=spec)
 
 
-def _namespaced(out: dict, prefix: str) -> dict:
-    keep = ("loss", "skipped", "skip_reason")
-    return {(k if "/" in k or k in keep else f"{prefix}/{k}"): v for k, v in out.items()}
-
-
+@dataclass
 class Session:
-    @classmethod
-    def start(cls, cfg, out_dir: Path, resume: bool):
-        self = cls()
-        self.cfg, self.out_dir = cfg, out_dir
-        self.tokenizer, self.prompts, self.eval_prompts = check_inputs(cfg)
-        self.ckpt_root = Path(cfg.checkpoint.dir or out_dir / "checkpoints")
-        self.resume_from = latest_checkpoint(self.ckpt_root) if resume and self.ckpt_root.exists() else None
-        self.layout = init_parallel(cfg)
-        self._build()
-        return self
+    """One RL run's parts (module docstring); built by :func:`build_session`."""
 
-    def _build(self):
-        cfg = self.cfg
-        # vp2o.enabled=false: plain megatron layers and steps with the configured (unclipped) loss
-        self.vp2o_cfg = vp2o_knobs(cfg) if cfg.rl.algo == "vp2o" and cfg.vp2o.enabled else None
-        layer_cls = MoELayer
-        if self.vp2o_cfg is not None:
-            from megatron_vp2o.moe.layer import vp2o_moe_layer
+    cfg: object  # megatron_vp2o.config.Config
+    out_dir: Path
+    tokenizer: object
+    prompts: list  # rl.prompts records
+    eval_prompts: list  # rl.eval_prompts records ([] when none)
+    layout: object  # megatron_vp2o.config.Layout
+    trainable: object  # megatron_vp2o.training.setup.Trainable
+    learner: Learner
+    engine: object  # the actors' megatron_vp2o.generation.MegatronEngine (shares the learner's weights)
+    ref_model: torch.nn.Module | None  # frozen initial policy for the KL penalty, or None
+    logger: MetricsLogger
+    progress: Progress
+    ckpt_root: Path
+    resume_from: Path | None  # the checkpoint this run resumes, or None
+    resumed_extra: dict  # that checkpoint's loop ``extra`` ({} on a fresh run)
+    evaluate_benchmarks: Evaluate | None = None  # the rl.eval benchmarks, from the caller
+    batches: list = field(default_factory=list)  # the buffer's learner micro-batches
 
-            layer_cls = vp2o_moe_layer(self.vp2o_cfg.specialization)
-        train_cfg = cfg if cfg.rl.lr is None else dataclasses.replace(cfg, train=dataclasses.replace(
-            cfg.train, lr=cfg.rl.lr, min_lr=cfg.rl.lr, warmup_steps=0, steps=cfg.rl.steps))
-        self.trainable = build_trainable(train_cfg, moe_layer_cls=layer_cls)
-        self.vocab_size = self.tokenizer.vocab_size
-        self.pad_to = ps.get_tensor_model_parallel_world_size() if self.layout.sequence_parallel else 1
-        self.ess_temper = cfg.vp2o.trust_region.resolved_ess_temper()
-        self.loop_extra, self.vp2o = {}, None
-        if self.resume_from is not None:
-            meta = load_checkpoint(self.resume_from, self.trainable)
-            self.loop_extra = meta["extra"]
-        else:
-            load_model(cfg.rl.policy_path(cfg.checkpoint.load), self.trainable.models)
-            self.trainable.optimizer.reload_model_params()
-        if self.vp2o_cfg is not None:
-            from megatron_vp2o.training.vp2o_step import init_vp2o
+    # ---- derived --------------------------------------------------------------------------
+    @property
+    def vp2o(self):
+        """The VP2O learner's state (layers, groups, counters), or None (GRPO, vp2o.enabled=false)."""
+        return self.learner.state if isinstance(self.learner, VP2OLearner) else None
 
-            self.vp2o = init_vp2o(self.trainable, self.vp2o_cfg, self.layout.sequence_parallel,
-                                  init_prototypes=self.resume_from is None)
-            self.vp2o.counters.update(self.loop_extra.get("vp2o_counters", {}))
-        from megatron_vp2o.generation import MegatronEngine
+    @property
+    def forward_step(self):
+        return self.learner.forward_step
 
-        self.engine = MegatronEngine(unwrap(self.trainable.model), pad_id=self.tokenizer.pad_id,
-                                     vocab_size=self.vocab_size)
-        self.ref_model = self._build_reference()
-        self.forward_step = partial(policy_forward_step, cfg=cfg.rl, vocab_size=self.vocab_size)
-        self.batches = []
-        start = self.loop_extra.get("step", 0)
-        self.logger = MetricsLogger(self.out_dir, cfg.logging, to_dict(cfg), resume_step=start)
-        self.progress = Progress(cfg.rl.steps, f"vp2o train ({cfg.rl.algo})", cfg.logging.progress, start=start)
+    @property
+    def pad_to(self) -> int:
+        return ps.get_tensor_model_parallel_world_size() if self.layout.sequence_parallel else 1
 
     # ---- actors (the trainer's refresh phases) ---------------------------------------------
     def rollout(self, refresh_index: int):
@@ -129,32 +115,17 @@ class Session:
         """Make ``batch`` the learner's buffer (reference log-probs, micro-batches); the anchors (vp2o)."""
         batch.logp_ref_BT = self.reference_logprobs(batch.rollouts)
         self.batches = self.make_batches(batch)
-        return self.capture_anchors() if self.vp2o is not None else None
+        return self.learner.anchors(self.batches)
 
-    # ---- learner -------------------------------------------------------------------------
+    # ---- learner inputs ---------------------------------------------------------------------
     def make_batches(self, batch):
         return make_batches(batch.rollouts, batch.adv_B, self.cfg.rl.micro_batch_size, self.pad_to,
                             logp_ref_BT=batch.logp_ref_BT, aggregation=self.cfg.rl.policy_loss.aggregation)
 
     def behaviour_stats(self) -> dict:
         """D_beh and ESS of the current learner on the buffer (spec 2.11)."""
-        return behaviour_stats(self.trainable, self.batches, self.cfg.rl, self.vocab_size, self.ess_temper)
-
-    def learner_step(self, anchors) -> dict:
-        return self.vp2o_step(anchors) if self.vp2o is not None else self.grpo_step()
-
-    def _build_reference(self):
-        """A frozen copy of the initial policy (plain MoE layers) for the KL penalty, or None."""
-        if self.cfg.rl.policy_loss.kl_coef == 0.0:
-            return None
-        from megatron_vp2o.model import build_gpt, transformer_config
-
-        ref = build_gpt(self.cfg.model, transformer_config(self.cfg.model, self.cfg.parallel))
-        load_model(self.cfg.rl.policy_path(self.cfg.checkpoint.load), [ref])
-        ref.eval()
-        for param in ref.parameters():
-            param.requires_grad_(False)
-        return ref
+        return behaviour_stats(self.trainable, self.batches, self.cfg.rl, self.tokenizer.vocab_size,
+                               self.cfg.vp2o.trust_region.resolved_ess_temper())
 
     @torch.no_grad()
     def reference_logprobs(self, rollouts):
@@ -165,43 +136,10 @@ class Session:
 
         return teacher_forced_logprobs(self.ref_model, rollouts).logp_BT.detach()
 
-    def capture_anchors(self):
-        from megatron_vp2o.training.vp2o_step import capture_anchors
-
-        return capture_anchors(self.trainable, self.batches, self.vp2o, forward_step=self.forward_step)
-
-    def vp2o_step(self, anchors):
-        from megatron_vp2o.training.vp2o_step import vp2o_train_step
-
-        out = vp2o_train_step(self.trainable, self.batches, self.vp2o, forward_step=self.forward_step,
-                              anchors=anchors, guard=grads_finite)
-        out.pop("d_anc_trace", None)
-        return _namespaced(out, "vp2o")
-
-    def grpo_step(self) -> dict:
-        """``rl.epochs`` passes of ``rl.mini_batches`` optimizer steps over the buffer (whole prompt
-        groups per mini-batch, buffer order; the loss normalised per mini-batch), as verl/TRL/NeMo-RL
-        run GRPO. Logs the averages over those steps of the clip fraction and the ratio pi/mu, and
-        the skipped count (a non-finite loss or gradient skips that optimizer step only)."""
-        rl = self.cfg.rl
-        minis = mini_batches(self.batches, rl.mini_batches, rl.policy_loss.group_size)
-        keys = ("clip_frac", "ratio_mean", "kl_ref")
-        outs = [train_step(self.trainable, mb, self.forward_step, guard=grads_finite, report_keys=keys)
-                for _ in range(rl.epochs) for mb in minis]
-        done = [o for o in outs if not o.get("skipped")] or outs
-        out = {k: sum(o[k] for o in done) / len(done) for k in ("loss", *keys) if all(k in o for o in done)}
-        out |= {k: v for k, v in done[-1].items() if k.startswith("timing/") or k in ("lr", "grad_norm")}
-        out |= {"grpo/clip_fraction": out.pop("clip_frac", float("nan")),
-                "grpo/ratio_mean": out.pop("ratio_mean", float("nan")), "grpo/optimizer_steps": len(outs)}
-        skipped = sum(1 for o in outs if o.get("skipped"))
-        if skipped == len(outs):
-            out |= {"skipped": True, "skip_reason": outs[0].get("skip_reason")}
-        out["grpo/skipped_minibatches"] = skipped
-        return _namespaced(out, "learner")
-
     # ---- evaluation, checkpoints, summary ----------------------------------------------------
     def evaluate(self, prefix: str) -> dict:
-        bench = evaluate_rl(self, prefix)  # rl.eval benchmarks: eval/<benchmark>/<metric>
+        """The caller's rl.eval benchmarks (``eval/<benchmark>/<metric>``), then rl.eval_prompts."""
+        bench = self.evaluate_benchmarks(self.engine.model, self.tokenizer, prefix) if self.evaluate_benchmarks else {}
         if not self.eval_prompts:
             return bench
         dp = ps.get_data_parallel_world_size()
@@ -222,27 +160,18 @@ class Session:
                 model.train(was_training)
         return bench | out
 
-    def save(self, state):
-        extra = {"step": state.step, "refreshes": state.refreshes, "steps_since_refresh": state.steps_since_refresh,
-                 "next_refresh": state.next_refresh, "forced": state.forced, "anchor_failed": state.anchor_failed,
-                 "skipped": state.skipped, "samples": state.samples, "tokens": state.tokens,
-                 "elapsed_s": state.elapsed_s}
+    def save(self, state: LoopState):
+        extra = loop_extra(state)
         if self.vp2o is not None:
             extra |= {"vp2o_counters": dict(self.vp2o.counters)}
-        rank_state = {"buffer": state.buffer, "anchors": state.anchors}
         meta = {"config": to_dict(self.cfg), "kind": "rl", "world_size": self.layout.world}
-        save_checkpoint(self.ckpt_root, state.step, self.trainable, meta, extra=extra, rank_state=rank_state)
+        save_checkpoint(self.ckpt_root, state.step, self.trainable, meta, extra=extra,
+                        rank_state=loop_rank_state(state))
 
-    def restore_loop_state(self, state):
+    def restore_loop_state(self, state: LoopState) -> LoopState:
         if self.resume_from is None:
             return state
-        ex = self.loop_extra
-        state.step, state.refreshes, state.skipped = ex["step"], ex["refreshes"], ex["skipped"]
-        state.steps_since_refresh, state.next_refresh = ex["steps_since_refresh"], ex["next_refresh"]
-        state.forced, state.anchor_failed = ex["forced"], ex["anchor_failed"]
-        state.samples, state.tokens, state.elapsed_s = ex["samples"], ex["tokens"], ex["elapsed_s"]
-        saved = load_rank_state(self.resume_from) or {}
-        state.buffer, state.anchors = saved.get("buffer"), saved.get("anchors")
+        restore_loop(state, self.resumed_extra, load_rank_state(self.resume_from) or {})
         if state.buffer is not None:
             self.batches = self.make_batches(state.buffer)
         return state
@@ -251,7 +180,7 @@ class Session:
         self.progress.close()
         self.logger.close()
 
-    def summary(self, first: dict, last: dict, state, seconds: float) -> dict:
+    def summary(self, first: dict, last: dict, state: LoopState, seconds: float) -> dict:
         out = {"algo": self.cfg.rl.algo, "steps": state.step, "refreshes": state.refreshes,
                "rollout samples": state.samples,
                "skipped_steps": state.skipped, "seconds": seconds,
@@ -262,3 +191,66 @@ class Session:
             if key in last:
                 out[f"{key} (end)"] = last[key]
         return out
+
+
+def build_session(cfg, out_dir: Path, resume: bool, evaluate: Evaluate | None = None) -> Session:
+    """Check the inputs, start the process groups, build the model (loading the policy, or the
+    newest checkpoint with ``resume``), the learner, the actors' engine and the sinks."""
+    out_dir = Path(out_dir)
+    tokenizer, prompts, eval_prompts = check_inputs(cfg)
+    ckpt_root = Path(cfg.checkpoint.dir or out_dir / "checkpoints")
+    resume_from = latest_checkpoint(ckpt_root) if resume and ckpt_root.exists() else None
+    layout = init_parallel(cfg)
+    # vp2o.enabled=false: plain megatron layers and steps with the configured (unclipped) loss
+    vp2o_cfg = vp2o_knobs(cfg) if cfg.rl.algo == "vp2o" and cfg.vp2o.enabled else None
+    trainable, extra = _build_trainable(cfg, vp2o_cfg, resume_from)
+    forward_step = partial(policy_forward_step, cfg=cfg.rl, vocab_size=tokenizer.vocab_size)
+    if vp2o_cfg is None:
+        learner = GRPOLearner(trainable, cfg.rl, forward_step)
+    else:
+        from megatron_vp2o.rl.learner.vp2o import init_vp2o
+
+        state = init_vp2o(trainable, vp2o_cfg, layout.sequence_parallel, init_prototypes=resume_from is None)
+        state.counters.update(extra.get("vp2o_counters", {}))
+        learner = VP2OLearner(trainable, state, forward_step)
+    from megatron_vp2o.generation import MegatronEngine
+
+    engine = MegatronEngine(unwrap(trainable.model), pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size)
+    ref_model = _build_reference(cfg)
+    start = extra.get("step", 0)
+    logger = MetricsLogger(out_dir, cfg.logging, to_dict(cfg), resume_step=start)
+    progress = Progress(cfg.rl.steps, f"vp2o train ({cfg.rl.algo})", cfg.logging.progress, start=start)
+    return Session(cfg, out_dir, tokenizer, prompts, eval_prompts, layout, trainable, learner, engine, ref_model,
+                   logger, progress, ckpt_root, resume_from, extra, evaluate_benchmarks=evaluate)
+
+
+def _build_trainable(cfg, vp2o_cfg, resume_from):
+    """The trainable (VP2O MoE layers when ``vp2o_cfg``; ``rl.lr`` as a constant rate), loaded
+    from ``resume_from`` or else from the policy checkpoint; (trainable, the checkpoint's extra)."""
+    layer_cls = MoELayer
+    if vp2o_cfg is not None:
+        from megatron_vp2o.moe.layer import vp2o_moe_layer
+
+        layer_cls = vp2o_moe_layer(vp2o_cfg.specialization)
+    train_cfg = cfg if cfg.rl.lr is None else dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, lr=cfg.rl.lr, min_lr=cfg.rl.lr, warmup_steps=0, steps=cfg.rl.steps))
+    trainable = build_trainable(train_cfg, moe_layer_cls=layer_cls)
+    if resume_from is not None:
+        return trainable, load_checkpoint(resume_from, trainable)["extra"]
+    load_model(cfg.rl.policy_path(cfg.checkpoint.load), trainable.models)
+    trainable.optimizer.reload_model_params()
+    return trainable, {}
+
+
+def _build_reference(cfg):
+    """A frozen copy of the initial policy (plain MoE layers) for the KL penalty, or None."""
+    if cfg.rl.policy_loss.kl_coef == 0.0:
+        return None
+    from megatron_vp2o.model import build_gpt, transformer_config
+
+    ref = build_gpt(cfg.model, transformer_config(cfg.model, cfg.parallel))
+    load_model(cfg.rl.policy_path(cfg.checkpoint.load), [ref])
+    ref.eval()
+    for param in ref.parameters():
+        param.requires_grad_(False)
+    return ref

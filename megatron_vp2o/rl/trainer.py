@@ -6,11 +6,13 @@ One RL step (spec 2.10-2.12; STYLE 8)::
       rollout     actors (= current weights) generate G responses per prompt, logging mu and routing
       reward      reward registry (failures recorded, never raised)
       advantages  group-relative advantages (spec 2.2); anchor snapshot of routing + prototypes
-    update        vp2o: one learner step: Stein transport + specialisation losses + anchor trust region
+    update        the learner (``rl.learner``: ``Learner.step -> StepOutcome``)
+                  vp2o: one learner step: Stein transport + specialisation losses + anchor trust region
                   grpo: ``rl.epochs`` x ``rl.mini_batches`` clipped optimizer steps on the batch
     logprobs      the refresh rule for the next step, once, in `refresh_decision` (through
-                  algo.trust_region.refresh_needed): forced | every_step | anchor (this update failed its
-                  budget) | drift | ess (learner log-probs on the buffer -> D_beh, ESS) | max_steps | none
+                  algo.trust_region.refresh_reason, which names its reason): forced | every_step | anchor
+                  (this update failed its budget) | drift | ess (learner log-probs on the buffer -> D_beh,
+                  ESS) | max_steps | none
     (budget)      a refresh due with ``rl.budget.samples`` spent ends the run (after a final evaluation)
     (checkpoint)  every ``checkpoint.every`` steps, atomically, with the buffer and counters
 
@@ -23,44 +25,24 @@ steps leave the weights unchanged.
 
 from __future__ import annotations
 
+import math
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from megatron_vp2o.algo import trust_region as tr
+from megatron_vp2o.config import ConfigError
 from megatron_vp2o.launch.signals import StopOnSignal
-from megatron_vp2o.rl.actor import ActorBatch
-from megatron_vp2o.rl.session import Session
+from megatron_vp2o.rl.learner import StepOutcome
+from megatron_vp2o.rl.session import Evaluate, build_session
+from megatron_vp2o.rl.state import LoopState, phase
 
+__all__ = ["LoopState", "REFRESH_REASONS", "budget_spent", "phase", "refresh", "refresh_decision", "rl_step",
+           "run_rl", "update"]
 
-REFRESH_REASONS = ("none", "start", "every_step", "drift", "ess", "anchor", "max_steps", "forced")
-
-
-@dataclass
-class LoopState:
-    step: int = 0
-    refreshes: int = 0
-    steps_since_refresh: int = 0  # learner updates on the current buffer (the one step counter)
-    next_refresh: str | None = "start"  # the reason the next step refreshes (None: it keeps the buffer)
-    forced: bool = False  # the buffer is unusable (non-finite advantages): refresh whatever the rule says
-    anchor_failed: bool = False  # the last update failed the anchor budget (reject / refresh decision)
-    skipped: int = 0
-    samples: int = 0  # training responses generated (all ranks)
-    tokens: int = 0  # their response tokens
-    elapsed_s: float = 0.0  # wall-clock of the RL loop, summed over resumed segments
-    buffer: ActorBatch | None = None
-    anchors: list | None = None
-    timing: dict = field(default_factory=dict)
-
-
-@contextmanager
-def phase(state: LoopState, name: str):
-    t0 = time.perf_counter()
-    yield
-    state.timing[f"timing/{name}"] = state.timing.get(f"timing/{name}", 0.0) + time.perf_counter() - t0
+# The rule's reasons (algo.trust_region.REASONS), then the refreshes owed whatever the rule says.
+REFRESH_REASONS = tr.REASONS + ("start", "every_step", "forced")
 
 
 def refresh_every_step(cfg) -> bool:
@@ -80,8 +62,9 @@ def refresh_decision(state: LoopState, cfg, stats_fn) -> tuple[str, dict]:
     ``every_step``. Otherwise ``algo.trust_region.refresh_needed`` on the current buffer's statistics
     (``stats_fn() -> {"drift", "ess"}``: the current learner against the buffer's mu; skipped when the
     anchor already failed or the behaviour budget is ablated), the last update's anchor verdict and the
-    learner updates made on this buffer. NaN statistics count as violations. The reason names the
-    first violated condition in the order anchor, drift, ess, max_steps.
+    learner updates made on this buffer. NaN statistics count as violations. The reason is the one
+    ``algo.trust_region.refresh_reason`` names (the first violated condition in the order anchor,
+    drift, ess, max_steps), read to the host once.
     """
     if state.buffer is None:
         return "start", {}
@@ -95,18 +78,10 @@ def refresh_decision(state: LoopState, cfg, stats_fn) -> tuple[str, dict]:
         stats = stats_fn()
         drift, ess = float(stats["drift"]), float(stats["ess"])
         logged = {"vp2o/drift": drift, "vp2o/ess": ess}
-    need = tr.refresh_needed(drift if use_stats else 0.0, ess if use_stats else 1.0, state.anchor_failed,
+    code = tr.refresh_reason(drift if use_stats else 0.0, ess if use_stats else 1.0, state.anchor_failed,
                              state.steps_since_refresh, drift_delta=tr_cfg.drift_delta, ess_min=tr_cfg.ess_min,
                              max_steps_per_refresh=tr_cfg.max_steps_per_refresh)
-    if not bool(need):
-        return "none", logged
-    if state.anchor_failed:
-        return "anchor", logged
-    if use_stats and not drift <= tr_cfg.drift_delta:
-        return "drift", logged
-    if use_stats and not ess >= tr_cfg.ess_min:
-        return "ess", logged
-    return "max_steps", logged
+    return tr.REASONS[int(code)], logged
 
 
 def refresh(sess, state: LoopState) -> dict:
@@ -124,17 +99,17 @@ def refresh(sess, state: LoopState) -> dict:
     return metrics
 
 
-def update(sess, state: LoopState) -> dict:
+def update(sess, state: LoopState) -> StepOutcome:
     """The learner updates on the buffer (vp2o: one step; grpo: its mini-batch epochs); a non-finite
     advantage skips them and forces a refresh."""
     if not bool(torch.isfinite(state.buffer.adv_B).all()):
         state.forced = True
-        return {"skipped": True, "skip_reason": "non-finite advantages"}
+        return StepOutcome(loss=math.nan, skipped=True, skip_reason="non-finite advantages")
     with phase(state, "update"):
-        out = sess.learner_step(state.anchors if sess.cfg.rl.ablate.anchor_budget else None)
+        outcome = sess.learner.step(sess.batches, state.anchors if sess.cfg.rl.ablate.anchor_budget else None)
     state.steps_since_refresh += 1
-    state.anchor_failed = out.get("vp2o/decision") in ("reject", "refresh")
-    return out
+    state.anchor_failed = outcome.anchor_failed  # algo.trust_region.forces_refresh of its decision
+    return outcome
 
 
 def budget_spent(cfg, state: LoopState) -> bool:
@@ -148,14 +123,14 @@ def rl_step(sess, state: LoopState) -> dict:
     reason = state.next_refresh or "none"
     if reason != "none":
         metrics |= refresh(sess, state)
-    out = update(sess, state)
-    if out.get("skipped"):
+    outcome = update(sess, state)
+    if outcome.skipped:
         state.skipped += 1
-    metrics |= out
+    metrics |= outcome.logged()
     with phase(state, "logprobs"):
         upcoming, stats = refresh_decision(state, sess.cfg, sess.behaviour_stats)
     state.next_refresh = None if upcoming == "none" else upcoming
-    metrics |= stats | {"loss": out.get("loss", float("nan")), "vp2o/refreshes": state.refreshes,
+    metrics |= stats | {"loss": outcome.loss, "vp2o/refreshes": state.refreshes,
                         "vp2o/refresh_reason": reason, "vp2o/refreshed": reason != "none",
                         "skipped_steps": state.skipped, "rollout/samples": state.samples,
                         "rollout/tokens": state.tokens, **state.timing}
@@ -171,10 +146,14 @@ def _eval_due(cfg, state: LoopState, samples_before: int) -> bool:
     return bool(by_step or by_samples)
 
 
-def run_rl(cfg, out_dir: str | Path, resume: bool = False) -> dict:
+def run_rl(cfg, out_dir: str | Path, resume: bool = False, evaluate: Evaluate | None = None) -> dict:
     """Train for ``cfg.rl.steps`` steps, or until the next step would need a rollout batch beyond
-    ``rl.budget.samples``; returns a summary."""
-    sess = Session.start(cfg, Path(out_dir), resume)
+    ``rl.budget.samples``; returns a summary. ``evaluate(model, tokenizer, prefix) -> dict`` runs the
+    ``rl.eval`` benchmarks at each evaluation (the CLI passes ``eval.runner.rl_evaluator(cfg)``)."""
+    if cfg.rl.eval and evaluate is None:
+        raise ConfigError("rl.eval is set but run_rl got no evaluate callable; run through `vp2o train` or "
+                          "pass evaluate=megatron_vp2o.eval.runner.rl_evaluator(cfg)")
+    sess = build_session(cfg, Path(out_dir), resume, evaluate=evaluate)
     state = sess.restore_loop_state(LoopState())
     t_start, elapsed0 = time.perf_counter(), state.elapsed_s
     first_eval = sess.evaluate("eval") if state.step == 0 else {}

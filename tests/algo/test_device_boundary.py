@@ -56,7 +56,7 @@ FILES = sorted(p for p in PKG.rglob("*.py") if "algo" not in p.relative_to(PKG).
 
 def test_files_found():
     names = {str(p.relative_to(PKG)) for p in FILES}
-    assert {"moe/layer.py", "generation/megatron_engine.py", "training/vp2o_step.py"} <= names
+    assert {"moe/layer.py", "generation/megatron_engine.py", "rl/learner/vp2o.py"} <= names
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(PKG)))

@@ -112,6 +112,32 @@ def test_refresh_rule(drift, ess, failed, steps, expected):
     assert plain.dtype == torch.bool and bool(plain) is expected
 
 
+@pytest.mark.parametrize(
+    "drift, ess, failed, steps, reason",
+    [(0.01, 0.9, False, 3, "none"), (0.02, 0.5, False, 7, "none"),  # budgets hold, at their limits too
+     (0.01, 0.9, True, 3, "anchor"), (0.5, 0.1, True, 8, "anchor"),  # anchor first, whatever else fails
+     (0.03, 0.9, False, 3, "drift"), (float("nan"), 0.9, False, 0, "drift"), (0.5, 0.1, False, 8, "drift"),
+     (0.01, 0.4, False, 3, "ess"), (0.01, float("nan"), False, 0, "ess"), (0.01, 0.1, False, 8, "ess"),
+     (0.01, 0.9, False, 8, "max_steps"), (0.01, 0.9, False, 9, "max_steps")],
+)
+def test_refresh_reason_names_the_first_violated_condition(drift, ess, failed, steps, reason):
+    kw = dict(drift_delta=0.02, ess_min=0.5, max_steps_per_refresh=8)
+    code = TR.refresh_reason(torch.tensor(drift), torch.tensor(ess), torch.tensor(failed), torch.tensor(steps), **kw)
+    assert code.dtype == torch.int64 and code.shape == () and TR.REASONS[int(code)] == reason
+    assert TR.REASONS[int(TR.refresh_reason(drift, ess, failed, steps, **kw))] == reason  # Python scalars
+    needed = TR.refresh_needed(drift, ess, failed, steps, **kw)
+    assert bool(needed) is (reason != "none") and bool(needed) is (int(code) != TR.NO_REFRESH)
+
+
+def test_refresh_reason_batched_rows_are_independent():
+    drift = torch.tensor([0.01, 0.5, 0.01, 0.01, 0.01])
+    ess = torch.tensor([0.9, 0.9, 0.1, 0.9, 0.9])
+    failed = torch.tensor([False, False, False, True, False])
+    steps = torch.tensor([0, 0, 0, 0, 8])
+    codes = TR.refresh_reason(drift, ess, failed, steps, drift_delta=0.02, ess_min=0.5, max_steps_per_refresh=8)
+    assert [TR.REASONS[c] for c in codes.tolist()] == ["none", "drift", "ess", "anchor", "max_steps"]
+
+
 def test_decisions_and_backtracking():
     ok, bad = torch.tensor(True), torch.tensor(False)
     assert TR.decide(ok, 0) == TR.ACCEPT

@@ -93,7 +93,7 @@ def layout_modes(payload):
     from megatron.core import parallel_state as ps
 
     from megatron_vp2o.distributed.init import init_parallel
-    from megatron_vp2o.training.vp2o_step import capture_anchors, vp2o_train_step
+    from megatron_vp2o.rl.learner.vp2o import capture_anchors, vp2o_train_step
 
     out = {}
     for i, mode in enumerate(MODES):

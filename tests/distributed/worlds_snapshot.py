@@ -37,7 +37,7 @@ def _equal(a: list, b: list) -> bool:
 
 def _grads_step(tr, state):
     """Forward/backward of the VP2O learner (statistics, Stein) without the optimizer step."""
-    from megatron_vp2o.training.vp2o_step import _forward_backward
+    from megatron_vp2o.rl.learner.vp2o import _forward_backward
 
     for layer in state.layers:
         layer.reset_step_stats()
@@ -50,7 +50,7 @@ def one_combo(dtype: str, distopt: bool, where: str) -> dict:
     from megatron_vp2o.distributed.trust_region import ParamSnapshot, _states, main_param_entries
     from megatron_vp2o.moe import vp2o_moe_layer
     from megatron_vp2o.training.setup import build_trainable
-    from megatron_vp2o.training.vp2o_step import capture_anchors, init_vp2o, vp2o_train_step
+    from megatron_vp2o.rl.learner.vp2o import capture_anchors, init_vp2o, vp2o_train_step
 
     cfg = vp2o_config({"distributed_optimizer": distopt})
     cfg.model.params_dtype = dtype

@@ -32,7 +32,7 @@ def _build(cfg, init: bool, path: str | None = None):
     from megatron_vp2o.checkpoint import load_model
     from megatron_vp2o.moe import vp2o_moe_layer
     from megatron_vp2o.training.setup import build_trainable
-    from megatron_vp2o.training.vp2o_step import init_vp2o
+    from megatron_vp2o.rl.learner.vp2o import init_vp2o
 
     tr = build_trainable(cfg, moe_layer_cls=vp2o_moe_layer(cfg.vp2o.specialization))
     if path is not None:
@@ -127,7 +127,7 @@ def reference(payload) -> dict:
     from megatron_vp2o.checkpoint import save_checkpoint
     from megatron_vp2o.training.setup import build_trainable
     from megatron_vp2o.training.step import train_step
-    from megatron_vp2o.training.vp2o_step import vp2o_train_step
+    from megatron_vp2o.rl.learner.vp2o import vp2o_train_step
 
     cfg = vp2o_config()
     tr, _ = _build(cfg, init=True)
@@ -150,7 +150,7 @@ def layout_step(payload):
     """N ranks: load, VP2O step with the hook probe, save; forced violation restores exactly."""
     from megatron_vp2o.checkpoint import save_checkpoint
     from megatron_vp2o.distributed.init import init_parallel
-    from megatron_vp2o.training.vp2o_step import capture_anchors, vp2o_train_step
+    from megatron_vp2o.rl.learner.vp2o import capture_anchors, vp2o_train_step
 
     cfg = vp2o_config(payload["parallel"])
     init_parallel(cfg)
@@ -206,7 +206,7 @@ def _refusal_checks(cfg, vp2o_trainable) -> dict:
 
     from megatron_vp2o.moe.layer import VP2OTopKRouter, vp2o_layers
     from megatron_vp2o.training.setup import build_trainable
-    from megatron_vp2o.training.vp2o_step import NoVP2OLayers, init_vp2o
+    from megatron_vp2o.rl.learner.vp2o import NoVP2OLayers, init_vp2o
 
     plain = build_trainable(cfg, moe_layer_cls=MoELayer)
     try:

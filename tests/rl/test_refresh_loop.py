@@ -1,8 +1,9 @@
 """Contract: the RL loop takes one refresh decision per step (rl.trainer.refresh_decision, through
-algo.trust_region.refresh_needed, on the current buffer's statistics, NaN = violation); each reason
+algo.trust_region.refresh_reason, on the current buffer's statistics, NaN = violation); each reason
 causes exactly one refresh; a buffer kept by the rule gets learner steps until the rule fires again;
 the switches that turn the rule off refresh every step. Driven with scripted statistics and anchor
-verdicts on the real loop code (trainer.rl_step) -- the session is a script, nothing else is faked."""
+verdicts on the real loop code (trainer.rl_step) -- the session and its learner are a script (the
+learner answers with the declared StepOutcome), nothing else is faked."""
 
 from __future__ import annotations
 
@@ -12,8 +13,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from megatron_vp2o.algo import trust_region as tr
 from megatron_vp2o.config import load_config
 from megatron_vp2o.rl.batches import RLBatch, mini_batches
+from megatron_vp2o.rl.learner import StepOutcome
 from megatron_vp2o.rl.trainer import REFRESH_REASONS, LoopState, budget_spent, rl_step
 
 OK = {"drift": 0.001, "ess": 0.99}
@@ -21,12 +24,14 @@ SAMPLES = 4  # responses per scripted rollout batch
 
 
 class ScriptedSession:
-    """What rl_step needs from a Session, answering from scripts: ``stats[i]`` is what the i-th call
-    of behaviour_stats returns; ``decisions[i]`` the anchor decision of the i-th learner update."""
+    """What rl_step needs from a Session (and its learner: itself), answering from scripts: ``stats[i]``
+    is what the i-th call of behaviour_stats returns; ``decisions[i]`` the anchor decision of the i-th
+    learner update."""
 
     def __init__(self, cfg, stats=(), decisions=(), nan_adv_at=()):
         self.cfg, self.stats, self.decisions, self.nan_adv_at = cfg, list(stats), list(decisions), set(nan_adv_at)
         self.rollouts = self.stat_calls = self.updates = 0
+        self.learner, self.batches = self, []
 
     def rollout(self, index):
         self.rollouts += 1
@@ -43,10 +48,10 @@ class ScriptedSession:
         self.stat_calls += 1
         return self.stats[self.stat_calls - 1] if self.stat_calls <= len(self.stats) else OK
 
-    def learner_step(self, anchors):
+    def step(self, batches, anchors):
         self.updates += 1
         decision = self.decisions[self.updates - 1] if self.updates <= len(self.decisions) else "accept"
-        return {"loss": 0.0, "vp2o/decision": decision}
+        return StepOutcome(loss=0.0, decision=tr.DECISION_NAMES.index(decision))
 
 
 def _cfg(*overrides):
@@ -152,3 +157,14 @@ def test_mini_batches_are_whole_groups_in_order():
     assert torch.equal(torch.cat([m.adv for mini in minis for m in mini]), torch.arange(12.0))
     with pytest.raises(ValueError, match="rl.mini_batches"):
         mini_batches(micro, 2, group=4)
+
+
+@pytest.mark.parametrize("decision, failed", [("accept", False), ("backtrack", False), ("reject", True),
+                                              ("refresh", True)])
+def test_step_outcome_anchor_verdict_and_logged_row(decision, failed):
+    raw = {"loss": 0.25, "decision": decision, "d_anc": 0.3, "d_anc_trace": [0.4, 0.3], "timing/stein": 0.1}
+    out = StepOutcome.from_metrics(raw, "vp2o", decision=tr.DECISION_NAMES.index(decision))
+    assert out.anchor_failed is failed and out.d_anc_trace == [0.4, 0.3] and not out.skipped
+    assert out.logged() == {"loss": 0.25, "vp2o/decision": decision, "vp2o/d_anc": 0.3, "timing/stein": 0.1}
+    skipped = StepOutcome.from_metrics({"loss": 1.0, "skipped": True, "skip_reason": "why"}, "learner")
+    assert skipped.logged() == {"loss": 1.0, "skipped": True, "skip_reason": "why"} and not skipped.anchor_failed

@@ -47,9 +47,9 @@ def _measure(sess, batches, anchors) -> dict:
     from megatron_vp2o.distributed.trust_region import anchor_statistic
     from megatron_vp2o.moe.layer import flush_step_stats
     from megatron_vp2o.platform import native
-    from megatron_vp2o.rl.learner import _grad_tensors
+    from megatron_vp2o.rl.learner.forward import _grad_tensors
     from megatron_vp2o.training.step import reduce_report
-    from megatron_vp2o.training.vp2o_step import _forward_backward, global_token_counts, set_loss_normalizers
+    from megatron_vp2o.rl.learner.vp2o import _forward_backward, global_token_counts, set_loss_normalizers
 
     layers = sess.vp2o.layers
     lm_tokens, routed = global_token_counts(batches)
@@ -75,19 +75,19 @@ def _measure(sess, batches, anchors) -> dict:
 
 def response_mask(payload):
     from megatron_vp2o.config import load_config
-    from megatron_vp2o.rl.session import Session
+    from megatron_vp2o.rl.session import build_session
     from megatron_vp2o.rl.trainer import LoopState, refresh
-    from megatron_vp2o.training.vp2o_step import capture_anchors
+    from megatron_vp2o.rl.learner.vp2o import capture_anchors
 
     cfg = load_config("examples/configs/tiny_cpu.yaml", payload["overrides"])
-    sess = Session.start(cfg, Path(payload["out"]), False)
+    sess = build_session(cfg, Path(payload["out"]), False)
     refresh(sess, LoopState())
     plain = sess.batches
     variants = {"plain": plain, "left_pad": _left_padded(plain, 3, sess.tokenizer.pad_id),
                 "prompt_row": _with_prompt_only_row(plain)}
     anchors = {name: capture_anchors(sess.trainable, mbs, sess.vp2o, forward_step=sess.forward_step)
                for name, mbs in variants.items()}
-    sess.vp2o_step(None)  # move the learner away from the anchors, so D_anc > 0
+    sess.learner.step(sess.batches, None)  # move the learner away from the anchors, so D_anc > 0
     out = {name: _measure(sess, mbs, anchors[name]) for name, mbs in variants.items()}
     out["response_tokens"] = float(sum(mb.loss_mask.sum() for mb in plain))
     out["all_tokens"] = float(sum(mb.tokens.numel() for mb in plain))

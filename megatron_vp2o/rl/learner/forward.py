@@ -1,9 +1,10 @@
-"""The learner's loss on megatron-core: policy-gradient forward step, behaviour statistics, updates.
+"""What both learners share on megatron-core: the policy-gradient forward step, the behaviour
+statistics of the refresh rule, the non-finite guard (the learners themselves: ``grpo``, ``vp2o``).
 
 ``policy_forward_step`` is a megatron ``forward_step_func``: it runs the model over an
 :class:`~megatron_vp2o.rl.batches.RLBatch` at the rollout's positions and returns the logits with a
 ``loss_func`` that evaluates the registered policy loss (``algo.grpo.POLICY_LOSSES``) on the learner
-log-probs. Log-probs use the actors' definition (``rollout.sampling.sampling_logprobs``: tempered,
+log-probs. Log-probs use the actors' definition (``generation.sampling.sampling_logprobs``: tempered,
 top-k/top-p filtered), so rho = pi/mu compares like with like; a label outside the learner's own
 top-k/top-p set is scored with that set extended by the label (``sampling.token_logprobs``), so
 its log-prob, the ratio and the drift stay finite.

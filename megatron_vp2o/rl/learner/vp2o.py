@@ -1,6 +1,9 @@
-"""One VP2O learner step on megatron-core: the function the RL trainer calls (spec 2.4-2.13).
+"""The VP2O learner on megatron-core: one learner step per RL step (spec 2.4-2.13).
 
-Phases, in order (each timed into ``timing/<phase>``):
+``VP2OLearner`` is the RL loop's ``Learner`` (``rl.learner.outcome``) for ``rl.algo=vp2o``; the
+step itself, ``vp2o_train_step``, also runs alone (distributed parity tests, bench/bench_step.py).
+
+Phases, in order (each timed into ``timing/<phase>`` with ``monitor.timing.timed``):
 1. ``forward_backward`` -- megatron's ``get_forward_backward_func`` over the micro-batches; the
    VP2O MoE layers keep their routing masks (co-activation counts, folded in once per step by
    `moe.layer.flush_step_stats`), capture top-k/gates and add the specialisation losses
@@ -11,8 +14,9 @@ Phases, in order (each timed into ``timing/<phase>``):
 4. ``trust_region`` -- D_anc against the anchor (spec 2.10) with accept / backtrack (1/2, 1/4,
    1/8) / reject / refresh, one decision on every rank. The refresh rule (spec 2.12) is not
    applied here: the caller applies it once per step (`rl.trainer.refresh_decision`), reading
-   ``decision`` (reject / refresh = anchor failed).
-Returns metrics (spec 2.13) as Python numbers (one host read at the end).
+   the outcome's ``anchor_failed`` (decision reject / refresh).
+Returns metrics (spec 2.13) as Python numbers (one host read at the end: `vp2o_report`); the
+decision code and the D_anc trace of the last step stay on the ``VP2OState``.
 
 ``anchors``: per local VP2O layer (anchor prototypes [E, D], anchor top-k [T, K], gates [T, K])
 with this rank's tokens in forward order; None skips the anchor budget.
@@ -22,7 +26,6 @@ Shape legend: E experts, D hidden, T tokens of this rank (all micro-batches), K 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -31,12 +34,15 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_vp2o.device import device
 from megatron_vp2o.algo import trust_region as tr
-from megatron_vp2o.algo.diagnostics import coactivation_cosine
 from megatron_vp2o.distributed.reductions import VP2OGroups, all_reduce_, refresh_prototypes
 from megatron_vp2o.distributed.stein_hook import apply_stein
 from megatron_vp2o.distributed.trust_region import ParamSnapshot, anchor_statistic
+from megatron_vp2o.monitor.timing import timed
 from megatron_vp2o.moe.layer import flush_step_stats, vp2o_layers
 from megatron_vp2o.platform import native
+from megatron_vp2o.rl.learner.forward import grads_finite
+from megatron_vp2o.rl.learner.outcome import StepOutcome
+from megatron_vp2o.rl.learner.vp2o_report import step_report
 from megatron_vp2o.training.step import lm_forward_step, reduce_report
 
 
@@ -50,6 +56,8 @@ class VP2OState:
     counters: dict = field(default_factory=lambda: {name: 0 for name in tr.DECISION_NAMES})
     snapshot: object = None  # the ParamSnapshot reused across steps (its buffers are allocated once)
     snapshot_key: tuple = ()
+    decision: int = tr.ACCEPT  # the last step's trust-region decision code (ACCEPT when skipped or off)
+    d_anc_trace: list = field(default_factory=list)  # the last step's D_anc per attempt (spec 2.10)
 
 
 class NoVP2OLayers(RuntimeError):
@@ -97,7 +105,7 @@ def global_token_counts(micro_batches) -> tuple[float, float]:
     batches (their forward step masks the rest out of the VP2O statistics), else every token."""
     counts = torch.zeros(2, dtype=torch.float64, device=device())  # a collective: on the device
     for mb in micro_batches:
-        rl = hasattr(mb, "loss_count")  # RL batches: the layers count response tokens only (rl.learner)
+        rl = hasattr(mb, "loss_count")  # RL batches: the layers count response tokens only (rl.learner.forward)
         n = mb.loss_count if rl else mb.loss_mask.sum()
         routed = mb.loss_mask.sum() if rl else mb.tokens.numel()
         counts += torch.tensor([float(n), float(routed)], dtype=torch.float64, device=counts.device)
@@ -209,32 +217,49 @@ def capture_anchors(trainable, micro_batches, state: VP2OState, forward_step=lm_
 
 def vp2o_train_step(trainable, micro_batches, state: VP2OState, forward_step=lm_forward_step,
                     anchors=None, probe=None, guard=None) -> dict:
-    """One learner step (module docstring). ``probe(stage, state)`` is called at "pre_stein" and "post_stein" (tests); ``guard(trainable)``
-    runs after the backward: False (non-finite loss or gradients) skips the step, weights unchanged."""
-    cfg, layers = state.cfg, state.layers
-    t0 = time.perf_counter()
-    lm_tokens, routed_tokens = global_token_counts(micro_batches)
-    set_loss_normalizers(layers, lm_tokens, routed_tokens)
-    for layer in layers:
-        layer.reset_step_stats()
-        layer.capture = anchors is not None
-    losses = _forward_backward(trainable, micro_batches, forward_step)
-    flush_step_stats(layers)
-    t1 = time.perf_counter()
-    if guard is not None and not guard(trainable):
-        trainable.optimizer.zero_grad()
-        loss_sum, count = reduce_report(losses).tolist()
-        return {"loss": loss_sum / max(count, 1.0), "skipped": True, "skip_reason": "non-finite loss or gradient",
-                "timing/forward_backward": t1 - t0}
-    if probe is not None:
-        probe("pre_stein", state)
-    with native():
-        metrics = apply_stein(trainable.model, layers, state.groups, cfg.stein, routed_tokens) \
-            if cfg.stein.enabled else {}
-    if probe is not None:
-        probe("post_stein", state)
-    t2 = time.perf_counter()
+    """One learner step (module docstring). ``probe(stage, state)`` is called at "pre_stein" and
+    "post_stein" (tests); ``guard(trainable)`` runs after the backward: False (non-finite loss or
+    gradients) skips the step, weights unchanged."""
+    cfg, layers, timing = state.cfg, state.layers, {}
+    state.decision, state.d_anc_trace = tr.ACCEPT, []
+    with timed(timing, "forward_backward"):
+        lm_tokens, routed_tokens = global_token_counts(micro_batches)
+        set_loss_normalizers(layers, lm_tokens, routed_tokens)
+        for layer in layers:
+            layer.reset_step_stats()
+            layer.capture = anchors is not None
+        losses = _forward_backward(trainable, micro_batches, forward_step)
+        flush_step_stats(layers)
+    with timed(timing, "stein"):  # the guard's all-reduce counts here; a skipped step logs forward_backward only
+        if guard is not None and not guard(trainable):
+            trainable.optimizer.zero_grad()
+            loss_sum, count = reduce_report(losses).tolist()
+            return {"loss": loss_sum / max(count, 1.0), "skipped": True,
+                    "skip_reason": "non-finite loss or gradient", **timing}
+        if probe is not None:
+            probe("pre_stein", state)
+        with native():
+            metrics = apply_stein(trainable.model, layers, state.groups, cfg.stein, routed_tokens) \
+                if cfg.stein.enabled else {}
+        if probe is not None:
+            probe("post_stein", state)
     trust_region = cfg.trust_region.enabled and anchors is not None
+    with timed(timing, "optimizer"):
+        snap, old_protos, applied = _optimizer_step(trainable, state, trust_region)
+    with timed(timing, "trust_region"):
+        if trust_region:
+            with native():
+                decision, d_anc, backtracks = _trust_region(state, snap, old_protos, anchors)
+            applied |= {"decision": decision, "d_anc": d_anc, "backtracks": backtracks}
+        trainable.scheduler.step(increment=1)
+    state.decision = applied["decision"]
+    return step_report(state, losses, metrics, applied, timing)
+
+
+def _optimizer_step(trainable, state: VP2OState, trust_region: bool):
+    """Snapshot, ``optimizer.step()``, freeze of the inactive experts (spec 2.8), prototype refresh
+    (spec 2.4): (snapshot, prototypes before the step, what was applied so far)."""
+    cfg, layers = state.cfg, state.layers
     with native():
         snap = _snapshot(trainable, state, trust_region)
         old_protos = [layer.protos_XD.clone() for layer in layers] if trust_region else []
@@ -243,57 +268,21 @@ def vp2o_train_step(trainable, micro_batches, state: VP2OState, forward_step=lm_
         if cfg.stein.enabled and cfg.stein.freeze_inactive:
             _freeze_inactive(state, snap)
         refresh_prototypes(layers, state.groups, cfg.stein.power_iters)
-    t3 = time.perf_counter()
-    decision, d_anc, backtracks = tr.ACCEPT, float("nan"), 0
-    if trust_region:
-        with native():
-            decision, d_anc, backtracks = _trust_region(state, snap, old_protos, anchors)
-    trainable.scheduler.step(increment=1)
-    t4 = time.perf_counter()
-    return _report(state, losses, metrics, decision, d_anc, backtracks, grad_norm, update_ok,
-                   {"forward_backward": t1 - t0, "stein": t2 - t1, "optimizer": t3 - t2,
-                    "trust_region": t4 - t3})
+    applied = {"decision": tr.ACCEPT, "d_anc": float("nan"), "backtracks": 0, "grad_norm": grad_norm,
+               "update_ok": update_ok}
+    return snap, old_protos, applied
 
 
-def _report(state, losses, metrics, decision, d_anc, backtracks, grad_norm, update_ok, timing):
-    state.counters[tr.DECISION_NAMES[decision]] += 1
-    loss_sum, count = reduce_report(losses).tolist()
-    out = {"loss": loss_sum / max(count, 1.0), "tokens": int(count), "decision": tr.DECISION_NAMES[decision],
-           "d_anc": d_anc, "backtracks": backtracks, "update_ok": bool(update_ok),
-           "grad_norm": float(grad_norm) if grad_norm is not None else float("nan")}
-    out |= {f"count/{k}": v for k, v in state.counters.items()}
-    out["d_anc_trace"] = list(getattr(state, "d_anc_trace", []))
-    lazy = {}  # every tensor-valued metric, read to the host in one transfer below
-    for layer in state.layers:
-        n = layer.layer_number
-        tokens_E = torch.diagonal(layer.counts_EE)
-        lazy[f"moe/utilisation/layer{n}"] = tokens_E
-        lazy[f"moe/proto_overlap/layer{n}"] = _offdiag_abs_mean(layer.protos_ED @ layer.protos_ED.T)
-        lazy[f"moe/coact_overlap/layer{n}"] = coactivation_cosine(layer.counts_EE)  # 1: redundant pairs
-        lazy[f"loss/ortho/layer{n}"], lazy[f"loss/var/layer{n}"] = layer.loss_log[0], layer.loss_log[1]
-        lazy[f"moe/router_entropy/layer{n}"] = layer.loss_log[2] / layer.loss_log[3].clamp_min(1.0)
-    lazy |= {k: v for k, v in metrics.items() if torch.is_tensor(v)}
-    out |= {k: v for k, v in metrics.items() if not torch.is_tensor(v)}
-    out |= _to_host(lazy, lists=("moe/utilisation/",))
-    out |= {f"timing/{k}": v for k, v in timing.items()}
-    return out
+class VP2OLearner:
+    """``Learner`` for ``rl.algo=vp2o``: anchors captured at each refresh, one VP2O step per update."""
 
+    def __init__(self, trainable, state: VP2OState, forward_step):
+        self.trainable, self.state, self.forward_step = trainable, state, forward_step
 
-def _to_host(tensors: dict, lists: tuple[str, ...] = ()) -> dict:
-    """Python numbers (lists for keys starting with one of ``lists``) with one device->host copy."""
-    if not tensors:
-        return {}
-    device = next(iter(tensors.values())).device
-    flat = [t.detach().reshape(-1).float().to(device) for t in tensors.values()]
-    values = torch.cat(flat).tolist()
-    out, i = {}, 0
-    for (key, _), t in zip(tensors.items(), flat):
-        chunk = values[i:i + t.numel()]
-        i += t.numel()
-        out[key] = chunk if key.startswith(lists) else chunk[0]
-    return out
+    def anchors(self, batches: list) -> list:
+        return capture_anchors(self.trainable, batches, self.state, forward_step=self.forward_step)
 
-
-def _offdiag_abs_mean(m_EE: torch.Tensor) -> torch.Tensor:
-    e = m_EE.shape[0]
-    return (m_EE.abs().sum() - m_EE.diagonal().abs().sum()) / max(e * e - e, 1)
+    def step(self, batches: list, anchors: list | None) -> StepOutcome:
+        raw = vp2o_train_step(self.trainable, batches, self.state, forward_step=self.forward_step,
+                              anchors=anchors, guard=grads_finite)
+        return StepOutcome.from_metrics(raw, "vp2o", decision=self.state.decision)

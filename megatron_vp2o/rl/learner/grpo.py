@@ -1,0 +1,48 @@
+"""The GRPO baseline's learner: clipped policy-gradient optimizer steps on the rollout buffer.
+
+``rl.epochs`` passes of ``rl.mini_batches`` optimizer steps over the buffer (whole prompt groups per
+mini-batch, buffer order; the loss normalised per mini-batch), as verl/TRL/NeMo-RL run GRPO, each
+through the generic ``training.step.train_step`` with the policy loss of ``rl.learner.forward``.
+A non-finite loss or gradient skips that optimizer step only (``grads_finite``); the update counts
+as skipped when every step was. GRPO has no anchor budget: its outcome's decision is ACCEPT.
+"""
+
+from __future__ import annotations
+
+import math
+
+from megatron_vp2o.rl.batches import mini_batches
+from megatron_vp2o.rl.learner.forward import grads_finite
+from megatron_vp2o.rl.learner.outcome import StepOutcome
+from megatron_vp2o.training.step import train_step
+
+_AVERAGED = ("clip_frac", "ratio_mean", "kl_ref")  # report entries of the policy loss, averaged over steps
+
+
+class GRPOLearner:
+    """``Learner`` for ``rl.algo=grpo`` (and VP2O with ``vp2o.enabled=false``: plain megatron steps)."""
+
+    def __init__(self, trainable, rl_cfg, forward_step):
+        self.trainable, self.rl_cfg, self.forward_step = trainable, rl_cfg, forward_step
+
+    def anchors(self, batches: list) -> None:
+        return None
+
+    def step(self, batches: list, anchors: list | None = None) -> StepOutcome:
+        """The mini-batch epochs (module docstring). Logs the averages over the optimizer steps of
+        the loss, the clip fraction and the ratio pi/mu, the last step's lr / grad norm / timings,
+        and the count of skipped steps."""
+        rl = self.rl_cfg
+        minis = mini_batches(batches, rl.mini_batches, rl.policy_loss.group_size)
+        outs = [train_step(self.trainable, mb, self.forward_step, guard=grads_finite, report_keys=_AVERAGED)
+                for _ in range(rl.epochs) for mb in minis]
+        done = [o for o in outs if not o.get("skipped")] or outs
+        out = {k: sum(o[k] for o in done) / len(done) for k in ("loss", *_AVERAGED) if all(k in o for o in done)}
+        out |= {k: v for k, v in done[-1].items() if k.startswith("timing/") or k in ("lr", "grad_norm")}
+        out |= {"grpo/clip_fraction": out.pop("clip_frac", math.nan),
+                "grpo/ratio_mean": out.pop("ratio_mean", math.nan), "grpo/optimizer_steps": len(outs)}
+        skipped = sum(1 for o in outs if o.get("skipped"))
+        if skipped == len(outs):
+            out |= {"skipped": True, "skip_reason": outs[0].get("skip_reason")}
+        out["grpo/skipped_minibatches"] = skipped
+        return StepOutcome.from_metrics(out, "learner")
