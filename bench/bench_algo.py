@@ -12,7 +12,7 @@ Usage: python bench/bench_algo.py [--quick] [--threads N]   (--quick finishes in
 one thread by default, since spinning thread pools distort timings on a shared machine)
 
 Shape legend: E experts, D hidden, F expert ffn, P = D * F params per expert, T tokens, K top-k,
-M neighbours (m = coact_topm); spec 2.4-2.10 for the ops.
+M neighbours (m = coact_topm); method §2.4-2.10 for the ops.
 """
 
 from __future__ import annotations

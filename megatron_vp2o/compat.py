@@ -113,13 +113,13 @@ def swap_moe_layer(mlp_spec, moe_layer_cls, router_cls=None):
         return dataclasses.replace(mlp_spec, submodules=submodules)
     # 0.16's TransformerLayer hands pg_collection only to the MoE classes it knows by identity and
     # warns ("Unknown MLP type") for any other ModuleSpec; an entry that is a class gets no extra
-    # arguments and no warning. So the entry is a class with the spec's submodules and params bound.
+    # arguments and no warning. So the entry is a class with docs/method.md's submodules and params bound.
     return _bound_layer_class(moe_layer_cls, submodules, dict(mlp_spec.params))
 
 
 def _bound_layer_class(moe_layer_cls, bound_submodules, params: dict):
     """``moe_layer_cls`` whose constructor defaults ``submodules``, ``pg_collection`` (the model
-    parallel groups megatron itself would pass) and the spec's other ``params`` (row 1, 0.16)."""
+    parallel groups megatron itself would pass) and docs/method.md's other ``params`` (row 1, 0.16)."""
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     bound_groups = params.pop("pg_collection", None) or ProcessGroupCollection.use_mpu_process_groups()

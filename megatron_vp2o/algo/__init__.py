@@ -1,6 +1,6 @@
-"""VP2O algorithm core: pure torch functions, no megatron, no torch.distributed (STYLE principle 1).
+"""VP2O algorithm core: pure torch, no megatron, no torch.distributed (CONTRIBUTING.md §1).
 
-Modules, in the order the method uses them (spec section in brackets):
+Modules, in the order the method uses them (the method § of docs/method.md in brackets):
 - `prototypes`     expert prototypes by warm-started power iteration (2.4)
 - `coactivation`   co-activation counts, C, neighbour masks and the active set (2.5, 2.7)
 - `kernels`        prototype kernel registry, tau_E = tau0 / log(E + 1) (2.6)

@@ -1,9 +1,10 @@
-"""Co-activation statistics and the neighbour masks they induce (spec 2.5, 2.7, 2.8 active set).
+"""Co-activation statistics and the neighbour masks they induce (method §2.5, 2.7, 2.8 active set).
 
 What: which experts are routed to together. With the hard top-k mask M [T, E] of one layer,
 counts = M^T M (raw pair counts; the diagonal is the tokens per expert) and C = counts / T with the
-diagonal zeroed (spec 2.5). Each expert's co-active neighbours are its m largest positive entries of
-C[i, :] (spec 2.7); all other experts are its inactive set, the repulsion targets (spec 2.8).
+diagonal zeroed (method §2.5). Each expert's co-active neighbours are its m largest positive
+entries of
+C[i, :] (method §2.7); all other experts are its inactive set, the repulsion targets (method §2.8).
 
 Why raw counts: counts are integers stored in float, exact below 2^24 per entry, so they can be
 summed over micro-batches and all-reduced over the data/context/sequence-parallel ranks that see
@@ -29,7 +30,7 @@ def coactivation_counts(
 ) -> torch.Tensor:
     """Raw pair counts counts[i, j] = #{t : i, j both in topk(t)}, masked tokens excluded.
 
-    counts_EE = M^T M for the hard top-k mask M (spec 2.5); the diagonal is tokens per expert.
+    counts_EE = M^T M for the hard top-k mask M (method §2.5); the diagonal is tokens per expert.
     Un-normalised so that micro-batches and ranks can be summed before `coactivation_matrix`.
     """
     num_tokens, top_k = topk_idx_TK.shape
@@ -52,7 +53,8 @@ def tokens_per_expert(counts_EE: torch.Tensor) -> torch.Tensor:
 def coactivation_matrix(
     counts_EE: torch.Tensor, num_tokens: torch.Tensor | float
 ) -> torch.Tensor:
-    """C = counts / T with a zero diagonal (spec 2.5); T is the global routed-token count (>= 1)."""
+    """C = counts / T with a zero diagonal (method §2.5); T is the global routed-token count (>=
+    1)."""
     num_experts = counts_EE.shape[-1]
     denom = torch.as_tensor(num_tokens, dtype=counts_EE.dtype, device=counts_EE.device)
     eye_EE = torch.eye(num_experts, dtype=torch.bool, device=counts_EE.device)
@@ -60,7 +62,7 @@ def coactivation_matrix(
 
 
 def active_experts(counts_or_tokens: torch.Tensor) -> torch.Tensor:
-    """Active set A = experts with >= 1 routed token this step (spec 2.8), as a bool tensor.
+    """Active set A = experts with >= 1 routed token this step (method §2.8), as a bool tensor.
 
     A 1-D input is tokens per expert [E]; an input with 2+ dims is raw counts [..., E, E], whose
     diagonal holds the tokens per expert.
@@ -73,7 +75,7 @@ def active_experts(counts_or_tokens: torch.Tensor) -> torch.Tensor:
 def neighbour_masks(
     coact_EE: torch.Tensor, topm: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(co-active, inactive) bool masks [E, E] (spec 2.7).
+    """(co-active, inactive) bool masks [E, E] (method §2.7).
 
     coactive[i, j] = j is among the m = ``topm`` largest C[i, :] (j != i) and C[i, j] > 0.
     inactive = not co-active and j != i. Rows are per expert (no symmetrisation). ``topm`` is a

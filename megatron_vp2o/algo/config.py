@@ -1,7 +1,8 @@
-"""Typed configs for the VP2O algorithm knobs, one dataclass per concern (STYLE principle 6).
+"""Typed configs for the VP2O algorithm knobs, one dataclass per concern (CONTRIBUTING.md §6).
 
-What: `SteinConfig` (spec 2.4-2.8), `TrustRegionConfig` (spec 2.10-2.12), `SpecializationConfig`
-(spec 2.9) and `PolicyLossConfig` (alias `GRPOConfig`, spec 2.2-2.3), with the spec section 3
+What: `SteinConfig` (method §2.4-2.8), `TrustRegionConfig` (method §2.10-2.12),
+`SpecializationConfig`
+(method §2.9) and `PolicyLossConfig` (alias `GRPOConfig`, method §2.2-2.3), with the method §3
 defaults. Why: the algorithm functions take explicit scalars; these dataclasses are what YAML and
 dotted CLI overrides fill in (under the key in each class's ``SECTION``), and `__post_init__`
 rejects a bad value at load time with a ValueError naming the field and the allowed range, e.g.
@@ -9,7 +10,8 @@ rejects a bad value at load time with a ValueError naming the field and the allo
 losses and aggregations are checked against their registries.
 
 Departures: ``coact_topm=None`` means K (the router's top-k, known only with the model), resolved
-by `SteinConfig.resolved_topm`; ``ess_temper=None`` means the spec default of the chosen ESS level
+by `SteinConfig.resolved_topm`; ``ess_temper=None`` means the method §3 default of the chosen ESS
+level
 (0.25 sequence, 1.0 token), resolved by `TrustRegionConfig.resolved_ess_temper`.
 
 Shape legend: none (configs hold scalars).
@@ -49,15 +51,15 @@ def _require_bool(section: str, field: str, value: Any) -> None:
 
 @dataclass
 class SteinConfig:
-    """Stein transport of expert gradients and prototype upkeep (spec 2.4-2.8)."""
+    """Stein transport of expert gradients and prototype upkeep (method §2.4-2.8)."""
 
     SECTION: ClassVar[str] = "stein"
 
     #: Apply the Stein transport (False = plain GRPO gradients).
     enabled: bool = True
-    #: Prototype kernel name, one of the `kernels.KERNELS` registry (spec 2.6).
+    #: Prototype kernel name, one of the `kernels.KERNELS` registry (method §2.6).
     kernel: str = "sq_cos"
-    #: Kernel base temperature tau0; tau_E = tau0 / log(E + 1) (spec 2.6; bandwidth "fixed").
+    #: Kernel base temperature tau0; tau_E = tau0 / log(E + 1) (method §2.6; bandwidth "fixed").
     kernel_tau0: float = 1.0
     #: Kernel bandwidth rule (`kernels.BANDWIDTHS`): "fixed" (tau_E above) or "median" (SVGD's
     #: median heuristic, h = median off-diagonal distance / log(E + 1), per layer and step). The
@@ -66,19 +68,19 @@ class SteinConfig:
     kernel_bandwidth: str = "median"
     #: Kernel sharpness s: tau is divided by s (1 = the bandwidth rule as stated).
     kernel_sharpness: float = 1.0
-    #: Attraction among co-active neighbours (spec 2.8). False removes exactly that term: each
+    #: Attraction among co-active neighbours (method §2.8). False removes exactly that term: each
     #: active expert keeps its own gradient (plus the repulsion), the co-active / inactive sets
     #: (and so the repellers) stay as they are.
     attraction: bool = True
-    #: Repulsion weight alpha on dR_i/dW_i (spec 2.8); 0 disables the repulsion.
+    #: Repulsion weight alpha on dR_i/dW_i (method §2.8); 0 disables the repulsion.
     repulsion_coef: float = 0.01
-    #: Co-active neighbours m per expert (spec 2.7); None = the router's top-k K.
+    #: Co-active neighbours m per expert (method §2.7); None = the router's top-k K.
     coact_topm: Optional[int] = None
-    #: Warm-started power-iteration steps after every optimizer step (spec 2.4).
+    #: Warm-started power-iteration steps after every optimizer step (method §2.4).
     power_iters: int = 2
-    #: Power-iteration steps from the fixed start vector at initialisation (spec 2.4).
+    #: Power-iteration steps from the fixed start vector at initialisation (method §2.4).
     init_power_iters: int = 30
-    #: Restore parameters and optimizer moments of experts with no routed token (spec 2.8).
+    #: Restore parameters and optimizer moments of experts with no routed token (method §2.8).
     freeze_inactive: bool = True
 
     def __post_init__(self) -> None:
@@ -114,27 +116,27 @@ class SteinConfig:
 
 @dataclass
 class TrustRegionConfig:
-    """Anchor and behaviour budgets and the refresh rule (spec 2.10-2.12)."""
+    """Anchor and behaviour budgets and the refresh rule (method §2.10-2.12)."""
 
     SECTION: ClassVar[str] = "trust_region"
 
     #: Check the budgets and refresh by rule (False = refresh every rollout batch, as GRPO).
     enabled: bool = True
-    #: Anchor prototype budget delta_anc on D_anc, which lies in [0, 2] (spec 2.10).
+    #: Anchor prototype budget delta_anc on D_anc, which lies in [0, 2] (method §2.10).
     anchor_delta: float = 0.1
-    #: What to do when D_anc > delta_anc: backtrack, reject or refresh (spec 2.10).
+    #: What to do when D_anc > delta_anc: backtrack, reject or refresh (method §2.10).
     on_violation: str = "backtrack"
-    #: Scales of the parameter change tried in turn when backtracking (spec 2.10).
+    #: Scales of the parameter change tried in turn when backtracking (method §2.10).
     backtrack_scales: Tuple[float, ...] = (0.5, 0.25, 0.125)
-    #: Behaviour drift budget delta_drift on mean k3 KL(mu || pi) (spec 2.11).
+    #: Behaviour drift budget delta_drift on mean k3 KL(mu || pi) (method §2.11).
     drift_delta: float = 0.02
-    #: Refresh when the normalised ESS falls below eta_ess (spec 2.12).
+    #: Refresh when the normalised ESS falls below eta_ess (method §2.12).
     ess_min: float = 0.5
-    #: ESS tempering kappa; None = 0.25 for sequence level, 1.0 for token level (spec 2.11).
+    #: ESS tempering kappa; None = 0.25 for sequence level, 1.0 for token level (method §2.11).
     ess_temper: Optional[float] = None
-    #: Importance weights per sequence or per token for the ESS (spec 2.11).
+    #: Importance weights per sequence or per token for the ESS (method §2.11).
     ess_level: str = "sequence"
-    #: Force a refresh after this many learner steps on one rollout buffer (spec 2.12).
+    #: Force a refresh after this many learner steps on one rollout buffer (method §2.12).
     max_steps_per_refresh: int = 8
     #: Where the pre-step snapshot (main params + optimizer state) lives: device, or host (pinned
     #: host memory, copied asynchronously; on a CPU-only machine the same memory as device).
@@ -175,7 +177,7 @@ class TrustRegionConfig:
 
 @dataclass
 class SpecializationConfig:
-    """Expert specialisation losses (spec 2.9)."""
+    """Expert specialisation losses (method §2.9)."""
 
     SECTION: ClassVar[str] = "specialization"
 
@@ -183,7 +185,7 @@ class SpecializationConfig:
     ortho_coef: float = 1e-4
     #: Weight of the routing variance loss; 0 disables it.
     var_coef: float = 1e-3
-    #: Orthogonality form: "projection" (spec 2.9, grows with |x|^2) or "cosine" (scale-free).
+    #: Orthogonality form: "projection" (method §2.9, grows with |x|^2) or "cosine" (scale-free).
     ortho_form: str = "projection"
 
     def __post_init__(self) -> None:
@@ -197,7 +199,7 @@ class SpecializationConfig:
 
 @dataclass
 class PolicyLossConfig:
-    """Advantages and the policy-gradient surrogate (spec 2.2-2.3)."""
+    """Advantages and the policy-gradient surrogate (method §2.2-2.3)."""
 
     SECTION: ClassVar[str] = "policy_loss"
 
@@ -205,15 +207,15 @@ class PolicyLossConfig:
     advantage: str = "grpo"
     #: Policy loss, one of `grpo.POLICY_LOSSES` (vp2o, grpo_clip).
     policy_loss: str = "vp2o"
-    #: PPO clip range eps; None = no clipping for vp2o, 0.2 for grpo_clip (spec 2.3).
+    #: PPO clip range eps; None = no clipping for vp2o, 0.2 for grpo_clip (method §2.3).
     clip_eps: Optional[float] = None
     #: Weight beta_kl of the k3 KL(pi || pi_ref) penalty; 0 needs no reference model.
     kl_coef: float = 0.0
     #: Responses per prompt G (the GRPO group).
     group_size: int = 8
-    #: Loss aggregation, one of `grpo.AGGREGATIONS` (spec 2.2).
+    #: Loss aggregation, one of `grpo.AGGREGATIONS` (method §2.2).
     aggregation: str = "seq_mean_token_mean"
-    #: eps added to the group std in the grpo advantage (spec 2.2).
+    #: eps added to the group std in the grpo advantage (method §2.2).
     adv_eps: float = 1e-6
 
     def __post_init__(self) -> None:

@@ -1,4 +1,4 @@
-"""Per-layer diagnostics of the expert particle system (spec 2.13).
+"""Per-layer diagnostics of the expert particle system (method §2.13).
 
 What: the statistics the paper says it lacked, as 0-dim device tensors for logging: router
 entropy, expert utilisation (tokens per expert as a fraction, its max/mean load factor and the
@@ -12,7 +12,7 @@ The budgets (D_anc, D_beh, ESS) come from
 Why pure: they are reduced over ranks by the caller like every other statistic, and computing
 them never syncs the host (the logger reads them once per step).
 
-Departures: none in the math; the names are ours (spec 2.13 lists the quantities only).
+Departures: none in the math; the names are ours (method §2.13 lists the quantities only).
 
 Shape legend: T tokens, E experts, D hidden, P flattened expert params.
 """

@@ -1,4 +1,4 @@
-"""Group advantages and the policy-gradient surrogate losses of GRPO and VP2O (spec 2.2, 2.3).
+"""Group advantages and the policy-gradient surrogate losses of GRPO and VP2O (method §2.2, 2.3).
 
 What:
 - Advantage estimators (registry ``ADVANTAGES``), rewards of G responses per prompt -> [B, G]:
@@ -9,10 +9,10 @@ What:
 - Policy losses (registry ``POLICY_LOSSES``): per-token term
   min(rho A, clip(rho, 1-eps, 1+eps) A) - beta_kl k3(pi_ref, pi), rho = exp(logpi - logmu).
   ``grpo_clip`` clips with eps (0.2 when None); ``vp2o`` does not clip unless eps is given
-  (ablation): VP2O controls proximity with the trust region instead (spec 2.10-2.12).
-- Aggregations (registry ``AGGREGATIONS``): ``seq_mean_token_mean`` (spec 2.2 default:
+  (ablation): VP2O controls proximity with the trust region instead (method §2.10-2.12).
+- Aggregations (registry ``AGGREGATIONS``): ``seq_mean_token_mean`` (method §2.2 default:
   1/B sum_b 1/|o_b| sum_t) and ``token_mean`` (sum over tokens / number of tokens).
-Global normalisation (STYLE principle 9): `aggregation_count` gives the local denominator; sum it
+Global normalisation (CONTRIBUTING.md §9): `aggregation_count` gives the local denominator; sum it
 over micro-batches and data-parallel ranks and pass it as ``normalizer`` so that summing the
 micro-batch losses gives the global mean.
 
@@ -44,7 +44,8 @@ def _degenerate(rewards_BG: torch.Tensor) -> torch.Tensor:
 
 @ADVANTAGES.register("grpo")
 def group_advantages(rewards_BG: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """A = (r - mean r) / (std_unbiased r + eps) per group; 0 for an all-equal group (spec 2.2)."""
+    """A = (r - mean r) / (std_unbiased r + eps) per group; 0 for an all-equal group (method
+    §2.2)."""
     rewards_BG = rewards_BG.to(torch.promote_types(rewards_BG.dtype, torch.float32))
     centred_BG = rewards_BG - rewards_BG.mean(-1, keepdim=True)
     group = rewards_BG.shape[-1]
@@ -116,7 +117,7 @@ def policy_loss(
     aggregation: str = "seq_mean_token_mean",
     normalizer: torch.Tensor | float | None = None,
 ) -> tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """Loss = -agg_t [min(rho A, clip(rho, 1 +- eps) A) - kl_coef k3(pi_ref, pi)] (spec 2.3).
+    """Loss = -agg_t [min(rho A, clip(rho, 1 +- eps) A) - kl_coef k3(pi_ref, pi)] (method §2.3).
 
     Shapes: logp, logp_old, logp_ref, mask [B, T]; ``advantages`` [B] (one per sequence) or
     [B, T]. ``clip_eps=None`` disables clipping. ``normalizer`` is the global denominator of the
@@ -159,11 +160,12 @@ def policy_loss(
 
 @POLICY_LOSSES.register("grpo_clip")
 def grpo_clip_loss(*args, clip_eps: float | None = None, **kwargs):
-    """GRPO baseline: `policy_loss` with PPO clipping, eps = 0.2 when None (spec 2.3)."""
+    """GRPO baseline: `policy_loss` with PPO clipping, eps = 0.2 when None (method §2.3)."""
     return policy_loss(*args, clip_eps=0.2 if clip_eps is None else clip_eps, **kwargs)
 
 
 @POLICY_LOSSES.register("vp2o")
 def vp2o_loss(*args, clip_eps: float | None = None, **kwargs):
-    """VP2O: `policy_loss` without clipping unless ``clip_eps`` is given (ablation) (spec 2.3)."""
+    """VP2O: `policy_loss` without clipping unless ``clip_eps`` is given (ablation) (method
+    §2.3)."""
     return policy_loss(*args, clip_eps=clip_eps, **kwargs)

@@ -1,4 +1,4 @@
-"""Prototype kernels k(u_i, u_j) between experts of one layer (spec 2.6).
+"""Prototype kernels k(u_i, u_j) between experts of one layer (method §2.6).
 
 What: k_ij = exp(-d(c_ij) / tau) with c_ij = u_i . u_j the cosine of two unit prototypes, a
 distance d per form, and a temperature tau:
@@ -12,11 +12,11 @@ the rule says):
   off-diagonal d_ij of the layer / log(E + 1), recomputed from the current prototypes (a tensor,
   no host sync; not differentiated, as in SVGD). At s = 1 the median pair gets k = 1/(E + 1)
   whatever the geometry; larger s spreads the off-diagonal k apart (and shrinks them all).
-Why a registry: each form also gives dk/dc, which the closed-form repulsion gradient (spec 2.8)
+Why a registry: each form also gives dk/dc, which the closed-form repulsion gradient (method §2.8)
 needs; adding a form is one registration, and configs name it.
 
 Departures: the paper states the kernel in prose only; these forms, tau_E and the sharpness are
-OURS (spec 2.6). The diagonal is exactly 1 for every form and bandwidth (c_ii = 1).
+OURS (method §2.6). The diagonal is exactly 1 for every form and bandwidth (c_ii = 1).
 
 Shape legend: E experts, D hidden. Leading batch dims (e.g. layers) pass through.
 """
@@ -76,7 +76,7 @@ KERNELS.register("cos")(KernelForm(_cos, _cos_grad, _cos_dist))
 
 
 def kernel_temperature(num_experts: int, tau0: float) -> float:
-    """tau_E = tau0 / log(E + 1) (spec 2.6); a Python float (E is static)."""
+    """tau_E = tau0 / log(E + 1) (method §2.6); a Python float (E is static)."""
     if num_experts < 1 or tau0 <= 0:
         raise ValueError(f"need num_experts >= 1 and tau0 > 0 (got {num_experts}, {tau0})")
     return tau0 / math.log(num_experts + 1)
@@ -144,7 +144,7 @@ def prototype_kernel(
     [..., E, E].
 
     tau from `kernel_tau`; with the defaults tau_E = tau0 / log(E + 1), E = protos_ED.shape[-2]
-    (spec 2.6).
+    (method §2.6).
     """
     tau = kernel_tau(protos_ED, tau0, form, bandwidth, sharpness)
     return KERNELS.get(form).value(prototype_cosines(protos_ED), tau)

@@ -1,9 +1,9 @@
 """Expert prototypes: warm-started power iteration for each expert's top left singular vector.
 
 What: u_e = top left singular vector of W_e = linear_fc2.weight [D, F] (torch [out, in] layout), the
-dominant direction expert e writes into the residual stream (spec 2.4). Prototypes live in R^D,
+dominant direction expert e writes into the residual stream (method §2.4). Prototypes live in R^D,
 shared by all experts of a layer, so they are comparable across experts and feed the kernel
-(spec 2.6), the repulsion (spec 2.8) and the anchor budget (spec 2.10).
+(method §2.6), the repulsion (method §2.8) and the anchor budget (method §2.10).
 
 Why power iteration: one step is two batched mat-vecs, u <- W (W^T u), u <- u / ||u||; W W^T is
 never formed. Warm-started from the previous prototypes, `power_iters` (default 2) steps per
@@ -14,7 +14,8 @@ W (W^T u) is a partial sum: the distributed code calls `power_step_partial` on i
 all-reduces the [E, D] result over the expert-TP group and calls `normalize`. On a single shard
 `power_iteration` is exactly that loop without the all-reduce.
 
-Sign convention (spec 2.4 leaves signs arbitrary): W W^T is positive semi-definite, so a power step
+Sign convention (method §2.4 leaves signs arbitrary): W W^T is positive semi-definite, so a power
+step
 never flips u (u_new . u_old = ||W^T u_old||^2 / ||z|| >= 0); the sign set at init by the fixed
 start vector is carried by the warm start. The start vector is one deterministic D-vector shared
 by every expert, so the init is identical under any expert-parallel layout.
@@ -34,7 +35,7 @@ _NORM_EPS = 1e-30
 
 
 def power_step_partial(weight_EDF: torch.Tensor, protos_ED: torch.Tensor) -> torch.Tensor:
-    """Unnormalised power step z_e = W_e (W_e^T u_e) for the local F shard (spec 2.4).
+    """Unnormalised power step z_e = W_e (W_e^T u_e) for the local F shard (method §2.4).
 
     Under expert-TP the caller sums z over the TP group before `normalize`. Leading batch dims
     (e.g. layers) are allowed: weight [..., E, D, F], protos [..., E, D] -> z [..., E, D]. The
@@ -59,7 +60,7 @@ def normalize(z_ED: torch.Tensor, fallback_ED: torch.Tensor | None = None) -> to
 def power_iteration(
     weight_EDF: torch.Tensor, protos_ED: torch.Tensor, steps: int
 ) -> torch.Tensor:
-    """``steps`` warm-started power steps: u <- normalize(W (W^T u)) (spec 2.4).
+    """``steps`` warm-started power steps: u <- normalize(W (W^T u)) (method §2.4).
 
     Converges to the top left singular vector of each W_e at rate (s2/s1)^2 per step; ``steps`` is a
     static Python int (a fixed unrolled loop, safe for graph capture). Returns protos in the
@@ -93,7 +94,7 @@ def start_vectors(
 
 
 def init_prototypes(weight_EDF: torch.Tensor, steps: int = 30, seed: int = 0) -> torch.Tensor:
-    """Prototypes at init: ``steps`` (default 30, spec 2.4) power steps from `start_vectors`.
+    """Prototypes at init: ``steps`` (default 30, method §2.4) power steps from `start_vectors`.
 
     Returns float32 (or float64 for float64 weights), the dtype of the prototype buffer.
 

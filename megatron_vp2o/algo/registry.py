@@ -1,7 +1,8 @@
-"""Name -> function registries for the swappable math (STYLE principle 7).
+"""Name -> function registries for the swappable math (CONTRIBUTING.md §7).
 
-What: a tiny typed mapping used for prototype kernels (spec 2.6), advantage estimators (spec 2.2)
-and policy losses (spec 2.3). Why: configs name the variant as a string, and an unknown name must
+What: a tiny typed mapping used for prototype kernels (method §2.6), advantage estimators (method
+§2.2)
+and policy losses (method §2.3). Why: configs name the variant as a string, and an unknown name must
 fail at config time with an error that lists the valid choices, instead of a bare ``KeyError``
 deep inside a training step. Departs from nothing in the paper (pure plumbing).
 

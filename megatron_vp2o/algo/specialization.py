@@ -1,4 +1,4 @@
-"""Expert specialisation losses: output orthogonality and routing variance (spec 2.9).
+"""Expert specialisation losses: output orthogonality and routing variance (method §2.9).
 
 What (FOUND, Guo et al. 2025, arXiv 2505.22323):
 - Orthogonality: for each token t and each ordered pair (j, k), j != k, of its top-k experts with
@@ -10,13 +10,14 @@ What (FOUND, Guo et al. 2025, arXiv 2505.22323):
   router probabilities; minimising it pushes routing away from uniform. Weight `var_coef`.
 Why: both push experts apart in function space, complementing the parameter-space repulsion.
 
-Global normalisation (STYLE principle 9): the ``*_sum`` variants return (sum, count) so that a
+Global normalisation (CONTRIBUTING.md §9): the ``*_sum`` variants return (sum, count) so that a
 micro-batched step can add sums and counts over micro-batches and data-parallel ranks; the plain
 functions divide by their local count, or by ``normalizer`` (the global count) when given.
 
 Departures: outputs are gathered per token with the top-k indices (the caller builds
 expert_out_TKD that way), rejecting the official code's reshape that paired outputs in expert order
-(spec 4). Masked tokens are excluded with `torch.where`, so garbage in padded rows cannot leak in.
+(method §4). Masked tokens are excluded with `torch.where`, so garbage in padded rows cannot leak
+in.
 Math runs in at least float32.
 
 Shape legend: T tokens, K top-k, D hidden, E experts.
@@ -46,7 +47,7 @@ def normalized(
 
 
 def orthogonality_per_token(expert_out_TKD: torch.Tensor) -> torch.Tensor:
-    """Per-token sum over ordered top-k pairs j != k of ||proj_{x_k} x_j||^2 -> [T] (spec 2.9).
+    """Per-token sum over ordered top-k pairs j != k of ||proj_{x_k} x_j||^2 -> [T] (method §2.9).
 
     = sum_{j<k} <x_j, x_k>^2 (s_j + s_k) with s_k = n_k / (n_k + eps)^2, n_k = ||x_k||^2. For
     K <= 4 the K(K+1)/2 dot products are formed pairwise (no [T, K, K] batched matmul of tiny
@@ -97,7 +98,7 @@ def orthogonality_loss(
     token_mask_T: torch.Tensor | None = None,
     normalizer: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
-    """L_ortho = sum_t sum_{j != k} ||proj_{x_k} x_j||^2 / (K * T) (spec 2.9).
+    """L_ortho = sum_t sum_{j != k} ||proj_{x_k} x_j||^2 / (K * T) (method §2.9).
 
     ``normalizer`` replaces the local K * T (pass the global K * T for micro-batching).
     """
@@ -158,7 +159,8 @@ def orthogonality_cosine_per_token(expert_out_TKD: torch.Tensor) -> torch.Tensor
     cosine cos^2(x_j, x_k) = <x_j, x_k>^2 / ((||x_j||^2 + eps)(||x_k||^2 + eps)) -> [T],
     in [0, K(K-1)].
 
-    Why: the spec's projection form equals <x_j, x_k>^2 (1/||x_j||^2 + 1/||x_k||^2), which grows
+    Why: docs/method.md's projection form equals <x_j, x_k>^2 (1/||x_j||^2 + 1/||x_k||^2), which
+    grows
     with the square of the output norms, so one coefficient cannot suit models (or training phases)
     whose expert outputs differ in scale; the cosine form measures only the angle."""
     x_TKD = expert_out_TKD.to(torch.promote_types(expert_out_TKD.dtype, torch.float32))
@@ -179,10 +181,11 @@ def gated_sum_and_orthogonality(
     form: str = "projection",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(y = sum_k g_k x_k [T, D], orthogonality sum over tokens and ordered pairs): the MoE output
-    formed from the raw per-slot outputs and the ortho loss's numerator (spec 2.9) in one pass
+    formed from the raw per-slot outputs and the ortho loss's numerator (method §2.9) in one pass
     each way (`_GatedSumOrthogonality`) for K <= 4 in float32/64; composite otherwise.
-    ``token_weight_T`` (0/1: the response mask, spec 2.9) weights each token's term in the sum.
-    ``form``: "projection" (spec 2.9) or "cosine" (`orthogonality_cosine_per_token`, composite)."""
+    ``token_weight_T`` (0/1: the response mask, method §2.9) weights each token's term in the sum.
+    ``form``: "projection" (method §2.9) or "cosine" (`orthogonality_cosine_per_token`,
+    composite)."""
     if form not in ORTHO_FORMS:
         raise ValueError(f"form must be one of {{{', '.join(ORTHO_FORMS)}}} (got {form!r})")
     fused = (form == "projection" and 2 <= expert_out_TKD.shape[-2] <= _PAIRWISE_MAX_K
@@ -240,6 +243,7 @@ def routing_variance_loss(
     token_mask_T: torch.Tensor | None = None,
     normalizer: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
-    """L_var = -mean_t Var_e(p[t, e]) (spec 2.9); ``normalizer`` replaces the local token count."""
+    """L_var = -mean_t Var_e(p[t, e]) (method §2.9); ``normalizer`` replaces the local token
+    count."""
     total, count = routing_variance_loss_sum(probs_TE, token_mask_T)
     return normalized(total, count, normalizer)

@@ -1,6 +1,6 @@
 """Stein transport of expert gradients: kernel attraction among co-active experts plus repulsion.
 
-What (spec 2.8): the experts of one MoE layer are SVGD particles. The gradient handed to the
+What (method §2.8): the experts of one MoE layer are SVGD particles. The gradient handed to the
 optimizer for an active expert i is
     grad_i = sum_j w_ij g_j + alpha * dR_i/dW_i,
 with attraction weights w_ij = M_bar_ij k_ij / sum_l M_bar_il k_il over i's co-active neighbours
@@ -19,9 +19,10 @@ F shard.
 
 `svgd_direction` is textbook SVGD (Liu & Wang 2016, eq. 8) with an RBF kernel and the median
 heuristic: the reference the transport reduces to with all-ones masks, 1/n weights and an RBF
-kernel on particle coordinates (spec 2.8 "Reductions to test").
+kernel on particle coordinates (method §2.8 "Reductions to test").
 
-Departures (OURS, spec 2.8): the paper's SVGD acts on expert gradients with a prototype kernel and
+Departures (OURS, method §2.8): the paper's SVGD acts on expert gradients with a prototype kernel
+and
 co-activation masks; padded neighbour slots point at the expert itself with weight 0 so they cost
 no communication; ``topm`` above E - 1 acts as E - 1.
 
@@ -49,7 +50,7 @@ def _self_index(num_experts: int, like: torch.Tensor) -> torch.Tensor:
 def attraction_weights(
     kernel_EE: torch.Tensor, coactive_EE: torch.Tensor, topm: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sparse row-stochastic attraction weights (spec 2.8): (idx [..., E, M1], w [..., E, M1]).
+    """Sparse row-stochastic attraction weights (method §2.8): (idx [..., E, M1], w [..., E, M1]).
 
     Column 0 is the expert itself; columns 1..m its co-active neighbours; unused slots hold the
     expert's own index with weight 0. M1 = min(topm, E - 1) + 1 is static. Rows of ``coactive_EE``
@@ -102,7 +103,7 @@ def attraction(
     coactive_EE: torch.Tensor,
     topm: int | None = None,
 ) -> torch.Tensor:
-    """Attraction a_i = sum_j w_ij g_j over self + co-active neighbours (spec 2.8).
+    """Attraction a_i = sum_j w_ij g_j over self + co-active neighbours (method §2.8).
 
     Pass ``topm`` (= coact_topm) for the O(E (m+1) P) cost; None means m = E - 1 (always correct,
     but dense).
@@ -116,7 +117,7 @@ def attraction(
 def repulsion_weights(
     inactive_EE: torch.Tensor, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
-    """v_ij = M_in_ij / max(1, sum_l M_in_il) (spec 2.8), [..., E, E] in ``dtype``."""
+    """v_ij = M_in_ij / max(1, sum_l M_in_il) (method §2.8), [..., E, E] in ``dtype``."""
     mask_EE = inactive_EE.to(dtype)
     return mask_EE / mask_EE.sum(-1, keepdim=True).clamp_min(1.0)
 
@@ -137,7 +138,7 @@ def repulsion_factors_from_z(
     With v = u_i (stopgrad), y = W^T v (local F shard), u = z/||z||, gamma = dR/du =
     sum_j v_ij k'(u . u_j) u_j and g_z = (I - u u^T) gamma / ||z||:
         dR/dW = g_z y^T + v (W^T g_z)^T = [g_z, v] @ [y; W^T g_z].
-    z = W W^T v must already be summed over the expert-TP group (spec 2.8). Callers that add the
+    z = W W^T v must already be summed over the expert-TP group (method §2.8). Callers that add the
     repulsion into a gradient buffer use the factors (one batched matmul-add, no [X, D, F] tensor).
     ``weight_XDF`` holds the X local experts (global ids expert_offset .. expert_offset+X-1),
     ``protos_ED`` all E prototypes of the layer (tau uses this E and, for the ``median``
@@ -172,8 +173,8 @@ def repulsion_grad_from_z(
     bandwidth: str = "fixed",
     sharpness: float = 1.0,
 ) -> torch.Tensor:
-    """Closed-form dR_i/dW_i [X, D, F] given z = W W^T v summed over the expert-TP group (spec
-    2.8): the product of `repulsion_factors_from_z` (float32 or wider)."""
+    """Closed-form dR_i/dW_i [X, D, F] given z = W W^T v summed over the expert-TP group (method
+    §2.8): the product of `repulsion_factors_from_z` (float32 or wider)."""
     left_XD2, right_X2F = repulsion_factors_from_z(
         weight_XDF, protos_ED, z_XD, inactive_XE, tau0, form, expert_offset, bandwidth, sharpness
     )
@@ -197,7 +198,7 @@ def repulsion_grad(
     bandwidth: str = "fixed",
     sharpness: float = 1.0,
 ) -> torch.Tensor:
-    """dR_i/dW_i for every expert of an un-sharded fc2 weight [E, D, F] (spec 2.8).
+    """dR_i/dW_i for every expert of an un-sharded fc2 weight [E, D, F] (method §2.8).
 
     Equals autograd of sum_i R_i through one differentiable power step (see the module docstring).
     Under expert parallelism pass the local experts' weights, all E prototypes, the local rows of
@@ -221,7 +222,7 @@ def stein_transport(
     repulsion_EP: torch.Tensor | None = None,
     repulsion_coef: float = 0.0,
 ) -> torch.Tensor:
-    """grad_i = [i in A] (sum_j w_ij g_j + alpha dR_i/dW_i) (spec 2.8), [..., E, P] -> same.
+    """grad_i = [i in A] (sum_j w_ij g_j + alpha dR_i/dW_i) (method §2.8), [..., E, P] -> same.
 
     ``repulsion_EP`` is dR/dW laid out like ``grads_EP`` (zeros outside fc2's weight); callers that
     transport several parameter tensors call this once per tensor with the same masks.
@@ -235,7 +236,8 @@ def stein_transport(
 def keep_inactive(
     new_EP: torch.Tensor, old_EP: torch.Tensor, active_E: torch.Tensor
 ) -> torch.Tensor:
-    """`freeze_inactive` (spec 2.8): rows of experts outside A are put back to their old values."""
+    """`freeze_inactive` (method §2.8): rows of experts outside A are put back to their old
+    values."""
     return torch.where(active_E.unsqueeze(-1), new_EP, old_EP)
 
 

@@ -1,6 +1,7 @@
 """Trust region of VP2O: anchor prototype budget, behaviour budget, ESS and the refresh rule.
 
-What (OURS, spec 2.10-2.12). VP2O drops PPO clipping; proximity to the behaviour policy is kept by
+What (OURS, method §2.10-2.12). VP2O drops PPO clipping; proximity to the behaviour policy is kept
+by
 two budgets checked after every learner step on the same rollout buffer:
 - Anchor budget (2.10): routing barycenters b(t) = sum_{e in topk(t)} g[t, e] s_e u_e of the
   learner versus b_anc(t) of the actors at the last refresh (anchor prototypes, logged gates);
@@ -48,7 +49,7 @@ def _ratio(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
 
 
 def prototype_signs(protos_ED: torch.Tensor, anchor_protos_ED: torch.Tensor) -> torch.Tensor:
-    """s_e = sign(u_e . u_anc[e]) in {-1, +1} (0 -> +1) (spec 2.10), [..., E]."""
+    """s_e = sign(u_e . u_anc[e]) in {-1, +1} (0 -> +1) (method §2.10), [..., E]."""
     dot_E = (protos_ED * anchor_protos_ED.to(protos_ED.dtype)).sum(-1)
     return torch.where(dot_E < 0, -1.0, 1.0).to(protos_ED.dtype)
 
@@ -60,7 +61,7 @@ def barycenters(
     signs_E: torch.Tensor | None = None,
     renormalize: bool = True,
 ) -> torch.Tensor:
-    """b(t) = sum_{e in topk(t)} g[t, e] s_e u_e (spec 2.10): [..., T, D].
+    """b(t) = sum_{e in topk(t)} g[t, e] s_e u_e (method §2.10): [..., T, D].
 
     Inputs: top-k indices and gates [..., T, K], prototypes [..., E, D], signs [..., E] (default
     +1). Gates are renormalised over the top-k unless ``renormalize=False``.
@@ -82,7 +83,7 @@ def anchor_distance_sum(
     anchor_protos_ED: torch.Tensor,
     token_mask_T: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum over layers and valid tokens of ||b(t) - b_anc(t)||, count) (spec 2.10).
+    """(sum over layers and valid tokens of ||b(t) - b_anc(t)||, count) (method §2.10).
 
     Learner prototypes are sign-aligned to the anchor (s_e). Leading layer dims are summed too.
     """
@@ -105,7 +106,7 @@ def anchor_distance(
     token_mask_T: torch.Tensor | None = None,
     normalizer: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
-    """D_anc = mean over layers and tokens of ||b - b_anc|| in [0, 2] (spec 2.10).
+    """D_anc = mean over layers and tokens of ||b - b_anc|| in [0, 2] (method §2.10).
 
     ``normalizer`` replaces the local (layers x tokens) count with the global one.
     """
@@ -133,7 +134,7 @@ def behaviour_drift(
     mask_T: torch.Tensor | None = None,
     normalizer: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
-    """D_beh = mean_t (rho_t - 1 - log rho_t), the k3 estimate of KL(mu || pi) (spec 2.11)."""
+    """D_beh = mean_t (rho_t - 1 - log rho_t), the k3 estimate of KL(mu || pi) (method §2.11)."""
     total, count = behaviour_drift_sum(logp_T, logp_old_T, mask_T)
     return _ratio(total, count if normalizer is None else torch.as_tensor(normalizer).to(total))
 
@@ -149,7 +150,7 @@ def sequence_logratio(
 def tempered_ess(
     logratio_seq_N: torch.Tensor, kappa: float, mask_N: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Normalised ESS in (0, 1] of w_n = exp(kappa log rho_n) (spec 2.11).
+    """Normalised ESS in (0, 1] of w_n = exp(kappa log rho_n) (method §2.11).
 
     ESS/n = exp(2 logsumexp(log w) - logsumexp(2 log w)) / n over valid entries; 1 if none valid.
     Leading dims are independent batches (one ESS each).
@@ -171,7 +172,8 @@ def behaviour_ess(
     kappa: float,
     level: str = "sequence",
 ) -> torch.Tensor:
-    """Tempered normalised ESS at ``level`` "sequence" (a weight per y_b) or "token" (spec 2.11)."""
+    """Tempered normalised ESS at ``level`` "sequence" (a weight per y_b) or "token" (method
+    §2.11)."""
     if level == "sequence":
         seq_mask_B = mask_BT.to(torch.bool).any(-1)
         return tempered_ess(sequence_logratio(logp_BT, logp_old_BT, mask_BT), kappa, seq_mask_B)
@@ -191,7 +193,7 @@ def refresh_reason(
     ess_min: float = 0.5,
     max_steps_per_refresh: int = 8,
 ) -> torch.Tensor:
-    """The refresh rule (spec 2.12, eq. 11) with its reason: an int64 code into ``REASONS``.
+    """The refresh rule (method §2.12, eq. 11) with its reason: an int64 code into ``REASONS``.
 
     NO_REFRESH when every budget holds, else the first violated condition in the order anchor
     failed, D_beh > delta, ESS < eta, steps >= max. A NaN drift or ESS counts as a violation.
@@ -218,7 +220,7 @@ def refresh_needed(
     ess_min: float = 0.5,
     max_steps_per_refresh: int = 8,
 ) -> torch.Tensor:
-    """Refresh iff D_beh > delta or ESS < eta or anchor failed or steps >= max (spec 2.12): bool.
+    """Refresh iff D_beh > delta or ESS < eta or anchor failed or steps >= max (method §2.12): bool.
 
     ``refresh_reason(...) != NO_REFRESH``; a NaN drift or ESS counts as a violation.
     """
@@ -228,14 +230,15 @@ def refresh_needed(
 
 
 def backtrack_scales(num_scales: int = 3) -> tuple[float, ...]:
-    """The backtracking schedule 1/2, 1/4, 1/8, ... (spec 2.10), ``num_scales`` entries."""
+    """The backtracking schedule 1/2, 1/4, 1/8, ... (method §2.10), ``num_scales`` entries."""
     return tuple(0.5 ** (i + 1) for i in range(num_scales))
 
 
 def scaled_update(
     before_P: torch.Tensor, after_P: torch.Tensor, scale: float | torch.Tensor
 ) -> torch.Tensor:
-    """before + scale * (after - before): the parameter change scaled by ``scale`` (spec 2.10)."""
+    """before + scale * (after - before): the parameter change scaled by ``scale`` (method
+    §2.10)."""
     return torch.lerp(before_P, after_P.to(before_P.dtype), scale)
 
 
@@ -245,7 +248,7 @@ def decide(
     on_violation: str = "backtrack",
     num_scales: int = 3,
 ) -> torch.Tensor:
-    """Step decision code (int64 0-dim tensor) after evaluating the anchor budget (spec 2.10).
+    """Step decision code (int64 0-dim tensor) after evaluating the anchor budget (method §2.10).
 
     ``attempt`` counts backtracks already made (0 = the full step). ACCEPT if the budget holds;
     otherwise by ``on_violation``: backtrack -> BACKTRACK while attempt < num_scales, then REJECT;

@@ -30,7 +30,7 @@ from megatron_vp2o.config.validate import Layout, check_layout
 
 @dataclass
 class VP2OConfig:
-    """The VP2O method's knobs (spec section 3 defaults); see megatron_vp2o/algo/config.py."""
+    """The VP2O method's knobs (method §3 defaults); see megatron_vp2o/algo/config.py."""
 
     enabled: bool = True  # false: plain megatron layers and steps, configured policy loss, refresh every batch
     stein: SteinConfig = field(default_factory=SteinConfig)

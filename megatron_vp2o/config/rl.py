@@ -1,8 +1,8 @@
 """The ``rl`` config section (a declared field of :class:`~megatron_vp2o.config.Config`): what the RL trainer (``vp2o train``) does each step.
 
 ``algo``: ``vp2o`` (Stein transport, specialisation losses, geometric trust regions, event-driven
-actor refresh; spec 2) or ``grpo`` (the baseline: PPO clipping, actors refreshed every step, each
-rollout batch split into ``mini_batches`` optimizer steps for ``epochs`` passes; spec 2.3). The
+actor refresh; method §2) or ``grpo`` (the baseline: PPO clipping, actors refreshed every step, each
+rollout batch split into ``mini_batches`` optimizer steps for ``epochs`` passes; method §2.3). The
 ``ablate`` switches turn single VP2O parts off; ``budget`` ends a run at a rollout cost.
 
 GRPO mini-batches, ours beside verl's defaults (``actor_rollout_ref.actor``): verl splits each
@@ -10,7 +10,7 @@ GRPO mini-batches, ours beside verl's defaults (``actor_rollout_ref.actor``): ve
 steps per rollout batch, ``ppo_epochs`` 1, ``clip_ratio`` 0.2, no shuffling between epochs.
 Ours: ``mini_batches`` (default 4, whole groups per mini-batch), ``epochs`` 1,
 ``policy_loss.clip_eps`` 0.2 (grpo_clip), mini-batches taken in buffer order. VP2O takes the
-same rollout batches; its learner steps per batch are event-driven (the refresh rule, spec 2.12).
+same rollout batches; its learner steps per batch are event-driven (the refresh rule, method §2.12).
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ class AblationConfig:
     stein: bool = True  # attraction (kernel-weighted neighbour gradients)
     repulsion: bool = True  # repulsion gradient through the prototypes
     specialization: bool = True  # orthogonality + routing-variance losses
-    anchor_budget: bool = True  # prototype-barycenter trust region (spec 2.10)
-    behaviour_budget: bool = True  # drift / ESS refresh triggers (spec 2.11)
+    anchor_budget: bool = True  # prototype-barycenter trust region (method §2.10)
+    behaviour_budget: bool = True  # drift / ESS refresh triggers (method §2.11)
 
 
 @dataclass

@@ -1,10 +1,10 @@
-"""Every cross-rank reduction VP2O needs, with the process groups passed in (STYLE principle 4).
+"""Every cross-rank reduction VP2O needs, with the process groups passed in (CONTRIBUTING.md §4).
 
-What (spec 2.4, 2.5, 2.8, 2.10-2.12):
+What (method §2.4, 2.5, 2.8, 2.10-2.12):
 - co-activation counts: summed over the ranks that hold other tokens of the same layer: data x
-  context parallel, and tensor parallel when sequence parallel splits the tokens (spec 2.5);
+  context parallel, and tensor parallel when sequence parallel splits the tokens (method §2.5);
 - prototypes: power step z = W (W^T u) on the local F shard, all-reduced over expert-TP, normalised,
-  then all-gathered over EP so every rank holds all E prototypes of its layers (spec 2.4);
+  then all-gathered over EP so every rank holds all E prototypes of its layers (method §2.4);
 - full expert gradients: with the distributed optimizer the expert gradient buckets hold only this
   rank's reduce-scattered shard; `gather_expert_grads` all-gathers them over the expert-DP group
   (the same layout megatron uses for its parameter all-gather), so the Stein hook sees full grads;
@@ -58,7 +58,7 @@ def all_reduce_(tensor: torch.Tensor, group) -> torch.Tensor:
 
 
 def reduce_counts_(counts_EE: torch.Tensor, groups: VP2OGroups) -> torch.Tensor:
-    """Co-activation counts summed over every token-holding group (spec 2.5), in place."""
+    """Co-activation counts summed over every token-holding group (method §2.5), in place."""
     for group in groups.tokens:
         all_reduce_(counts_EE, group)
     return counts_EE
@@ -71,7 +71,7 @@ def gather_experts(local_XD: torch.Tensor, ep_group) -> torch.Tensor:
 
 def power_refresh(weight_XDF: torch.Tensor, protos_XD: torch.Tensor, steps: int,
                   groups: VP2OGroups) -> torch.Tensor:
-    """``steps`` warm-started power steps with the expert-TP all-reduce of z (spec 2.4): [X, D]."""
+    """``steps`` warm-started power steps with the expert-TP all-reduce of z (method §2.4): [X, D]."""
     u_XD = protos_XD.to(weight_XDF.dtype)
     for _ in range(steps):
         z_XD = all_reduce_(power_step_partial(weight_XDF, u_XD), groups.expert_tp)
@@ -82,7 +82,7 @@ def power_refresh(weight_XDF: torch.Tensor, protos_XD: torch.Tensor, steps: int,
 def refresh_prototypes(layers, groups: VP2OGroups, steps: int, from_start: bool = False) -> None:
     """Update every layer's ``protos_XD`` in place and all-gather ``protos_ED`` over EP.
 
-    ``from_start``: initialise from the deterministic start vector (30 steps at init, spec 2.4).
+    ``from_start``: initialise from the deterministic start vector (30 steps at init, method §2.4).
     Layers of equal shapes (usually all) are refreshed as one batch [L, X, D, F]: one expert-TP
     all-reduce per power step and one EP all-gather for all of them.
     """

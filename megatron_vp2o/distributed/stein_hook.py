@@ -1,4 +1,4 @@
-"""The Stein gradient hook: transport expert gradients in megatron's DDP grad buffers (spec 2.8).
+"""The Stein gradient hook: transport expert gradients in megatron's DDP grad buffers (method §2.8).
 
 Where (the one seam): after ``get_forward_backward_func()`` returns -- its last act is
 ``finalize_model_grads`` (``finish_grad_sync``: all-reduce, or reduce-scatter with the distributed
@@ -15,7 +15,7 @@ its own shard. Inf check: a device-side flag (any non-finite expert grad on any 
 the world) makes the transform the identity (``torch.where``), leaving megatron's own checks and
 the trust region (a NaN D_anc is a violation) to act; no host sync.
 
-What, per MoE layer, one layer at a time (spec 2.5-2.8): counts summed over token-holding ranks ->
+What, per MoE layer, one layer at a time (method §2.5-2.8): counts summed over token-holding ranks ->
 C, active set, neighbour masks, kernel on the all-gathered prototypes, sparse attraction weights;
 neighbour gradients fetched over EP with a static-shape all-to-all (`exchange_neighbours`);
 grad_i = [i in A] (sum_j w_ij g_j + alpha dR_i/dW_i) with z = W W^T u all-reduced over expert-TP.
@@ -138,7 +138,7 @@ def layer_repulsion(layers, inactive_LEE, protos_LED, cfg: SteinConfig, groups: 
 def apply_stein(ddp_model, layers, groups: VP2OGroups, cfg: SteinConfig, num_tokens) -> dict:
     """Transport the expert gradients of ``layers`` in place (module docstring); returns metrics.
 
-    ``num_tokens``: routed tokens per layer over all micro-batches and ranks (T of spec 2.5).
+    ``num_tokens``: routed tokens per layer over all micro-batches and ranks (T of method §2.5).
     Layers of the same shapes (usually all) share one batch [L, ...] for the masks, kernels and
     repulsion (small: E x E and rank-two factors; one counts all-reduce, one expert-TP all-reduce);
     the gradients are transported one layer at a time: the layer's two column blocks, fc1 [X, P1]

@@ -1,4 +1,4 @@
-"""Trust-region step control across ranks: snapshot, backtrack, reject, refresh (spec 2.8, 2.10).
+"""Trust-region step control across ranks: snapshot, backtrack, reject, refresh (method §2.8, 2.10).
 
 What: `ParamSnapshot` copies, before ``optimizer.step()``, only what the step changes on this rank
 and what cannot be rebuilt: every optimizer *main* parameter (fp32 masters of bf16 parameters,
@@ -9,7 +9,7 @@ The model parameters are *rebuilt* from the main parameters the way megatron doe
 parameter all-gather), so they are never copied. From it:
 - ``restore()``: exact (bitwise) restore of parameters and optimizer state (`reject`): the model
   parameters were megatron's rounding of the main parameters before the step, and are again;
-- ``restore(mask)``: restore only masked elements -- the freeze of inactive experts (spec 2.8
+- ``restore(mask)``: restore only masked elements -- the freeze of inactive experts (method §2.8
   `freeze_inactive`) reuses the same snapshot, so it costs no extra memory;
 - ``scale_update(after, s)``: main <- before + s (after - before), model rebuilt (`backtrack`;
   optimizer moments keep their post-step values: the step was taken, only shortened). ``after``
@@ -19,7 +19,7 @@ parameter all-gather), so they are never copied. From it:
 filled by asynchronous copies on a side stream (`take(wait=False)` before the forward/backward,
 `ready()` before the step: the pre-step state does not change in between) and read back only on a
 reject, backtrack or freeze. Without CUDA, host and device are the same memory (plain CPU tensors).
-`anchor_decision` evaluates D_anc (spec 2.10) with sums and counts reduced over every rank of
+`anchor_decision` evaluates D_anc (method §2.10) with sums and counts reduced over every rank of
 every pipeline stage, so `decide` returns the same code everywhere; the caller reads it once.
 
 Memory cost (persistent, allocated once, refreshed each step by one fused copy): the main
@@ -252,7 +252,7 @@ class ParamSnapshot:
                 torch._foreach_copy_(dst, src)
 
     def scale_update(self, after: dict, scale: float) -> None:
-        """Main parameters <- before + scale (after - before), model parameters rebuilt (spec 2.10)."""
+        """Main parameters <- before + scale (after - before), model parameters rebuilt (method §2.10)."""
         self.ready()
         with torch.no_grad():
             for i, (main, new) in enumerate(zip(self.mains, after["main"])):
@@ -276,7 +276,7 @@ def _main_mask(entry, mask_of):
 
 
 def anchor_statistic(layers, anchors) -> torch.Tensor:
-    """D_anc over all layers, tokens and ranks (spec 2.10), identical on every rank.
+    """D_anc over all layers, tokens and ranks (method §2.10), identical on every rank.
 
     ``anchors[i]`` = (anchor protos [E, D], anchor top-k [T, K], anchor gates [T, K], ...) for
     ``layers[i]``, tokens in the order the layer captured them (micro-batches concatenated); only
@@ -288,7 +288,7 @@ def anchor_statistic(layers, anchors) -> torch.Tensor:
     for layer, anchor in zip(layers, anchors):
         topk_TK = torch.cat([c[0] for c in layer.captured])
         gates_TK = torch.cat([c[1] for c in layer.captured])
-        counted_T = torch.cat([c[2] for c in layer.captured])  # response tokens (spec 2.10)
+        counted_T = torch.cat([c[2] for c in layer.captured])  # response tokens (method §2.10)
         entry = (topk_TK, gates_TK, layer.protos_ED, anchor[1], anchor[2], anchor[0], counted_T)
         batches.setdefault(tuple(tuple(t.shape) for t in entry), []).append(entry)
     for entries in batches.values():

@@ -24,7 +24,7 @@ Outside N the filtered probability is 0 and its log -inf (a token the actor samp
 nucleus can fall outside the learner's once the two differ); we then score it under the filtered
 distribution with its support extended by that one token. It is finite, continuous where the token
 enters N, and gives the token a gradient, so the importance ratio, the k3 drift D_beh and the ESS
-(spec 2.11) stay finite instead of forcing a refresh every step. The actor's own samples are always
+(method §2.11) stay finite instead of forcing a refresh every step. The actor's own samples are always
 inside its N, so its behaviour log-prob mu is unchanged.
 
 Shape legend: B sequences, V vocabulary (padded), T response tokens.

@@ -1,7 +1,7 @@
 """Layer specs: megatron-core's GPT decoder specs with our norm and a pluggable MoE layer class.
 
 We start from ``get_gpt_decoder_block_spec`` (which handles ``moe_layer_freq`` and the pipeline
-stage's slice of layers) and change only two things, through the spec (never by editing
+stage's slice of layers) and change only two things, through docs/method.md (never by editing
 megatron-core):
 
 * ``local`` backend: optionally torch SDPA as core attention (``model.attention: sdpa``,

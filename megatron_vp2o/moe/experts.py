@@ -1,7 +1,7 @@
 """Uniform access to the local experts' weights and gradients for every megatron expert layout.
 
-What: the Stein transport (spec 2.8) treats each expert as one particle with flattened parameters
-theta_e, and the prototypes (spec 2.4) need each expert's fc2 weight W_e as [D, F] (torch
+What: the Stein transport (method §2.8) treats each expert as one particle with flattened parameters
+theta_e, and the prototypes (method §2.4) need each expert's fc2 weight W_e as [D, F] (torch
 [out, in] layout). megatron-core stores experts three ways:
 
 | layout | fc1 | fc2 | W_e [D, F] |

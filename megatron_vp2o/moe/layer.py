@@ -1,6 +1,6 @@
 """`VP2OMoELayer`: megatron-core's MoELayer plus the per-expert state and captures VP2O needs.
 
-What (spec 2.4, 2.5, 2.9, 2.10): a subclass of ``MoELayer`` chosen through the layer spec
+What (method §2.4, 2.5, 2.9, 2.10): a subclass of ``MoELayer`` chosen through the layer spec
 (``build_trainable(cfg, moe_layer_cls=VP2OMoELayer)``) that keeps
 - ``protos_XD`` persistent buffer: the unit prototypes of the X local experts (checkpointed as a
   ShardedTensor split over EP, so it reshards); ``protos_ED`` non-persistent: all E prototypes of
@@ -12,7 +12,7 @@ What (spec 2.4, 2.5, 2.9, 2.10): a subclass of ``MoELayer`` chosen through the l
   layer and micro-batch) -- call it before reading either (the VP2O step does, after backward);
 - captures of each training micro-batch: top-k indices and top-k gates [T, K] (barycenters),
   with T in megatron's sequence-major order [S*B];
-- the specialisation losses (spec 2.9), attached to the output with megatron's
+- the specialisation losses (method §2.9), attached to the output with megatron's
   ``MoEAuxLossAutoScaler`` and logged through ``save_to_aux_losses_tracker``.
 
 Stages overridden (megatron 0.16.1 ``route -> preprocess -> dispatch -> routed_experts_compute ->
@@ -20,7 +20,7 @@ combine -> postprocess``): ``route`` (the router's own forward through `VP2OTopK
 for the full softmax p and to capture top-k/gates), ``postprocess`` (losses). With
 ``ortho_coef > 0`` also ``preprocess``, ``routed_experts_compute`` and ``combine``:
 
-Raw (un-gated) expert outputs, gathered per token (spec 2.9, 4). megatron applies the gate inside
+Raw (un-gated) expert outputs, gathered per token (method §2.9, 4). megatron applies the gate inside
 the expert (act(fc1 x) * p before fc2). With ortho on, the dispatcher carries, in place of the
 gates, each (token, expert) pair's top-k slot code k + 1 (exact in any float dtype; every
 dispatcher moves the probs alongside the rows untouched); the experts run with p = 1 and the
@@ -34,7 +34,7 @@ or autograd off: rollouts, evaluation, anchor capture; no losses either), the ex
 megatron's own, bit for bit.
 Needs the gate after the expert: ``moe_apply_probs_on_input`` and ``moe_latent_size`` refuse.
 
-Loss normalisation (STYLE 9): with ``calculate_per_token_loss`` megatron divides every gradient by
+Loss normalisation (CONTRIBUTING.md §9): with ``calculate_per_token_loss`` megatron divides every gradient by
 the global LM token count N after the DP reduction; `set_loss_normalizers` gives each layer
 N / (K T_glob) and N / T_glob (T_glob: routed tokens over micro-batches and ranks), so the
 gradient is that of coef * global_sum / global_count. Without it, local counts are used.
@@ -97,8 +97,7 @@ def in_checkpoint_forward() -> bool:
 
 
 class VP2OTopKRouter(TopKRouter):
-    """megatron's TopKRouter that can keep the gating logits of a call (the full softmax p of spec
-    2.9 needs them; megatron's forward returns only the top-k probs and map). Chosen in the layer
+    """megatron's TopKRouter that can keep the gating logits of a call (the full softmax p of method §2.9 needs them; megatron's forward returns only the top-k probs and map). Chosen in the layer
     spec as the MoE submodules' router (`VP2OMoELayer.router_cls`); everything else is megatron's."""
 
     keep_logits = False
@@ -285,7 +284,7 @@ class VP2OMoELayer(MoELayer):
                     rows = [output, *self._route["slots"]]
                 raw_TKD = torch.stack([disp.combine_postprocess(r).reshape(-1, r.shape[-1]) for r in rows], dim=1)
             # output and the ortho loss's numerator in one fused pass each way (algo.specialization)
-            weight_T = self._route["weight"]  # response tokens only (spec 2.9)
+            weight_T = self._route["weight"]  # response tokens only (method §2.9)
             output_TD, ortho_total = specialization.gated_sum_and_orthogonality(
                 raw_TKD, self._route["gates"], weight_T, form=self.spec_cfg.ortho_form)
             ortho = (ortho_total, weight_T.sum() * raw_TKD.shape[1])  # count K * T
@@ -317,7 +316,7 @@ class VP2OMoELayer(MoELayer):
         raw_flat = rows_RD.new_zeros(num_tokens * self.top_k, rows_RD.shape[-1]).index_copy(0, idx_R, rows_RD)
         return raw_flat.view(num_tokens, self.top_k, -1)
 
-    # --- losses (spec 2.9) ---------------------------------------------------------------------
+    # --- losses (method §2.9) ---------------------------------------------------------------------
     def _specialisation_loss(self, ortho):
         """``ortho``: (sum, count) of the orthogonality loss from `postprocess`, or None."""
         cfg, terms = self.spec_cfg, []
@@ -392,7 +391,7 @@ def flush_step_stats(layers) -> None:
 @contextmanager
 def response_tokens(model, loss_mask_BS: torch.Tensor):
     """Within the block, every VP2O layer of ``model`` counts only the tokens where ``loss_mask_BS``
-    [B, S] is set (the columns whose outputs score response tokens; spec 2.5, 2.9, 2.10): in the
+    [B, S] is set (the columns whose outputs score response tokens; method §2.5, 2.9, 2.10): in the
     co-activation counts, the active set, the specialisation losses, the captured barycenters and
     the router entropy. Set per micro-batch by the RL forward step."""
     layers = model.__dict__.get("_vp2o_layers")  # found once: the model's modules do not change after build

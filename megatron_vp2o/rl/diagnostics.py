@@ -8,7 +8,7 @@ and logs none, so comparisons read these instead (``eval/*``, response tokens on
 - ``eval/expert_util``: normalised entropy of the top-k expert load over response tokens, mean over
   layers (1: every expert equally loaded; 0: one expert takes all), from the rollout's routing log;
 - ``eval/proto_overlap``: mean off-diagonal |u_i . u_j| of expert prototypes (top left singular
-  vectors of fc2, 30 power steps from the fixed start, spec 2.4), mean over layers -- recomputed
+  vectors of fc2, 30 power steps from the fixed start, method §2.4), mean over layers -- recomputed
   from the weights, so VP2O's tracked prototypes and GRPO's untracked experts are measured alike.
   Needs every expert on the rank (EP = 1 and no expert-TP); otherwise not reported.
 

@@ -123,7 +123,7 @@ class Session:
                             logp_ref_BT=batch.logp_ref_BT, aggregation=self.cfg.rl.policy_loss.aggregation)
 
     def behaviour_stats(self) -> dict:
-        """D_beh and ESS of the current learner on the buffer (spec 2.11)."""
+        """D_beh and ESS of the current learner on the buffer (method §2.11)."""
         return behaviour_stats(self.trainable, self.batches, self.cfg.rl, self.tokenizer.vocab_size,
                                self.cfg.vp2o.trust_region.resolved_ess_temper())
 

@@ -1,11 +1,11 @@
 """``vp2o train``: VP2O (or the GRPO baseline) RL on megatron-core, as short timed phases.
 
-One RL step (spec 2.10-2.12; STYLE 8)::
+One RL step (method §2.10-2.12; CONTRIBUTING.md §8)::
 
     refresh       when the last step's decision says so (``start`` on the first step):
       rollout     actors (= current weights) generate G responses per prompt, logging mu and routing
       reward      reward registry (failures recorded, never raised)
-      advantages  group-relative advantages (spec 2.2); anchor snapshot of routing + prototypes
+      advantages  group-relative advantages (method §2.2); anchor snapshot of routing + prototypes
     update        the learner (``rl.learner``: ``Learner.step -> StepOutcome``)
                   vp2o: one learner step: Stein transport + specialisation losses + anchor trust region
                   grpo: ``rl.epochs`` x ``rl.mini_batches`` clipped optimizer steps on the batch
@@ -55,7 +55,7 @@ def refresh_every_step(cfg) -> bool:
 
 
 def refresh_decision(state: LoopState, cfg, stats_fn) -> tuple[str, dict]:
-    """The refresh rule (spec 2.12, eq. 11), applied once per step, here only: (reason, logged stats).
+    """The refresh rule (method §2.12, eq. 11), applied once per step, here only: (reason, logged stats).
 
     Taken after each update, for the next step. Owed refreshes come first (``start``: no buffer;
     ``forced``: the buffer is unusable), then
@@ -85,7 +85,7 @@ def refresh_decision(state: LoopState, cfg, stats_fn) -> tuple[str, dict]:
 
 
 def refresh(sess, state: LoopState) -> dict:
-    """Actors <- learner; new rollouts, rewards, advantages, anchor snapshot (spec 2.12)."""
+    """Actors <- learner; new rollouts, rewards, advantages, anchor snapshot (method §2.12)."""
     with phase(state, "rollout"):
         batch = sess.rollout(state.refreshes)
     with phase(state, "reward"):

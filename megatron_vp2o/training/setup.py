@@ -7,7 +7,7 @@ the torch fallback when TE/apex are absent), ``OptimizerParamScheduler`` (warm-u
 
 Loss normalisation: ``calculate_per_token_loss=True`` -- each micro-batch returns the *sum* of
 its token losses and its token count; megatron sums both over micro-batches and data-parallel
-ranks and divides the gradients once by the global token count (STYLE principle 9).
+ranks and divides the gradients once by the global token count (CONTRIBUTING.md §9).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Contract: megatron_vp2o/algo is pure torch + math (CONTRIBUTING.md §1): no megatron, no
 torch.distributed, no host syncs (.item/.cpu/.tolist/.cuda); every file opens with a docstring that
-cites the spec and carries a shape legend, and stays under 600 lines."""
+cites docs/method.md and carries a shape legend, and stays under 600 lines."""
 
 import ast
 import io
@@ -59,6 +59,6 @@ def test_module_docstring_and_size(path):
     doc = ast.get_docstring(ast.parse(text))
     assert doc, f"{path.name} has no module docstring"
     assert "Shape legend" in doc, f"{path.name} docstring lacks a shape legend"
-    assert "spec" in doc, f"{path.name} docstring cites no spec section"
+    assert "method §" in doc, f"{path.name} docstring cites no docs/method.md section (method §N)"
     assert len(text.splitlines()) <= 600
     assert max(len(line) for line in text.splitlines()) <= 100, f"{path.name}: line > 100"

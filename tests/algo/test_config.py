@@ -1,4 +1,4 @@
-"""Contract: algorithm configs default to spec section 3, reject bad values with a ValueError that
+"""Contract: algorithm configs default to method §3, reject bad values with a ValueError that
 names the field and the allowed range, and document every field in one line."""
 
 import ast

@@ -1,4 +1,4 @@
-"""Contract: per-layer diagnostics (spec 2.13) take their analytic values on uniform, one-hot,
+"""Contract: per-layer diagnostics (method §2.13) take their analytic values on uniform, one-hot,
 orthogonal and collapsed inputs, and ignore masked tokens."""
 
 import math

@@ -1,6 +1,6 @@
 """Contract: GRPO / Dr. GRPO / RLOO advantages and the clipped / unclipped policy losses equal
 hand-computed values; aggregations and global normalisers compose over micro-batches
-(spec 2.2-2.3)."""
+(method §2.2-2.3)."""
 
 import math
 

@@ -1,5 +1,5 @@
-"""Contract: the prototype kernel matches its formula (spec 2.6); co-activation counts, C, the
-neighbour masks and the active set match per-token / per-expert loop references (spec 2.5, 2.7)."""
+"""Contract: the prototype kernel matches its formula (method §2.6); co-activation counts, C, the
+neighbour masks and the active set match per-token / per-expert loop references (method §2.5, 2.7)."""
 
 import math
 

@@ -1,6 +1,6 @@
 """Contract: power iteration finds each expert's top left singular vector, warm starts converge
 in <= 2 steps, the expert-TP split (partial step + sum + normalise) equals the whole-W step
-(spec 2.4)."""
+(method §2.4)."""
 
 import torch
 

@@ -1,6 +1,6 @@
 """Contract: the orthogonality loss equals a per-token loop over ordered top-k pairs, vanishes
 for orthogonal outputs and ignores masked tokens; the variance loss matches its definition
-(spec 2.9)."""
+(method §2.9)."""
 
 import pytest
 import torch

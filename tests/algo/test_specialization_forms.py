@@ -24,7 +24,7 @@ def test_cosine_form_equals_definition_and_is_scale_free():
     assert torch.allclose(S.orthogonality_cosine_per_token(x_TKD), ref_T, atol=1e-9)
     scaled = x_TKD * torch.tensor([0.5, 1.0, 1e3], dtype=torch.float64).view(1, 3, 1)
     assert torch.allclose(S.orthogonality_cosine_per_token(scaled), ref_T, atol=1e-5)  # up to eps
-    # the spec's projection form is not scale-free: x -> 10 x multiplies it by ~100
+    # docs/method.md's projection form is not scale-free: x -> 10 x multiplies it by ~100
     assert torch.allclose(S.orthogonality_per_token(10 * x_TKD), 100 * S.orthogonality_per_token(x_TKD), rtol=1e-4)
 
 

@@ -1,6 +1,6 @@
 """Contract: sparse attraction equals its dense definition, the closed-form repulsion equals
 autograd through one power step (and gradcheck), the transport reduces to identity and to
-textbook SVGD, which reaches a Gaussian target (spec 2.8)."""
+textbook SVGD, which reaches a Gaussian target (method §2.8)."""
 
 import pytest
 import torch

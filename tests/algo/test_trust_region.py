@@ -1,6 +1,6 @@
 """Contract: barycenters and D_anc match loop references and are sign-invariant, drift is the k3
 mean, the tempered ESS has its analytic values, and the refresh rule / decision codes follow
-spec 2.10-2.12 as device tensors."""
+method §2.10-2.12 as device tensors."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Contract: VP2O counts response tokens only (spec 2.5, 2.9, 2.10): adding tokens that are not
+"""Contract: VP2O counts response tokens only (method §2.5, 2.9, 2.10): adding tokens that are not
 response tokens to an RL batch (left padding; a sequence with no response token) leaves the
 co-activation counts, the active set, both specialisation losses, D_anc and the Stein-transported
 gradients unchanged (megatron's load-balancing loss included: the layer passes the mask to the

@@ -1,7 +1,7 @@
 """The RL learner in one home: GRPO's and VP2O's learner steps behind one interface.
 
 - ``outcome``: the interface, ``Learner.step(batches, anchors) -> StepOutcome``, and the outcome the
-  RL loop acts on and logs (spec 2.10-2.13);
+  RL loop acts on and logs (method §2.10-2.13);
 - ``grpo``: ``GRPOLearner``, the baseline's clipped mini-batch epochs;
 - ``vp2o``: ``VP2OLearner`` and its step ``vp2o_train_step`` (Stein transport, specialisation
   losses, anchor trust region), with its metrics in ``vp2o_report``;

@@ -9,7 +9,7 @@ top-k/top-p filtered), so rho = pi/mu compares like with like; a label outside t
 top-k/top-p set is scored with that set extended by the label (``sampling.token_logprobs``), so
 its log-prob, the ratio and the drift stay finite.
 
-Normalisation (STYLE 9): the loss function returns the *sum* of the aggregation's terms and its
+Normalisation (CONTRIBUTING.md §9): the loss function returns the *sum* of the aggregation's terms and its
 count (sequences for ``seq_mean_token_mean``, tokens for ``token_mean``); megatron sums both over
 micro-batches and data-parallel ranks and divides the gradient once by the global count, so the
 objective is the aggregation over the whole global batch.
@@ -66,7 +66,7 @@ def policy_loss_func(batch, cfg, vocab_size, logits_BSV):
 
 def policy_forward_step(data_iterator, model, cfg=None, vocab_size=None):
     """megatron forward step of the policy loss; VP2O layers count only the response tokens
-    (``loss_mask``: spec 2.5, 2.9, 2.10) in their statistics, losses and captures."""
+    (``loss_mask``: method §2.5, 2.9, 2.10) in their statistics, losses and captures."""
     batch = next(data_iterator).to(next(model.parameters()).device)
     with rope_positions(unwrap(model), batch.positions), response_tokens(unwrap(model), batch.loss_mask):
         out = model(batch.tokens, batch.positions, batch.attention_mask)
@@ -76,7 +76,7 @@ def policy_forward_step(data_iterator, model, cfg=None, vocab_size=None):
 @torch.no_grad()
 def behaviour_stats(trainable, batches, cfg, vocab_size, ess_temper: float) -> dict:
     """D_beh (k3 drift) and sequence-level tempered ESS of the current learner against the buffer's
-    behaviour log-probs (spec 2.11), over all data-parallel ranks: one forward-only pass."""
+    behaviour log-probs (method §2.11), over all data-parallel ranks: one forward-only pass."""
     model = unwrap(trainable.model)
     model.eval()
     last = ps.is_pipeline_last_stage(ignore_virtual=True)

@@ -3,8 +3,8 @@
 GRPO (``rl.learner.grpo``) and VP2O (``rl.learner.vp2o``) learners both take the buffer's
 micro-batches and the anchors captured at the last refresh, and return one declared
 :class:`StepOutcome`: what the trainer acts on (``skipped``, ``anchor_failed``: the anchor budget
-verdict the refresh rule reads, spec 2.12), what it logs (``logged()``), and the D_anc values of the
-trust-region loop (spec 2.10). The trainer never reads a learner's metric names to decide anything.
+verdict the refresh rule reads, method §2.12), what it logs (``logged()``), and the D_anc values of the
+trust-region loop (method §2.10). The trainer never reads a learner's metric names to decide anything.
 """
 
 from __future__ import annotations

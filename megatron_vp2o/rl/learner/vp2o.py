@@ -1,4 +1,4 @@
-"""The VP2O learner on megatron-core: one learner step per RL step (spec 2.4-2.13).
+"""The VP2O learner on megatron-core: one learner step per RL step (method §2.4-2.13).
 
 ``VP2OLearner`` is the RL loop's ``Learner`` (``rl.learner.outcome``) for ``rl.algo=vp2o``; the
 step itself, ``vp2o_train_step``, also runs alone (distributed parity tests, bench/bench_step.py).
@@ -10,12 +10,12 @@ Phases, in order (each timed into ``timing/<phase>`` with ``monitor.timing.timed
    (normalised globally: `set_loss_normalizers`);
 2. ``stein`` -- the gradient transport in the DDP grad buffers (`distributed.stein_hook`);
 3. ``optimizer`` -- snapshot (trust region + freeze), ``optimizer.step()``, restore of the
-   experts outside the active set (spec 2.8 `freeze_inactive`), prototype refresh (spec 2.4);
-4. ``trust_region`` -- D_anc against the anchor (spec 2.10) with accept / backtrack (1/2, 1/4,
-   1/8) / reject / refresh, one decision on every rank. The refresh rule (spec 2.12) is not
+   experts outside the active set (method §2.8 `freeze_inactive`), prototype refresh (method §2.4);
+4. ``trust_region`` -- D_anc against the anchor (method §2.10) with accept / backtrack (1/2, 1/4,
+   1/8) / reject / refresh, one decision on every rank. The refresh rule (method §2.12) is not
    applied here: the caller applies it once per step (`rl.trainer.refresh_decision`), reading
    the outcome's ``anchor_failed`` (decision reject / refresh).
-Returns metrics (spec 2.13) as Python numbers (one host read at the end: `vp2o_report`); the
+Returns metrics (method §2.13) as Python numbers (one host read at the end: `vp2o_report`); the
 decision code and the D_anc trace of the last step stay on the ``VP2OState``.
 
 ``anchors``: per local VP2O layer (anchor prototypes [E, D], anchor top-k [T, K], gates [T, K])
@@ -57,7 +57,7 @@ class VP2OState:
     snapshot: object = None  # the ParamSnapshot reused across steps (its buffers are allocated once)
     snapshot_key: tuple = ()
     decision: int = tr.ACCEPT  # the last step's trust-region decision code (ACCEPT when skipped or off)
-    d_anc_trace: list = field(default_factory=list)  # the last step's D_anc per attempt (spec 2.10)
+    d_anc_trace: list = field(default_factory=list)  # the last step's D_anc per attempt (method §2.10)
 
 
 class NoVP2OLayers(RuntimeError):
@@ -85,7 +85,7 @@ def require_vp2o_layers(model, layers) -> None:
 
 
 def init_vp2o(trainable, cfg, sequence_parallel: bool, init_prototypes: bool = True) -> VP2OState:
-    """Find the VP2O layers, build the groups, initialise prototypes (30 power steps, spec 2.4)."""
+    """Find the VP2O layers, build the groups, initialise prototypes (30 power steps, method §2.4)."""
     groups = VP2OGroups.from_parallel_state(sequence_parallel)
     layers = vp2o_layers(trainable.model)
     require_vp2o_layers(trainable.model, layers)
@@ -114,7 +114,7 @@ def global_token_counts(micro_batches) -> tuple[float, float]:
 
 
 def set_loss_normalizers(layers, lm_tokens: float, routed_tokens: float) -> None:
-    """Per-layer (N / (K T), N / T): the gradient of coef * global_sum / global_count (STYLE 9)."""
+    """Per-layer (N / (K T), N / T): the gradient of coef * global_sum / global_count (CONTRIBUTING.md §9)."""
     for layer in layers:
         layer.loss_norm = (lm_tokens / (layer.top_k * routed_tokens), lm_tokens / routed_tokens)
 
@@ -131,7 +131,7 @@ def _forward_backward(trainable, micro_batches, forward_step) -> list:
 
 
 def _freeze_mask(layers):
-    """mask_of(param): elements of experts outside the active set (spec 2.8), else None."""
+    """mask_of(param): elements of experts outside the active set (method §2.8), else None."""
     owner = {id(p.param): layer for layer in layers for p in layer.accessor.params}
 
     def mask_of(param):
@@ -158,7 +158,7 @@ def _snapshot(trainable, state, trust_region: bool) -> "ParamSnapshot | None":
 
 
 def _freeze_inactive(state, snap) -> None:
-    """Restore the experts outside the active set (spec 2.8) -- one host read of the active masks;
+    """Restore the experts outside the active set (method §2.8) -- one host read of the active masks;
     nothing to do in the common step where every expert got tokens."""
     layers = state.layers
     if bool(torch.stack([layer.active_E for layer in layers]).all()):
@@ -167,7 +167,7 @@ def _freeze_inactive(state, snap) -> None:
 
 
 def _trust_region(state, snap, old_protos, anchors) -> tuple[int, float, int]:
-    """Anchor budget loop (spec 2.10): returns (decision, D_anc, backtracks)."""
+    """Anchor budget loop (method §2.10): returns (decision, D_anc, backtracks)."""
     cfg = state.cfg.trust_region
     scales = cfg.backtrack_scales
     d_anc = anchor_statistic(state.layers, anchors)
@@ -257,8 +257,8 @@ def vp2o_train_step(trainable, micro_batches, state: VP2OState, forward_step=lm_
 
 
 def _optimizer_step(trainable, state: VP2OState, trust_region: bool):
-    """Snapshot, ``optimizer.step()``, freeze of the inactive experts (spec 2.8), prototype refresh
-    (spec 2.4): (snapshot, prototypes before the step, what was applied so far)."""
+    """Snapshot, ``optimizer.step()``, freeze of the inactive experts (method §2.8), prototype refresh
+    (method §2.4): (snapshot, prototypes before the step, what was applied so far)."""
     cfg, layers = state.cfg, state.layers
     with native():
         snap = _snapshot(trainable, state, trust_region)

@@ -1,4 +1,4 @@
-"""The metrics of one VP2O learner step (spec 2.13), read to the host in one transfer.
+"""The metrics of one VP2O learner step (method §2.13), read to the host in one transfer.
 
 ``step_report`` turns what ``rl.learner.vp2o.vp2o_train_step`` did (loss, decision, D_anc and its
 trace, backtracks, grad norm) and what the VP2O layers accumulated during the step (utilisation,
