@@ -40,7 +40,7 @@ Evaluate = Callable[[torch.nn.Module, object, str], dict]
 
 
 def check_inputs(cfg):
-    check_layout(cfg, world_size_from_env())
+    check_layout(cfg, world_size_from_env(), sft_batch=False)  # RL reads no SFT batch field
     rl = cfg.rl
     if rl.algo == "vp2o" and cfg.vp2o.trust_region.ess_level != "sequence":
         raise ConfigError("vp2o.trust_region.ess_level=token is not supported by `vp2o train`; use sequence")
@@ -200,7 +200,7 @@ def build_session(cfg, out_dir: Path, resume: bool, evaluate: Evaluate | None = 
     tokenizer, prompts, eval_prompts = check_inputs(cfg)
     ckpt_root = Path(cfg.checkpoint.dir or out_dir / "checkpoints")
     resume_from = latest_checkpoint(ckpt_root) if resume and ckpt_root.exists() else None
-    layout = init_parallel(cfg)
+    layout = init_parallel(cfg, sft_batch=False)
     # vp2o.enabled=false: plain megatron layers and steps with the configured (unclipped) loss
     vp2o_cfg = vp2o_knobs(cfg) if cfg.rl.algo == "vp2o" and cfg.vp2o.enabled else None
     trainable, extra = _build_trainable(cfg, vp2o_cfg, resume_from)

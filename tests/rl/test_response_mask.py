@@ -40,5 +40,7 @@ def test_extra_tokens_change_nothing(measured, variant):
     for a, b in zip(plain["spec_losses"], other["spec_losses"]):  # ortho, var, entropy sum, tokens
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
     assert torch.allclose(plain["d_anc"], other["d_anc"], rtol=1e-5, atol=1e-8)
-    for a, b in zip(plain["grads"], other["grads"]):
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    for a, b in zip(plain["grads"], other["grads"]):  # summation order differs with padding: tolerance
+        # relative to the gradient's own scale (the median-bandwidth kernel mixes neighbours' gradients)
+        scale = float(a.abs().max())
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * scale), float((a - b).abs().max()) / scale

@@ -153,7 +153,8 @@ def _snapshot(trainable, state, trust_region: bool) -> "ParamSnapshot | None":
     params = None if trust_region else [p.param for layer in state.layers for p in layer.accessor.params]
     key = (id(trainable.optimizer), params is None)
     if state.snapshot is None or state.snapshot_key != key:
-        state.snapshot, state.snapshot_key = ParamSnapshot(trainable.model, trainable.optimizer, params), key
+        state.snapshot = ParamSnapshot(trainable.model, trainable.optimizer, params, where=cfg.trust_region.snapshot)
+        state.snapshot_key = key
     return state.snapshot.take()
 
 
