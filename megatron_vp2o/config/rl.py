@@ -52,6 +52,29 @@ class SamplingConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """Engine settings that are not sampling settings."""
+    tp: int = 1  # vLLM's tensor parallel size (GPU)
+    ep: int = 1  # expert parallel: 1 (off) or tp (vLLM spreads experts over its TP ranks)
+    gpu_memory_utilization: float = 0.4  # share of GPU memory for weights + KV cache (the learner has the rest)
+    sleep: bool = True  # GPU: free weights and KV cache during learner steps (sleep level 1)
+    kv_cache_bytes: int = 512 << 20  # CPU: KV cache size (vLLM would otherwise take most of the host memory)
+    max_model_len: Optional[int] = None  # default: the model's seq_length
+    max_num_seqs: int = 256  # requests decoded together
+    bucket_bytes: int = 256 << 20  # weight refresh bucket (weight_sync.py)
+    weight_transfer: str = "ipc"  # GPU refresh backend: vLLM's weight-transfer API over CUDA IPC
+    routed_experts: bool = False  # GPU (model runner V2): ask vLLM for routed experts (R3)
+    enforce_eager: Optional[bool] = None  # default: True on CPU, False on GPU (CUDA graphs)
+
+    def __post_init__(self):
+        if self.tp < 1 or self.ep not in (1, self.tp):
+            raise ValueError(f"rl.vllm: tp must be >= 1 and ep 1 or tp (vLLM's experts span its TP ranks), got "
+                             f"tp={self.tp} ep={self.ep}")
+        if self.bucket_bytes < 1 << 20:
+            raise ValueError(f"rl.vllm.bucket_bytes must be at least 1 MiB, got {self.bucket_bytes}")
+
+
+@dataclass
 class AblationConfig:
     stein: bool = True  # attraction (kernel-weighted neighbour gradients)
     repulsion: bool = True  # repulsion gradient through the prototypes
@@ -92,6 +115,8 @@ class RLConfig:
     epochs: int = 1  # grpo: passes over each rollout batch (verl ppo_epochs: 1)
     micro_batch_size: int = 16  # sequences per learner micro-batch
     reward_timeout_s: float = 10.0  # per-call reward timeout
+    engine: Literal["megatron", "vllm"] = "megatron"  # rollout engine: megatron's own decoding, or vLLM
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)  # rl.engine=vllm: the engine's own settings
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     policy_loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
     ablate: AblationConfig = field(default_factory=AblationConfig)

@@ -67,6 +67,14 @@ class ModelConfig:
 
     def __post_init__(self):
         check(self.recompute_num_layers >= 1, "model.recompute_num_layers", "be >= 1", self.recompute_num_layers)
+        if self.recompute_modules is not None:
+            unknown = [m for m in self.recompute_modules if m not in RECOMPUTE_MODULES]
+            check(not unknown, "model.recompute_modules", f"name megatron recompute modules ({', '.join(RECOMPUTE_MODULES)})",
+                  self.recompute_modules)
+            check(not ("moe_act" in self.recompute_modules and self.expert_impl == "sequential"),
+                  "model.recompute_modules", "not hold moe_act with model.expert_impl=sequential (megatron recomputes "
+                  "the activation of grouped experts only; use expert_impl=te_grouped, or 'moe' for the whole layer)",
+                  self.recompute_modules)
         for name in ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "num_experts",
                      "moe_router_topk", "moe_ffn_hidden_size", "vocab_size", "seq_length", "moe_layer_freq"):
             check(getattr(self, name) >= 1, f"model.{name}", "be >= 1", getattr(self, name))
@@ -84,6 +92,14 @@ class ModelConfig:
         if self.head_dim is None:
             check(self.hidden_size % self.num_attention_heads == 0, "model.head_dim",
                   "be set when hidden_size is not divisible by num_attention_heads", self.head_dim)
+
+
+#: megatron-core's selective-recompute modules (TransformerConfig.recompute_modules), every release we support.
+RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts")
+#: Of those, the ones megatron checkpoints with ``CheckpointWithoutOutput`` (needs Transformer Engine).
+TE_RECOMPUTE_MODULES = ("layernorm", "moe_act")
+#: ``model.recompute: selective`` without ``model.recompute_modules``: what megatron recomputes.
+SELECTIVE_MODULES = ("core_attn", "moe")
 
 
 @dataclass

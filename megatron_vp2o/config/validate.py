@@ -7,6 +7,7 @@ layout fails with a message that names the field and the fix instead of a megatr
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 from megatron_vp2o.config.loader import ConfigError
@@ -26,6 +27,20 @@ class Layout:
     edp: int  # data-parallel size of the experts
     sequence_parallel: bool
     num_micro_batches: int
+
+
+def recompute_modules(model) -> list[str]:
+    """The selective-recompute modules of ``model.recompute: selective``, refused (one line naming
+    ``model.recompute_modules``) where one needs Transformer Engine and it is not installed. Called by
+    the CLI pre-flight and when the megatron config is built."""
+    from megatron_vp2o.config.schema import SELECTIVE_MODULES, TE_RECOMPUTE_MODULES
+
+    modules = list(model.recompute_modules) if model.recompute_modules is not None else list(SELECTIVE_MODULES)
+    te = [m for m in modules if m in TE_RECOMPUTE_MODULES]
+    if model.recompute == "selective" and te and importlib.util.find_spec("transformer_engine") is None:
+        raise ConfigError(f"model.recompute_modules: {', '.join(te)} need Transformer Engine (megatron-core's "
+                          "CheckpointWithoutOutput); install it (GPU) or recompute core_attn and moe")
+    return modules
 
 
 def _need(cond: bool, msg: str) -> None:

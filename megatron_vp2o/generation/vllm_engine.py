@@ -42,38 +42,15 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 
 import torch
 
 from megatron_vp2o import platform
 from megatron_vp2o.generation.rollouts import Rollouts, left_pad, positions_from_pads
+from megatron_vp2o.config.rl import VLLMConfig
 from megatron_vp2o.generation.sampling import SamplingConfig
 
 _ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CONFIGURE_LOGGING": "0", "TOKENIZERS_PARALLELISM": "false"}
-
-
-@dataclass
-class VLLMConfig:
-    """Engine settings that are not sampling settings."""
-    tp: int = 1  # vLLM's tensor parallel size (GPU)
-    ep: int = 1  # expert parallel: 1 (off) or tp (vLLM spreads experts over its TP ranks)
-    gpu_memory_utilization: float = 0.4  # share of GPU memory for weights + KV cache (the learner has the rest)
-    sleep: bool = True  # GPU: free weights and KV cache during learner steps (sleep level 1)
-    kv_cache_bytes: int = 512 << 20  # CPU: KV cache size (vLLM would otherwise take most of the host memory)
-    max_model_len: int | None = None  # default: the model's seq_length
-    max_num_seqs: int = 256  # requests decoded together
-    bucket_bytes: int = 256 << 20  # weight refresh bucket (weight_sync.py)
-    weight_transfer: str = "ipc"  # GPU refresh backend: vLLM's weight-transfer API over CUDA IPC
-    routed_experts: bool = False  # GPU (model runner V2): ask vLLM for routed experts (R3)
-    enforce_eager: bool | None = None  # default: True on CPU, False on GPU (CUDA graphs)
-
-    def __post_init__(self):
-        if self.tp < 1 or self.ep not in (1, self.tp):
-            raise ValueError(f"vllm: tp must be >= 1 and ep 1 or tp (vLLM's experts span its TP ranks), got "
-                             f"tp={self.tp} ep={self.ep}")
-        if self.bucket_bytes < 1 << 20:
-            raise ValueError(f"vllm.bucket_bytes must be at least 1 MiB, got {self.bucket_bytes}")
 
 
 def cuda() -> bool:

@@ -13,8 +13,6 @@ calling rank. The router mapping (megatron flag <- ours):
 
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
@@ -25,6 +23,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_vp2o import compat
 from megatron_vp2o.device import device
 from megatron_vp2o.config import ConfigError, ModelConfig, ParallelConfig
+from megatron_vp2o.config.validate import recompute_modules
 from megatron_vp2o.model.spec import decoder_block_spec
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -72,12 +71,6 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, use_cpu_ini
     return TransformerConfig(**kwargs)
 
 
-#: ``model.recompute: selective`` without ``model.recompute_modules``: what megatron recomputes.
-SELECTIVE_MODULES = ("core_attn", "moe")
-#: megatron recompute modules whose checkpoint (``CheckpointWithoutOutput``) needs Transformer Engine.
-_TE_MODULES = ("layernorm", "moe_act")
-
-
 def recompute_kwargs(model: ModelConfig) -> dict:
     """megatron-core's activation-recompute arguments for ``model.recompute`` (none | selective |
     full); megatron's own mechanism (``tensor_parallel.checkpoint``), VP2O layers recompute exactly
@@ -87,14 +80,7 @@ def recompute_kwargs(model: ModelConfig) -> dict:
     if model.recompute == "full":
         return dict(recompute_granularity="full", recompute_method=model.recompute_method,
                     recompute_num_layers=model.recompute_num_layers)
-    modules = list(model.recompute_modules) if model.recompute_modules is not None else list(SELECTIVE_MODULES)
-    te = [m for m in modules if m in _TE_MODULES]
-    if te and importlib.util.find_spec("transformer_engine") is None:
-        raise ConfigError(f"model.recompute_modules: {', '.join(te)} need Transformer Engine (megatron-core's "
-                          "CheckpointWithoutOutput); install it (GPU) or recompute core_attn and moe")
-    if "moe_act" in modules and model.expert_impl == "sequential":
-        raise ConfigError("model.recompute_modules: moe_act needs grouped experts (megatron-core); use "
-                          "model.expert_impl=te_grouped, or 'moe' (recompute the whole MoE layer)")
+    modules = recompute_modules(model)
     return dict(recompute_granularity="selective", recompute_modules=modules)
 
 

@@ -109,7 +109,8 @@ class Session:
 
     def reward_metrics(self, batch) -> dict:
         """reward/* of a training batch, plus ``rollout/new_samples`` / ``rollout/new_tokens`` (all ranks)."""
-        return reward_metrics(batch, self.cfg.rl.policy_loss.group_size)
+        engine = getattr(self.engine, "last_metrics", {})  # vLLM: weight sync and engine/learner mismatch
+        return reward_metrics(batch, self.cfg.rl.policy_loss.group_size) | engine
 
     def set_buffer(self, batch):
         """Make ``batch`` the learner's buffer (reference log-probs, micro-batches); the anchors (vp2o)."""
@@ -177,6 +178,8 @@ class Session:
         return state
 
     def close(self):
+        if hasattr(self.engine, "close"):
+            self.engine.close()
         self.progress.close()
         self.logger.close()
 
@@ -213,15 +216,29 @@ def build_session(cfg, out_dir: Path, resume: bool, evaluate: Evaluate | None = 
         state = init_vp2o(trainable, vp2o_cfg, layout.sequence_parallel, init_prototypes=resume_from is None)
         state.counters.update(extra.get("vp2o_counters", {}))
         learner = VP2OLearner(trainable, state, forward_step)
-    from megatron_vp2o.generation import MegatronEngine
-
-    engine = MegatronEngine(unwrap(trainable.model), pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size)
+    engine = _build_engine(cfg, unwrap(trainable.model), tokenizer)
     ref_model = _build_reference(cfg)
     start = extra.get("step", 0)
     logger = MetricsLogger(out_dir, cfg.logging, to_dict(cfg), resume_step=start)
     progress = Progress(cfg.rl.steps, f"vp2o train ({cfg.rl.algo})", cfg.logging.progress, start=start)
     return Session(cfg, out_dir, tokenizer, prompts, eval_prompts, layout, trainable, learner, engine, ref_model,
                    logger, progress, ckpt_root, resume_from, extra, evaluate_benchmarks=evaluate)
+
+
+def _build_engine(cfg, model, tokenizer):
+    """The actors' engine (``rl.engine``): megatron's own decoding on the learner's module, or vLLM
+    in this process, refreshed from the learner before every rollout batch (streamed weight sync),
+    whose behaviour log-probs and routing come from one learner forward over its samples."""
+    from megatron_vp2o.generation import MegatronEngine
+
+    if cfg.rl.engine == "megatron":
+        return MegatronEngine(model, pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size)
+    from megatron_vp2o.generation.vllm_engine import SyncedEngine, VLLMEngine
+    from megatron_vp2o.generation.weight_sync import WeightSync
+
+    engine = VLLMEngine(cfg.model, pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size, config=cfg.rl.vllm,
+                        seed=cfg.train.seed)
+    return SyncedEngine(engine, WeightSync(engine, [model], cfg), model)
 
 
 def _build_trainable(cfg, vp2o_cfg, resume_from):

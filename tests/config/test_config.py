@@ -28,6 +28,8 @@ def test_tiny_config_and_overrides():
     (["parallel.tp"], ["parallel.tp", "section.field=value"]),
     (["vp2o.stein.repulsion_coef=-1"], ["vp2o.stein.repulsion_coef"]),
     (["model.moe_router_topk=9"], ["model.moe_router_topk", "num_experts"]),
+    (["model.recompute_modules=[abc]"], ["model.recompute_modules", "core_attn", "'abc'"]),
+    (["model.recompute_modules=[moe_act]"], ["model.recompute_modules", "te_grouped"]),
 ])
 def test_bad_values_name_the_field(override, words):
     with pytest.raises(ConfigError) as info:
@@ -60,3 +62,21 @@ def test_33b_config_loads_and_fits_an_h100_layout():
     cfg = load_config("examples/configs/vp2o_33b_a4b_h100.yaml")
     layout = check_layout(cfg, 64)
     assert layout.ep * layout.etp <= 64 and cfg.model.num_experts % cfg.parallel.ep == 0
+
+
+def test_selective_recompute_modules_default_and_transformer_engine():
+    import importlib.util
+
+    from megatron_vp2o.config.validate import recompute_modules
+
+    cfg = load_config(TINY, ["model.recompute=selective"])
+    assert recompute_modules(cfg.model) == ["core_attn", "moe"]
+    cfg = load_config(TINY, ["model.recompute=selective", "model.recompute_modules=[layernorm, core_attn]"])
+    if importlib.util.find_spec("transformer_engine") is None:
+        with pytest.raises(ConfigError, match="model.recompute_modules: layernorm need Transformer Engine"):
+            recompute_modules(cfg.model)
+    else:
+        assert recompute_modules(cfg.model) == ["layernorm", "core_attn"]
+    # Not selective: the list is not used, so nothing is refused.
+    cfg = load_config(TINY, ["model.recompute=full", "model.recompute_modules=[layernorm]"])
+    assert recompute_modules(cfg.model) == ["layernorm"]
