@@ -67,11 +67,17 @@ class VLLMConfig:
     enforce_eager: Optional[bool] = None  # default: True on CPU, False on GPU (CUDA graphs)
 
     def __post_init__(self):
-        if self.tp < 1 or self.ep not in (1, self.tp):
-            raise ValueError(f"rl.vllm: tp must be >= 1 and ep 1 or tp (vLLM's experts span its TP ranks), got "
-                             f"tp={self.tp} ep={self.ep}")
-        if self.bucket_bytes < 1 << 20:
-            raise ValueError(f"rl.vllm.bucket_bytes must be at least 1 MiB, got {self.bucket_bytes}")
+        check(self.tp >= 1, "rl.vllm.tp", "be >= 1", self.tp)
+        check(self.ep in (1, self.tp), "rl.vllm.ep", f"be 1 or rl.vllm.tp ({self.tp}): vLLM's experts span its TP "
+              "ranks", self.ep)
+        check(0.0 < self.gpu_memory_utilization <= 1.0, "rl.vllm.gpu_memory_utilization", "be in (0, 1]",
+              self.gpu_memory_utilization)
+        check(self.kv_cache_bytes >= 1 << 20, "rl.vllm.kv_cache_bytes", "be at least 1 MiB (1048576)",
+              self.kv_cache_bytes)
+        check(self.max_model_len is None or self.max_model_len >= 1, "rl.vllm.max_model_len", "be >= 1 or null",
+              self.max_model_len)
+        check(self.max_num_seqs >= 1, "rl.vllm.max_num_seqs", "be >= 1", self.max_num_seqs)
+        check(self.bucket_bytes >= 1 << 20, "rl.vllm.bucket_bytes", "be at least 1 MiB (1048576)", self.bucket_bytes)
 
 
 @dataclass
