@@ -167,33 +167,68 @@ def _freeze_inactive(state, snap) -> None:
     snap.restore(_freeze_mask(layers))
 
 
-def _trust_region(state, snap, old_protos, anchors) -> tuple[int, float, int]:
-    """Anchor budget loop (method §2.10): returns (decision, D_anc, backtracks)."""
+def route_after_step(trainable, micro_batches, state: VP2OState, forward_step=lm_forward_step) -> None:
+    """Re-route this step's tokens with the weights as they are now (after the optimizer step or a
+    backtrack), so D_anc judges a step by the gates it produces (method §2.10), not by those of the
+    forward before it. One forward-only pass; the step's statistics (co-activation counts, loss log)
+    are kept, only ``layer.captured`` is replaced."""
+    layers = state.layers
+    kept = [(layer.counts_EE.clone(), layer.loss_log.clone()) for layer in layers]
+    for layer in layers:
+        layer.reset_step_stats()
+        layer.capture = True
+    mb = micro_batches[0]
+    with torch.no_grad():
+        get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(micro_batches), model=trainable.models,
+            num_microbatches=len(micro_batches), seq_length=mb.tokens.shape[1],
+            micro_batch_size=mb.tokens.shape[0], forward_only=True)
+    for layer, (counts_EE, loss_log) in zip(layers, kept):
+        captured = layer.captured
+        layer.reset_step_stats()
+        layer.counts_EE.copy_(counts_EE)
+        layer.loss_log, layer.captured = loss_log, captured
+
+
+def _trust_region(state, snap, old_protos, anchors, reroute) -> tuple[int, float, int]:
+    """Anchor budget loop (method §2.10): returns (decision, D_anc, backtracks). ``reroute()``
+    captures the current weights' gates before each D_anc (a megatron forward: outside
+    ``native()``, which wraps only VP2O's own tensor work here)."""
     cfg = state.cfg.trust_region
     scales = cfg.backtrack_scales
-    d_anc = anchor_statistic(state.layers, anchors)
-    state.d_anc_trace = [float(d_anc)]
+
+    def judge() -> float:
+        reroute()
+        with native():
+            d_anc = float(anchor_statistic(state.layers, anchors))
+        state.d_anc_trace.append(d_anc)
+        return d_anc
+
+    def restore_prototypes(power_iters: int) -> None:
+        for layer, old in zip(state.layers, old_protos):
+            layer.protos_XD.copy_(old)
+        refresh_prototypes(state.layers, state.groups, power_iters)
+
+    state.d_anc_trace = []
+    d_anc = judge()
     attempt = 0
     decision = int(tr.decide(d_anc <= cfg.anchor_delta, attempt, cfg.on_violation, len(scales)))
-    after = snap.capture_after() if decision == tr.BACKTRACK else None
+    with native():
+        after = snap.capture_after() if decision == tr.BACKTRACK else None
     while decision == tr.BACKTRACK:
-        snap.scale_update(after, scales[attempt])
-        for layer, old in zip(state.layers, old_protos):
-            layer.protos_XD.copy_(old)
-        refresh_prototypes(state.layers, state.groups, state.cfg.stein.power_iters)
-        d_anc = anchor_statistic(state.layers, anchors)
-        state.d_anc_trace.append(float(d_anc))
+        with native():
+            snap.scale_update(after, scales[attempt])
+            restore_prototypes(state.cfg.stein.power_iters)
+        d_anc = judge()
         attempt += 1
-        ok = d_anc <= cfg.anchor_delta
-        decision = int(tr.decide(ok, attempt, cfg.on_violation, len(scales)))
+        decision = int(tr.decide(d_anc <= cfg.anchor_delta, attempt, cfg.on_violation, len(scales)))
         if decision == tr.ACCEPT:
-            return tr.BACKTRACK, float(d_anc), attempt
+            return tr.BACKTRACK, d_anc, attempt
     if decision == tr.REJECT:
-        snap.restore()
-        for layer, old in zip(state.layers, old_protos):
-            layer.protos_XD.copy_(old)
-        refresh_prototypes(state.layers, state.groups, 0)
-    return decision, float(d_anc), attempt
+        with native():
+            snap.restore()
+            restore_prototypes(0)
+    return decision, d_anc, attempt
 
 
 def capture_anchors(trainable, micro_batches, state: VP2OState, forward_step=lm_forward_step) -> list:
@@ -249,8 +284,8 @@ def vp2o_train_step(trainable, micro_batches, state: VP2OState, forward_step=lm_
         snap, old_protos, applied = _optimizer_step(trainable, state, trust_region)
     with timed(timing, "trust_region"):
         if trust_region:
-            with native():
-                decision, d_anc, backtracks = _trust_region(state, snap, old_protos, anchors)
+            reroute = lambda: route_after_step(trainable, micro_batches, state, forward_step)  # noqa: E731
+            decision, d_anc, backtracks = _trust_region(state, snap, old_protos, anchors, reroute)
             applied |= {"decision": decision, "d_anc": d_anc, "backtracks": backtracks}
         trainable.scheduler.step(increment=1)
     state.decision = applied["decision"]

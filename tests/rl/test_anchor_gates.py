@@ -1,0 +1,37 @@
+"""Contract: the anchor budget judges a step by the routing the step produces (method §2.10): the
+D_anc a VP2O step reports equals D_anc computed from a fresh forward of the post-step weights (its
+gates and prototypes) against the anchors, not the pre-step forward's gates with post-step
+prototypes; each backtrack is judged again the same way, and a reject restores every weight.
+One real tiny-recipe session on one rank."""
+
+from __future__ import annotations
+
+import pytest
+
+from e2e.test_rl import QUICK
+from harness import run_world
+from megatron_vp2o.algo import trust_region as tr
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory):
+    overrides = QUICK + ["rl.micro_batch_size=8", "rl.lr=3e-3"]
+    return run_world(1, "rl.worlds_anchor_gates:anchor_gates",
+                     {"out": str(tmp_path_factory.mktemp("anchor")), "overrides": overrides}, timeout_s=300)
+
+
+def test_d_anc_uses_the_post_step_gates(measured):
+    got = measured["accept"]
+    assert got["decision"] == tr.ACCEPT and len(got["trace"]) == 1
+    assert got["fresh"] > 0
+    assert got["trace"][0] == pytest.approx(got["fresh"], rel=1e-6, abs=1e-9)
+    # the stale combination is measurably different here, so the check above can fail
+    assert abs(got["stale"] - got["fresh"]) > 1e-3 * got["fresh"], got
+
+
+def test_every_attempt_is_judged_and_a_reject_restores(measured):
+    got = measured["reject"]
+    assert got["decision"] == tr.REJECT and got["anchor_failed"]
+    assert len(got["trace"]) == 1 + got["scales"]  # the full step and each backtrack
+    assert all(d > 1e-9 for d in got["trace"])
+    assert got["restored"]
