@@ -141,10 +141,17 @@ class TrustRegionConfig:
     #: Where the pre-step snapshot (main params + optimizer state) lives: device, or host (pinned
     #: host memory, copied asynchronously; on a CPU-only machine the same memory as device).
     snapshot: str = "device"
+    #: Gates D_anc is computed with (method §2.10): "post_step" re-routes the step's tokens with the
+    #: post-step weights (one forward-only pass per attempt, the step judged by its own routing);
+    #: "pre_step" reuses the gates of the step's forward (no extra pass; router drift of the step
+    #: itself is not seen until the next step).
+    anchor_gates: str = "post_step"
 
     def __post_init__(self) -> None:
         s = self.SECTION
         _require_bool(s, "enabled", self.enabled)
+        _require(self.anchor_gates in ("post_step", "pre_step"), s, "anchor_gates",
+                 "post_step or pre_step", self.anchor_gates)
         _require(_is_number(self.anchor_delta) and 0 < self.anchor_delta <= 2, s,
                  "anchor_delta", "in (0, 2]", self.anchor_delta)
         _require(self.on_violation in ON_VIOLATION, s, "on_violation",

@@ -1,7 +1,7 @@
 """Contract: the anchor budget judges a step by the routing the step produces (method §2.10): the
 D_anc a VP2O step reports equals D_anc computed from a fresh forward of the post-step weights (its
 gates and prototypes) against the anchors, not the pre-step forward's gates with post-step
-prototypes; each backtrack is judged again the same way, and a reject restores every weight.
+prototypes (unless vp2o.trust_region.anchor_gates=pre_step asks for exactly that); each backtrack is judged again the same way, and a reject restores every weight.
 One real tiny-recipe session on one rank."""
 
 from __future__ import annotations
@@ -35,3 +35,10 @@ def test_every_attempt_is_judged_and_a_reject_restores(measured):
     assert len(got["trace"]) == 1 + got["scales"]  # the full step and each backtrack
     assert all(d > 1e-9 for d in got["trace"])
     assert got["restored"]
+
+
+def test_pre_step_gates_option_reuses_the_step_forward(measured):
+    got = measured["pre_step"]
+    assert len(got["trace"]) == 1
+    assert got["trace"][0] == pytest.approx(got["stale"], rel=1e-6, abs=1e-9)
+    assert abs(got["stale"] - got["fresh"]) > 1e-3 * got["fresh"], got

@@ -53,5 +53,13 @@ def anchor_gates(payload):
                      "anchor_failed": rejected.anchor_failed, "scales": len(budget.backtrack_scales),
                      "restored": all(torch.equal(a, b.detach())
                                      for a, b in zip(params, sess.trainable.module.parameters()))}
+
+    # anchor_gates=pre_step: the step's own forward gates with post-step prototypes, no extra pass
+    budget.anchor_delta, budget.anchor_gates = 2.0, "pre_step"
+    pre = capture()
+    cheap = learner.step(batches, anchors)
+    post = capture()
+    stale = [(p_post[0], p_pre[1], p_pre[2], p_pre[3]) for p_pre, p_post in zip(pre, post)]
+    out["pre_step"] = {"trace": cheap.d_anc_trace, "fresh": _d_anc(post, anchors), "stale": _d_anc(stale, anchors)}
     sess.close()
     return out

@@ -284,7 +284,8 @@ def vp2o_train_step(trainable, micro_batches, state: VP2OState, forward_step=lm_
         snap, old_protos, applied = _optimizer_step(trainable, state, trust_region)
     with timed(timing, "trust_region"):
         if trust_region:
-            reroute = lambda: route_after_step(trainable, micro_batches, state, forward_step)  # noqa: E731
+            reroute = (lambda: route_after_step(trainable, micro_batches, state, forward_step)) \
+                if cfg.trust_region.anchor_gates == "post_step" else (lambda: None)
             decision, d_anc, backtracks = _trust_region(state, snap, old_protos, anchors, reroute)
             applied |= {"decision": decision, "d_anc": d_anc, "backtracks": backtracks}
         trainable.scheduler.step(increment=1)
