@@ -10,7 +10,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="megatron-vp2o",
-    version="0.2.0",
+    version="0.3.0",
     description="VP2O RL for Mixture-of-Experts language models on megatron-core",
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",

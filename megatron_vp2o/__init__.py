@@ -1,4 +1,4 @@
 """megatron-vp2o: VP2O RL for Mixture-of-Experts language models on megatron-core."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 

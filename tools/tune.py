@@ -34,12 +34,13 @@ from megatron_vp2o.monitor.study import final, finished, load_run, run_dir  # no
 
 
 def grpo_space(trial) -> dict:
-    mini = trial.suggest_categorical("rl.mini_batches", [1, 2, 4])
+    """GRPO's knobs: the learning rate and its own section, rl.grpo (clip, mini-batches, epochs)."""
+    mini = trial.suggest_categorical("rl.grpo.mini_batches", [1, 2, 4])
     return {
         "rl.lr": trial.suggest_float("rl.lr", 1e-4, 3e-3, log=True),
-        "rl.mini_batches": mini,
-        "rl.epochs": trial.suggest_int("rl.epochs", 1, 3),
-        "rl.policy_loss.clip_eps": trial.suggest_float("rl.policy_loss.clip_eps", 0.05, 0.3),
+        "rl.grpo.mini_batches": mini,
+        "rl.grpo.epochs": trial.suggest_int("rl.grpo.epochs", 1, 3),
+        "rl.grpo.clip_eps": trial.suggest_float("rl.grpo.clip_eps", 0.05, 0.3),
     }
 
 

@@ -206,16 +206,16 @@ class SpecializationConfig:
 
 @dataclass
 class PolicyLossConfig:
-    """Advantages and the policy-gradient surrogate (method §2.2-2.3)."""
+    """Advantages and the policy-gradient surrogate (method §2.2-2.3), shared by both algorithms.
+    The PPO clip range is each algorithm's own setting (``rl.grpo.clip_eps``, ``rl.vp2o.clip_eps``
+    in the ``rl`` config), passed to the loss as ``clip_eps``."""
 
     SECTION: ClassVar[str] = "policy_loss"
 
     #: Advantage estimator, one of `grpo.ADVANTAGES` (grpo, dr_grpo, rloo).
     advantage: str = "grpo"
-    #: Policy loss, one of `grpo.POLICY_LOSSES` (vp2o, grpo_clip).
+    #: VP2O's policy loss, one of `grpo.POLICY_LOSSES` (vp2o, grpo_clip); GRPO runs grpo_clip.
     policy_loss: str = "vp2o"
-    #: PPO clip range eps; None = no clipping for vp2o, 0.2 for grpo_clip (method §2.3).
-    clip_eps: Optional[float] = None
     #: Weight beta_kl of the k3 KL(pi || pi_ref) penalty; 0 needs no reference model.
     kl_coef: float = 0.0
     #: Responses per prompt G (the GRPO group).
@@ -229,8 +229,6 @@ class PolicyLossConfig:
         s = self.SECTION
         ADVANTAGES.check(self.advantage, f"{s}.advantage")
         POLICY_LOSSES.check(self.policy_loss, f"{s}.policy_loss")
-        _require(self.clip_eps is None or (_is_number(self.clip_eps) and 0 < self.clip_eps < 1),
-                 s, "clip_eps", "None or in (0, 1)", self.clip_eps)
         _require(_is_number(self.kl_coef) and self.kl_coef >= 0, s, "kl_coef", ">= 0",
                  self.kl_coef)
         _require(_is_int(self.group_size) and self.group_size >= 2, s, "group_size",

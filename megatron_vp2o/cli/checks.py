@@ -114,11 +114,30 @@ def check_checkpoint(path: str, model_cfg, what: str) -> None:
 
 
 def check_rl_layout(cfg, layout: Layout) -> None:
+    """The rollout batch splits evenly over the data-parallel ranks, and each rank's share into the
+    chosen algorithm's mini-batches of whole prompt groups (``rl.<algo>.mini_batches``)."""
     rl = cfg.rl
     if rl.prompts_per_step % layout.dp:
         choices = [n for n in range(layout.dp, 4 * layout.dp + 1, layout.dp)]
         raise ConfigError(f"rl.prompts_per_step={rl.prompts_per_step} must be divisible by the data-parallel size "
                           f"{layout.dp} (world {layout.world} / tp x pp x cp); use e.g. one of {choices}")
+    per_rank, minis = rl.prompts_per_step // layout.dp, rl.loop.mini_batches
+    if per_rank % minis:
+        choices = [n for n in range(1, per_rank + 1) if per_rank % n == 0]
+        raise ConfigError(f"{rl.loop_name}.mini_batches={minis} must divide the {per_rank} prompt groups of each "
+                          f"data-parallel rank (rl.prompts_per_step={rl.prompts_per_step} / {layout.dp}): a mini-batch "
+                          f"takes whole groups; use one of {choices} or change rl.prompts_per_step")
+
+
+def check_rl_loop(cfg) -> None:
+    """VP2O's mini-batch epochs (``rl.vp2o`` above 1 x 1) run without the anchor budget, which judges
+    one step on the whole buffer (method §2.10)."""
+    rl, vp2o = cfg.rl, cfg.vp2o
+    steps = rl.vp2o.mini_batches * rl.vp2o.epochs
+    if rl.algo == "vp2o" and vp2o.enabled and vp2o.trust_region.enabled and rl.ablate.anchor_budget and steps > 1:
+        raise ConfigError(f"rl.vp2o.mini_batches x rl.vp2o.epochs = {steps} optimizer steps per update need the anchor "
+                          "budget off (it judges one step on the whole buffer): set vp2o.trust_region.enabled=false or "
+                          "rl.ablate.anchor_budget=false, or rl.vp2o.mini_batches=1 and rl.vp2o.epochs=1")
 
 
 def preflight_train(args):
@@ -126,6 +145,7 @@ def preflight_train(args):
     check_out_dir(args.out)
     layout = check_layout(cfg, world_size(), sft_batch=False)  # RL reads rl.*, never train.global_batch_size
     check_rl_layout(cfg, layout)
+    check_rl_loop(cfg)
     check_tokenizer(cfg)
     check_prompts(cfg.rl.prompts, "rl.prompts")
     if cfg.rl.eval_prompts:

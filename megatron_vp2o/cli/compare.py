@@ -53,7 +53,7 @@ ABLATIONS = {
     "vp2o-no_specialization": ["rl.algo=vp2o", "rl.ablate.specialization=false"],
     "vp2o-no_anchor": ["rl.algo=vp2o", "rl.ablate.anchor_budget=false"],
     "vp2o-no_behaviour": ["rl.algo=vp2o", "rl.ablate.behaviour_budget=false"],
-    "vp2o-clip": ["rl.algo=vp2o", "rl.policy_loss.clip_eps=0.2"],
+    "vp2o-clip": ["rl.algo=vp2o", "rl.vp2o.clip_eps=0.2"],
 }
 
 

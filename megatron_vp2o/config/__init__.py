@@ -14,6 +14,7 @@ from pathlib import Path
 
 from megatron_vp2o.algo.config import SpecializationConfig, SteinConfig, TrustRegionConfig
 from megatron_vp2o.config.loader import ConfigError, apply_overrides, build, load_yaml, to_dict
+from megatron_vp2o.config.migrate import migrate_input
 from megatron_vp2o.config.schema import (
     CheckpointConfig,
     DataConfig,
@@ -23,8 +24,8 @@ from megatron_vp2o.config.schema import (
     RouterConfig,
     TrainConfig,
 )
-from megatron_vp2o.config.rl import (AblationConfig, BudgetConfig, EvalTaskConfig, RLConfig,
-                                     SamplingConfig)
+from megatron_vp2o.config.rl import (AblationConfig, BudgetConfig, EvalTaskConfig, GRPOLoopConfig, RLConfig,
+                                     SamplingConfig, VP2OLoopConfig)
 from megatron_vp2o.config.validate import Layout, check_layout
 
 
@@ -51,13 +52,14 @@ class Config:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Load a YAML config (or the defaults when ``path`` is None) and apply dotted overrides."""
+    """Load a YAML config (or the defaults when ``path`` is None) and apply dotted overrides; keys of
+    older versions in either are read through the migration table (:mod:`.migrate`)."""
     data = load_yaml(path) if path is not None else {}
-    return build(Config, apply_overrides(data, list(overrides or [])))
+    return build(Config, migrate_input(data, list(overrides or [])))
 
 
 __all__ = [
     "AblationConfig", "BudgetConfig", "CheckpointConfig", "Config", "ConfigError", "DataConfig", "EvalTaskConfig",
-    "Layout", "LoggingConfig", "ModelConfig", "ParallelConfig", "RLConfig", "RouterConfig", "SamplingConfig",
-    "TrainConfig", "VP2OConfig", "check_layout", "load_config", "to_dict",
+    "GRPOLoopConfig", "Layout", "LoggingConfig", "ModelConfig", "ParallelConfig", "RLConfig", "RouterConfig",
+    "SamplingConfig", "TrainConfig", "VP2OConfig", "VP2OLoopConfig", "check_layout", "load_config", "to_dict",
 ]

@@ -5,12 +5,25 @@ actor refresh; method §2) or ``grpo`` (the baseline: PPO clipping, actors refre
 rollout batch split into ``mini_batches`` optimizer steps for ``epochs`` passes; method §2.3). The
 ``ablate`` switches turn single VP2O parts off; ``budget`` ends a run at a rollout cost.
 
+One switch per algorithm: ``rl.algo`` picks the section of the same name, ``rl.grpo`` or ``rl.vp2o``,
+which holds what that algorithm's learner is tuned with -- its PPO clip, its optimizer steps per
+update (``mini_batches`` x ``epochs``) and, optionally, its own constant learning rate -- so a
+config can carry both tuned algorithms and ``rl.algo=grpo`` / ``rl.algo=vp2o`` alone runs either as
+tuned (the other section is not read). What both share stays at ``rl`` level (``policy_loss``:
+advantages, KL, group size, aggregation; ``lr``, sampling, batch sizes); the VP2O method's own knobs
+are the top-level ``vp2o`` section (stein, trust_region, specialization). Keys that moved here in
+0.3.0 (``rl.mini_batches``, ``rl.epochs``, ``rl.policy_loss.clip_eps``) are read from old YAMLs and
+saved configs through the migration table (:mod:`megatron_vp2o.config.migrate`).
+
 GRPO mini-batches, ours beside verl's defaults (``actor_rollout_ref.actor``): verl splits each
 ``data.train_batch_size`` (1024 prompts) into ``ppo_mini_batch_size`` (256 prompts) -> 4 optimizer
 steps per rollout batch, ``ppo_epochs`` 1, ``clip_ratio`` 0.2, no shuffling between epochs.
-Ours: ``mini_batches`` (default 4, whole groups per mini-batch), ``epochs`` 1,
-``policy_loss.clip_eps`` 0.2 (grpo_clip), mini-batches taken in buffer order. VP2O takes the
-same rollout batches; its learner steps per batch are event-driven (the refresh rule, method §2.12).
+Ours (``rl.grpo``): ``mini_batches`` (default 4, whole groups per mini-batch), ``epochs`` 1,
+``clip_eps`` 0.2 (grpo_clip), mini-batches taken in buffer order. VP2O takes the same rollout
+batches; by default (``rl.vp2o``: 1 x 1, no clip) one VP2O step per learner update, the updates per
+batch event-driven (the refresh rule, method §2.12). ``rl.vp2o.mini_batches`` / ``epochs`` above 1
+run GRPO's mini-batch loop with VP2O steps; the anchor budget judges one step on the whole buffer,
+so they need it off (the ``vp2o train`` pre-flight, ``cli/checks.py``, says so).
 """
 
 from __future__ import annotations
@@ -81,9 +94,49 @@ class VLLMConfig:
 
 
 @dataclass
+class GRPOLoopConfig:
+    """``rl.grpo``: the GRPO baseline's learner (read with ``rl.algo=grpo`` only): the clipped loss
+    (``grpo_clip``) and ``epochs`` passes of ``mini_batches`` optimizer steps per rollout batch."""
+
+    clip_eps: float = 0.2  # PPO clip range eps of grpo_clip (verl clip_ratio: 0.2)
+    mini_batches: int = 4  # optimizer steps per rollout batch per epoch (whole prompt groups each; verl: 4)
+    epochs: int = 1  # passes over each rollout batch (verl ppo_epochs: 1)
+    lr: Optional[float] = None  # constant learning rate of GRPO runs (null: rl.lr)
+
+    def __post_init__(self):
+        check(0.0 < self.clip_eps < 1.0, "rl.grpo.clip_eps", "be in (0, 1)", self.clip_eps)
+        _check_loop("rl.grpo", self)
+
+
+@dataclass
+class VP2OLoopConfig:
+    """``rl.vp2o``: VP2O's learner update (read with ``rl.algo=vp2o`` only); the method's knobs are the
+    top-level ``vp2o`` section. Default: one VP2O step on the whole buffer per update, unclipped."""
+
+    clip_eps: Optional[float] = None  # PPO clip on VP2O's loss (null: none, method §2.3; an ablation)
+    mini_batches: int = 1  # optimizer steps per update and epoch (> 1 only without the anchor budget)
+    epochs: int = 1  # passes over the buffer per update (> 1 only without the anchor budget)
+    lr: Optional[float] = None  # constant learning rate of VP2O runs (null: rl.lr)
+
+    def __post_init__(self):
+        check(self.clip_eps is None or 0.0 < self.clip_eps < 1.0, "rl.vp2o.clip_eps", "be in (0, 1) or null",
+              self.clip_eps)
+        _check_loop("rl.vp2o", self)
+
+
+def _check_loop(section: str, loop) -> None:
+    for name in ("mini_batches", "epochs"):
+        check(getattr(loop, name) >= 1, f"{section}.{name}", "be >= 1", getattr(loop, name))
+    check(loop.lr is None or loop.lr > 0, f"{section}.lr", "be > 0 or null", loop.lr)
+
+
+@dataclass
 class AblationConfig:
-    stein: bool = True  # attraction (kernel-weighted neighbour gradients)
-    repulsion: bool = True  # repulsion gradient through the prototypes
+    """Each switch removes one VP2O part (method §2.8-2.12); ``docs/method.md`` §2.8 lists the mapping."""
+
+    stein: bool = True  # the whole Stein transport (attraction, repulsion, freeze of inactive experts)
+    attraction: bool = True  # only the kernel-weighted mixing of co-active neighbours' gradients
+    repulsion: bool = True  # only the repulsion gradient through the prototypes (alpha = 0)
     specialization: bool = True  # orthogonality + routing-variance losses
     anchor_budget: bool = True  # prototype-barycenter trust region (method §2.10)
     behaviour_budget: bool = True  # drift / ESS refresh triggers (method §2.11)
@@ -114,11 +167,11 @@ class RLConfig:
     eval_samples: int = 8  # samples per eval prompt (for pass@1 and distinct correct answers)
     eval: list[EvalTaskConfig] = field(default_factory=list)  # benchmarks evaluated with eval_prompts -> eval/<file>/*
     steps: int = 30  # learner updates
-    lr: Optional[float] = None  # constant learning rate for RL (null: train.lr with its schedule)
+    lr: Optional[float] = None  # constant RL learning rate of both algorithms (null: train.lr with its schedule; rl.<algo>.lr wins)
     prompts_per_step: int = 8  # prompts per rollout batch (all data-parallel ranks)
     refresh: Optional[Literal["every_step", "event"]] = None  # actor refresh (None: event for vp2o, every_step for grpo)
-    mini_batches: int = 4  # grpo: optimizer steps per rollout batch per epoch (whole groups each; verl: 4)
-    epochs: int = 1  # grpo: passes over each rollout batch (verl ppo_epochs: 1)
+    grpo: GRPOLoopConfig = field(default_factory=GRPOLoopConfig)  # rl.algo=grpo: clip, mini-batches, epochs, lr
+    vp2o: VP2OLoopConfig = field(default_factory=VP2OLoopConfig)  # rl.algo=vp2o: the same for VP2O's learner
     micro_batch_size: int = 16  # sequences per learner micro-batch
     reward_timeout_s: float = 10.0  # per-call reward timeout
     engine: Literal["megatron", "vllm"] = "megatron"  # rollout engine: megatron's own decoding, or vLLM
@@ -129,11 +182,8 @@ class RLConfig:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
 
     def __post_init__(self):
-        for name in ("steps", "prompts_per_step", "mini_batches", "epochs", "micro_batch_size", "eval_samples"):
+        for name in ("steps", "prompts_per_step", "micro_batch_size", "eval_samples"):
             check(getattr(self, name) >= 1, f"rl.{name}", "be >= 1", getattr(self, name))
-        check(self.algo != "grpo" or self.prompts_per_step % self.mini_batches == 0, "rl.mini_batches",
-              f"divide rl.prompts_per_step={self.prompts_per_step} (whole prompt groups per mini-batch)",
-              self.mini_batches)
         check(self.budget.samples >= 0, "rl.budget.samples", "be >= 0 (0: no budget)", self.budget.samples)
         check(self.budget.eval_every >= 0, "rl.budget.eval_every", "be >= 0 (0: off)", self.budget.eval_every)
         check(self.eval_every >= 0, "rl.eval_every", "be >= 0", self.eval_every)
@@ -146,6 +196,25 @@ class RLConfig:
     @property
     def refresh_policy(self) -> str:
         return self.refresh or ("event" if self.algo == "vp2o" else "every_step")
+
+    @property
+    def loop(self):
+        """The chosen algorithm's section: ``rl.grpo`` or ``rl.vp2o`` (clip, mini-batches, epochs, lr)."""
+        return self.grpo if self.algo == "grpo" else self.vp2o
+
+    @property
+    def loop_name(self) -> str:
+        return f"rl.{self.algo}"
+
+    @property
+    def clip_eps(self) -> Optional[float]:
+        """The PPO clip of the chosen algorithm's loss (``rl.<algo>.clip_eps``)."""
+        return self.loop.clip_eps
+
+    @property
+    def resolved_lr(self) -> Optional[float]:
+        """The constant RL learning rate: ``rl.<algo>.lr``, else ``rl.lr`` (None: train.lr and its schedule)."""
+        return self.lr if self.loop.lr is None else self.loop.lr
 
     @property
     def loss_name(self) -> str:

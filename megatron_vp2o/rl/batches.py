@@ -92,12 +92,12 @@ def _rows(batch: RLBatch, idx: torch.Tensor) -> RLBatch:
 def mini_batches(micro_batches: list[RLBatch], num: int, group: int) -> list[list[RLBatch]]:
     """The buffer's sequences (this rank's micro-batches, in order) as ``num`` mini-batches of whole
     prompt groups (``group`` sequences each), each split into micro-batches of the original size:
-    one optimizer step per mini-batch (GRPO's ``rl.mini_batches``)."""
+    one optimizer step per mini-batch (``rl.grpo.mini_batches`` / ``rl.vp2o.mini_batches``)."""
     full = _cat(micro_batches)
     n = len(full)
     if n % group or (n // group) % num:
-        raise ValueError(f"rl.mini_batches={num} must divide the {n // group} prompt groups of this rank's "
-                         "rollout batch (set rl.prompts_per_step to a multiple of rl.mini_batches x "
+        raise ValueError(f"rl.<algo>.mini_batches={num} must divide the {n // group} prompt groups of this rank's "
+                         "rollout batch (set rl.prompts_per_step to a multiple of mini_batches x "
                          "data-parallel size)")
     micro = len(micro_batches[0])
     rows = torch.arange(n, device=full.tokens.device).split(n // num)

@@ -215,7 +215,8 @@ def build_session(cfg, out_dir: Path, resume: bool, evaluate: Evaluate | None = 
 
         state = init_vp2o(trainable, vp2o_cfg, layout.sequence_parallel, init_prototypes=resume_from is None)
         state.counters.update(extra.get("vp2o_counters", {}))
-        learner = VP2OLearner(trainable, state, forward_step)
+        learner = VP2OLearner(trainable, state, forward_step, loop=cfg.rl.loop,
+                              group_size=cfg.rl.policy_loss.group_size, anchor_budget=cfg.rl.ablate.anchor_budget)
     engine = _build_engine(cfg, unwrap(trainable.model), tokenizer)
     ref_model = _build_reference(cfg)
     start = extra.get("step", 0)
@@ -242,15 +243,16 @@ def _build_engine(cfg, model, tokenizer):
 
 
 def _build_trainable(cfg, vp2o_cfg, resume_from):
-    """The trainable (VP2O MoE layers when ``vp2o_cfg``; ``rl.lr`` as a constant rate), loaded
-    from ``resume_from`` or else from the policy checkpoint; (trainable, the checkpoint's extra)."""
+    """The trainable (VP2O MoE layers when ``vp2o_cfg``; ``rl.<algo>.lr`` or ``rl.lr`` as a constant
+    rate), loaded from ``resume_from`` or else from the policy checkpoint; (trainable, the checkpoint's extra)."""
     layer_cls = MoELayer
     if vp2o_cfg is not None:
         from megatron_vp2o.moe.layer import vp2o_moe_layer
 
         layer_cls = vp2o_moe_layer(vp2o_cfg.specialization)
-    train_cfg = cfg if cfg.rl.lr is None else dataclasses.replace(cfg, train=dataclasses.replace(
-        cfg.train, lr=cfg.rl.lr, min_lr=cfg.rl.lr, warmup_steps=0, steps=cfg.rl.steps))
+    lr = cfg.rl.resolved_lr
+    train_cfg = cfg if lr is None else dataclasses.replace(cfg, train=dataclasses.replace(
+        cfg.train, lr=lr, min_lr=lr, warmup_steps=0, steps=cfg.rl.steps))
     trainable = build_trainable(train_cfg, moe_layer_cls=layer_cls)
     if resume_from is not None:
         return trainable, load_checkpoint(resume_from, trainable)["extra"]

@@ -8,7 +8,8 @@ One RL step (method §2.10-2.12; CONTRIBUTING.md §8)::
       advantages  group-relative advantages (method §2.2); anchor snapshot of routing + prototypes
     update        the learner (``rl.learner``: ``Learner.step -> StepOutcome``)
                   vp2o: one learner step: Stein transport + specialisation losses + anchor trust region
-                  grpo: ``rl.epochs`` x ``rl.mini_batches`` clipped optimizer steps on the batch
+                  (or ``rl.vp2o``'s mini-batch epochs of such steps, without the anchor budget)
+                  grpo: ``rl.grpo.epochs`` x ``rl.grpo.mini_batches`` clipped optimizer steps on the batch
     logprobs      the refresh rule for the next step, once, in `refresh_decision` (through
                   algo.trust_region.refresh_reason, which names its reason): forced | every_step | anchor
                   (this update failed its budget) | drift | ess (learner log-probs on the buffer -> D_beh,

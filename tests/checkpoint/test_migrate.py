@@ -3,7 +3,9 @@ a checkpoint of a newer, unknown version is refused with one line; new checkpoin
 both shipped policies (saved before rl.inner_epochs became rl.epochs) convert to HF.
 
 Fixtures (tests/checkpoint/fixtures/): ``v0.1.0-inner_epochs`` is the vp2o.json of an RL checkpoint
-written before the rename (no version recorded), ``v9.0.0-future`` one of a version after ours."""
+written before the rename (no version recorded), ``v0.2.0-shared_clip`` one of a GRPO run of 0.2.0 (GRPO's
+loop at rl level, clip 0.1 in the shared rl.policy_loss.clip_eps), ``v9.0.0-future`` one of a version after
+ours."""
 
 import dataclasses
 import json
@@ -22,6 +24,7 @@ from megatron_vp2o.config.migrate import MIGRATIONS, PROJECT_VERSION, migrate_co
 
 FIXTURES = ROOT / "tests" / "checkpoint" / "fixtures"
 OLD, FUTURE = FIXTURES / "v0.1.0-inner_epochs", FIXTURES / "v9.0.0-future"
+SHARED_CLIP = FIXTURES / "v0.2.0-shared_clip"
 SHIPPED = ("checkpoints/tiny_policy", "checkpoints/tiny_policy_sum3")
 
 
@@ -34,29 +37,49 @@ def _has(data: dict, dotted: str) -> bool:
 
 
 def test_table_targets_are_keys_of_this_version():
+    """Every target is a key of this version, or the old key of a later entry (a chain of renames)."""
     defaults = to_dict(Config())
-    for change in MIGRATIONS:
+    for i, change in enumerate(MIGRATIONS):
+        later = {c.old for c in MIGRATIONS[i + 1:]}
         assert not _has(defaults, change.old), change
-        assert change.new is None or _has(defaults, change.new), change
-        assert all(_has(defaults, key) for key, _ in change.implies), change
+        targets = [change.target({"rl": {"algo": algo}}) for algo in ("grpo", "vp2o")] if change.new else []
+        assert all(_has(defaults, t) or t in later for t in targets), change
+        assert all(_has(defaults, key) or key in later for key, _ in change.implies), change
         assert parse_version(change.version, "t") <= parse_version(PROJECT_VERSION, "t")
-    assert "rl.inner_epochs -> rl.epochs" in table()
-    assert PROJECT_VERSION == megatron_vp2o.__version__
+    assert "rl.inner_epochs -> rl.epochs" in table() and "rl.epochs -> rl.grpo.epochs" in table()
+    assert PROJECT_VERSION == megatron_vp2o.__version__ == "0.3.0"
 
 
 def test_old_fixture_loads_through_the_migration():
     meta = read_meta(OLD, "rl.policy")
     rl = meta["config"]["rl"]
-    assert "inner_epochs" not in rl and rl["epochs"] == 2 and rl["mini_batches"] == 1  # one step per pass, as then
+    assert "inner_epochs" not in rl and rl["grpo"] == {"epochs": 2, "mini_batches": 1}  # one step per pass, as then
     cfg = build(Config, meta["config"])
-    assert cfg.rl.algo == "grpo" and cfg.rl.epochs == 2
+    assert cfg.rl.algo == "grpo" and (cfg.rl.grpo.epochs, cfg.rl.grpo.mini_batches) == (2, 1)
     assert json.loads((OLD / "vp2o.json").read_text())["config"]["rl"]["inner_epochs"] == 2  # the file is untouched
 
 
 def test_migration_is_idempotent_and_keeps_new_keys():
     saved = {"rl": {"inner_epochs": 3, "epochs": 5}}
     once = migrate_config(saved, None)
-    assert once == {"rl": {"epochs": 5, "mini_batches": 1}} and migrate_config(once, PROJECT_VERSION) == once
+    assert once == {"rl": {"grpo": {"epochs": 5, "mini_batches": 1}}} and migrate_config(once, PROJECT_VERSION) == once
+    kept = migrate_config({"rl": {"mini_batches": 4, "grpo": {"mini_batches": 2}}}, "0.2.0")
+    assert kept == {"rl": {"grpo": {"mini_batches": 2}}}
+
+
+def test_shared_clip_of_0_2_0_goes_to_the_algorithm_that_ran():
+    """0.2.0 kept GRPO's loop at rl level and one clip for both algorithms: a GRPO run's config gets its
+    clip, mini-batches and epochs in rl.grpo; a VP2O run's null clip (none for vp2o, 0.2 for grpo) leaves
+    both sections' defaults, which mean what null meant."""
+    meta = read_meta(SHARED_CLIP, "rl.policy")
+    assert meta["version"] == "0.2.0" and "clip_eps" not in meta["config"]["rl"]["policy_loss"]
+    cfg = build(Config, meta["config"])
+    assert cfg.rl.algo == "grpo" and (cfg.rl.clip_eps, cfg.rl.grpo.mini_batches, cfg.rl.grpo.epochs) == (0.1, 2, 2)
+    product = build(Config, read_meta(ROOT / "checkpoints/tiny_policy_product/iter_0001000", "x")["config"])
+    assert product.rl.algo == "vp2o" and product.rl.clip_eps is None and product.rl.vp2o == type(product.rl.vp2o)()
+    assert (product.rl.grpo.clip_eps, product.rl.grpo.mini_batches, product.rl.grpo.epochs) == (0.2, 2, 2)
+    vp2o_clip = migrate_config({"rl": {"policy_loss": {"clip_eps": 0.3}}}, "0.2.0")  # rl.algo absent: vp2o
+    assert vp2o_clip == {"rl": {"policy_loss": {}, "vp2o": {"clip_eps": 0.3}}}
 
 
 def test_future_version_is_refused_in_one_line():

@@ -35,3 +35,22 @@ def test_sft_does_not_read_rl_inputs(tmp_path):
     cfg = _preflight(["sft", "--config", TINY, "--out", str(tmp_path / "o"), "rl.prompts=data/prompts/nope.jsonl",
                       "rl.policy=checkpoints/nope"])
     assert cfg.rl.prompts.endswith("nope.jsonl")
+
+
+def test_train_checks_the_chosen_algorithms_mini_batches_per_rank(tmp_path, monkeypatch):
+    """rl.<algo>.mini_batches must split each data-parallel rank's prompt groups (8 prompts / 2 ranks = 4);
+    the other algorithm's section is not read."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = str(tmp_path / "o")
+    with pytest.raises(ConfigError, match=r"rl.grpo.mini_batches=8 must divide the 4 prompt groups .* \[1, 2, 4\]"):
+        _preflight(["train", "--config", TINY, "--out", out, "rl.algo=grpo", "rl.grpo.mini_batches=8"])
+    assert _preflight(["train", "--config", TINY, "--out", out, "rl.algo=vp2o", "rl.grpo.mini_batches=8"])
+
+
+def test_vp2o_mini_batch_epochs_need_the_anchor_budget_off(tmp_path):
+    out = str(tmp_path / "o")
+    with pytest.raises(ConfigError, match="rl.vp2o.mini_batches x rl.vp2o.epochs = 4 .* anchor budget off"):
+        _preflight(["train", "--config", TINY, "--out", out, "rl.vp2o.mini_batches=2", "rl.vp2o.epochs=2"])
+    for off in ("vp2o.trust_region.enabled=false", "rl.ablate.anchor_budget=false"):
+        cfg = _preflight(["train", "--config", TINY, "--out", out, "rl.vp2o.mini_batches=2", "rl.vp2o.epochs=2", off])
+        assert (cfg.rl.loop.mini_batches, cfg.rl.loop.epochs) == (2, 2)

@@ -1,5 +1,5 @@
 """Contract: a real `vp2o train` run logs its rollout cost and ends at rl.budget.samples; GRPO takes
-rl.mini_batches x rl.epochs optimizer steps per rollout batch with the clip binding after the first;
+rl.grpo.mini_batches x rl.grpo.epochs optimizer steps per rollout batch with the clip binding after the first;
 VP2O refreshes exactly on the steps whose logged reason says so."""
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ def _train(tmp_path, name, *overrides):
 
 
 def test_grpo_mini_batches_clip_and_budget(tmp_path):
-    rows = _train(tmp_path, "grpo", "rl.algo=grpo", "rl.steps=50", "rl.budget.samples=48", "rl.mini_batches=2",
-                  "rl.epochs=2", "rl.lr=3e-3")
+    rows = _train(tmp_path, "grpo", "rl.algo=grpo", "rl.steps=50", "rl.budget.samples=48", "rl.grpo.mini_batches=2",
+                  "rl.grpo.epochs=2", "rl.lr=3e-3", "rl.grpo.clip_eps=0.2")
     assert [r["rollout/samples"] for r in rows] == [PER_BATCH, 2 * PER_BATCH, 3 * PER_BATCH]  # budget: 3 batches
     assert rows[-1].get("budget_end") and [r["vp2o/refresh_reason"] for r in rows] == ["start"] + ["every_step"] * 2
     assert all(r["grpo/optimizer_steps"] == 4 for r in rows)

@@ -155,7 +155,7 @@ def test_mini_batches_are_whole_groups_in_order():
     minis = mini_batches(micro, 3, group=4)  # 12 sequences = 3 groups of 4 -> 3 mini-batches
     assert [[len(m) for m in mini] for mini in minis] == [[4], [4], [4]]
     assert torch.equal(torch.cat([m.adv for mini in minis for m in mini]), torch.arange(12.0))
-    with pytest.raises(ValueError, match="rl.mini_batches"):
+    with pytest.raises(ValueError, match="mini_batches=2 must divide"):
         mini_batches(micro, 2, group=4)
 
 

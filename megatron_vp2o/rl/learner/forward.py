@@ -52,7 +52,7 @@ def policy_loss_func(batch, cfg, vocab_size, logits_BSV):
     logp_BS = learner_logprobs(logits_BSV, batch, cfg.sampling, vocab_size)
     loss_fn = grpo.POLICY_LOSSES.get(cfg.loss_name)
     pl = cfg.policy_loss
-    loss_sum, metrics = loss_fn(logp_BS, batch.logp_old, batch.adv, batch.loss_mask, clip_eps=pl.clip_eps,
+    loss_sum, metrics = loss_fn(logp_BS, batch.logp_old, batch.adv, batch.loss_mask, clip_eps=cfg.clip_eps,
                                 kl_coef=pl.kl_coef, logp_ref=batch.logp_ref, aggregation=pl.aggregation,
                                 normalizer=1.0)
     count = batch.loss_count

@@ -1,17 +1,18 @@
 """The GRPO baseline's learner: clipped policy-gradient optimizer steps on the rollout buffer.
 
-``rl.epochs`` passes of ``rl.mini_batches`` optimizer steps over the buffer (whole prompt groups per
-mini-batch, buffer order; the loss normalised per mini-batch), as verl/TRL/NeMo-RL run GRPO, each
-through the generic ``training.step.train_step`` with the policy loss of ``rl.learner.forward``.
-A non-finite loss or gradient skips that optimizer step only (``grads_finite``); the update counts
-as skipped when every step was. GRPO has no anchor budget: its outcome's decision is ACCEPT.
+``rl.grpo.epochs`` passes of ``rl.grpo.mini_batches`` optimizer steps over the buffer (whole prompt
+groups per mini-batch, buffer order; the loss normalised per mini-batch; ``rl.learner.epochs``), as
+verl/TRL/NeMo-RL run GRPO, each through the generic ``training.step.train_step`` with the policy loss
+of ``rl.learner.forward`` (``grpo_clip`` with ``rl.grpo.clip_eps``). A non-finite loss or gradient
+skips that optimizer step only (``grads_finite``); the update counts as skipped when every step was.
+GRPO has no anchor budget: its outcome's decision is ACCEPT.
 """
 
 from __future__ import annotations
 
 import math
 
-from megatron_vp2o.rl.batches import mini_batches
+from megatron_vp2o.rl.learner.epochs import applied, epoch_steps, mean_of, skip_summary
 from megatron_vp2o.rl.learner.forward import grads_finite
 from megatron_vp2o.rl.learner.outcome import StepOutcome
 from megatron_vp2o.training.step import train_step
@@ -20,7 +21,8 @@ _AVERAGED = ("clip_frac", "ratio_mean", "kl_ref")  # report entries of the polic
 
 
 class GRPOLearner:
-    """``Learner`` for ``rl.algo=grpo`` (and VP2O with ``vp2o.enabled=false``: plain megatron steps)."""
+    """``Learner`` for ``rl.algo=grpo`` (and VP2O with ``vp2o.enabled=false``: plain megatron steps in
+    ``rl.vp2o``'s loop)."""
 
     def __init__(self, trainable, rl_cfg, forward_step):
         self.trainable, self.rl_cfg, self.forward_step = trainable, rl_cfg, forward_step
@@ -33,16 +35,18 @@ class GRPOLearner:
         the loss, the clip fraction and the ratio pi/mu, the last step's lr / grad norm / timings,
         and the count of skipped steps."""
         rl = self.rl_cfg
-        minis = mini_batches(batches, rl.mini_batches, rl.policy_loss.group_size)
-        outs = [train_step(self.trainable, mb, self.forward_step, guard=grads_finite, report_keys=_AVERAGED)
-                for _ in range(rl.epochs) for mb in minis]
-        done = [o for o in outs if not o.get("skipped")] or outs
-        out = {k: sum(o[k] for o in done) / len(done) for k in ("loss", *_AVERAGED) if all(k in o for o in done)}
+
+        def step(micro_batches) -> dict:
+            return train_step(self.trainable, micro_batches, self.forward_step, guard=grads_finite,
+                              report_keys=_AVERAGED)
+
+        outs = epoch_steps(step, batches, rl.loop, rl.policy_loss.group_size)
+        done = applied(outs)
+        out = mean_of(done, ("loss", *_AVERAGED))
         out |= {k: v for k, v in done[-1].items() if k.startswith("timing/") or k in ("lr", "grad_norm")}
         out |= {"grpo/clip_fraction": out.pop("clip_frac", math.nan),
-                "grpo/ratio_mean": out.pop("ratio_mean", math.nan), "grpo/optimizer_steps": len(outs)}
-        skipped = sum(1 for o in outs if o.get("skipped"))
-        if skipped == len(outs):
-            out |= {"skipped": True, "skip_reason": outs[0].get("skip_reason")}
-        out["grpo/skipped_minibatches"] = skipped
+                "grpo/ratio_mean": out.pop("ratio_mean", math.nan)}
+        summary = skip_summary(outs)
+        out |= {"grpo/optimizer_steps": summary.pop("optimizer_steps"),
+                "grpo/skipped_minibatches": summary.pop("skipped_minibatches")} | summary
         return StepOutcome.from_metrics(out, "learner")

@@ -40,6 +40,7 @@ from megatron_vp2o.distributed.trust_region import ParamSnapshot, anchor_statist
 from megatron_vp2o.monitor.timing import timed
 from megatron_vp2o.moe.layer import flush_step_stats, vp2o_layers
 from megatron_vp2o.platform import native
+from megatron_vp2o.rl.learner.epochs import applied, epoch_steps, mean_of, skip_summary
 from megatron_vp2o.rl.learner.forward import grads_finite
 from megatron_vp2o.rl.learner.outcome import StepOutcome
 from megatron_vp2o.rl.learner.vp2o_report import step_report
@@ -311,15 +312,40 @@ def _optimizer_step(trainable, state: VP2OState, trust_region: bool):
 
 
 class VP2OLearner:
-    """``Learner`` for ``rl.algo=vp2o``: anchors captured at each refresh, one VP2O step per update."""
+    """``Learner`` for ``rl.algo=vp2o``: anchors captured at each refresh (when the anchor budget is
+    on: ``anchor_budget``), one VP2O step per update -- or, when ``loop`` (``rl.vp2o``) asks for more
+    than one, its mini-batch epochs of VP2O steps without the anchor budget (``rl.learner.epochs``)."""
 
-    def __init__(self, trainable, state: VP2OState, forward_step):
+    def __init__(self, trainable, state: VP2OState, forward_step, loop=None, group_size: int = 1,
+                 anchor_budget: bool = True):
         self.trainable, self.state, self.forward_step = trainable, state, forward_step
+        self.loop, self.group_size, self.anchor_budget = loop, group_size, anchor_budget
 
-    def anchors(self, batches: list) -> list:
+    @property
+    def single_step(self) -> bool:
+        return self.loop is None or self.loop.mini_batches * self.loop.epochs == 1
+
+    def anchors(self, batches: list) -> list | None:
+        """The refresh's anchors (method §2.10), or None where no anchor budget will judge a step."""
+        if not (self.anchor_budget and self.state.cfg.trust_region.enabled):
+            return None
         return capture_anchors(self.trainable, batches, self.state, forward_step=self.forward_step)
 
     def step(self, batches: list, anchors: list | None) -> StepOutcome:
-        raw = vp2o_train_step(self.trainable, batches, self.state, forward_step=self.forward_step,
-                              anchors=anchors, guard=grads_finite)
+        if self.single_step:
+            raw = vp2o_train_step(self.trainable, batches, self.state, forward_step=self.forward_step,
+                                  anchors=anchors, guard=grads_finite)
+            return StepOutcome.from_metrics(raw, "vp2o", decision=self.state.decision)
+        if anchors is not None:  # refused by the `vp2o train` pre-flight (cli/checks.py)
+            raise ValueError("rl.vp2o.mini_batches x rl.vp2o.epochs > 1 runs without the anchor budget, which "
+                             "judges one step on the whole buffer; set vp2o.trust_region.enabled=false or "
+                             "rl.ablate.anchor_budget=false")
+
+        def step(micro_batches) -> dict:
+            return vp2o_train_step(self.trainable, micro_batches, self.state, forward_step=self.forward_step,
+                                   anchors=None, guard=grads_finite)
+
+        outs = epoch_steps(step, batches, self.loop, self.group_size)
+        done = applied(outs)
+        raw = dict(done[-1]) | mean_of(done, ("loss",)) | skip_summary(outs)  # the last step's diagnostics
         return StepOutcome.from_metrics(raw, "vp2o", decision=self.state.decision)
