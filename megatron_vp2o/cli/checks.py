@@ -6,7 +6,14 @@ keys), checks the parallel layout against ``WORLD_SIZE``, reads every input file
 (prompts, SFT data, tokenizer), and compares the saved config of every checkpoint the run will load
 (``rl.policy`` / ``checkpoint.load`` / the ``--resume`` checkpoint) with our model config before
 any tensor is loaded. Each failure is one :class:`~megatron_vp2o.config.ConfigError` line naming
-the field or path and the fix; the runners' own checks stay as a second line of defence.
+the field or path and the fix.
+
+Each command checks what it reads, here and only here: ``vp2o train`` the ``rl`` inputs (prompts,
+policy, engine, the learner's settings) and no SFT field (``train.global_batch_size``, ``data.path``,
+``checkpoint.load`` when ``rl.policy`` is set), ``vp2o sft`` its batch, data and initial weights and
+no RL field. The runners (``rl.session``, ``training.sft``) sit below the CLI and do not repeat these
+checks; what they still raise is their loaders' own errors. The config's own types and ranges are
+checked for every command when it is loaded (one file, one schema: CONTRIBUTING.md §6).
 """
 
 from __future__ import annotations
@@ -129,12 +136,17 @@ def check_rl_layout(cfg, layout: Layout) -> None:
                           f"takes whole groups; use one of {choices} or change rl.prompts_per_step")
 
 
-def check_rl_loop(cfg) -> None:
-    """VP2O's mini-batch epochs (``rl.vp2o`` above 1 x 1) run without the anchor budget, which judges
-    one step on the whole buffer (method §2.10)."""
+def check_rl_learner(cfg) -> None:
+    """What the VP2O learner cannot run: token-level ESS (method §2.11), and VP2O's mini-batch epochs
+    (``rl.vp2o`` above 1 x 1) with the anchor budget on, which judges one step on the whole buffer
+    (method §2.10). GRPO runs read neither."""
     rl, vp2o = cfg.rl, cfg.vp2o
+    if rl.algo != "vp2o":
+        return
+    if vp2o.trust_region.ess_level != "sequence":
+        raise ConfigError("vp2o.trust_region.ess_level=token is not supported by `vp2o train`; use sequence")
     steps = rl.vp2o.mini_batches * rl.vp2o.epochs
-    if rl.algo == "vp2o" and vp2o.enabled and vp2o.trust_region.enabled and rl.ablate.anchor_budget and steps > 1:
+    if vp2o.enabled and vp2o.trust_region.enabled and rl.ablate.anchor_budget and steps > 1:
         raise ConfigError(f"rl.vp2o.mini_batches x rl.vp2o.epochs = {steps} optimizer steps per update need the anchor "
                           "budget off (it judges one step on the whole buffer): set vp2o.trust_region.enabled=false or "
                           "rl.ablate.anchor_budget=false, or rl.vp2o.mini_batches=1 and rl.vp2o.epochs=1")
@@ -145,7 +157,7 @@ def preflight_train(args):
     check_out_dir(args.out)
     layout = check_layout(cfg, world_size(), sft_batch=False)  # RL reads rl.*, never train.global_batch_size
     check_rl_layout(cfg, layout)
-    check_rl_loop(cfg)
+    check_rl_learner(cfg)
     check_tokenizer(cfg)
     check_prompts(cfg.rl.prompts, "rl.prompts")
     if cfg.rl.eval_prompts:

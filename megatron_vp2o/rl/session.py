@@ -2,8 +2,9 @@
 the learner (``rl.learner``), the actors' engine, the reference model, sinks and checkpoints.
 :mod:`megatron_vp2o.rl.trainer` drives it; this module owns set-up and IO.
 
-Checks before any work starts (each error names the field and the fix): the layout, the tokenizer,
-the prompt set (exists, parses, non-empty), the policy checkpoint (``checkpoint.load``), group size.
+Inputs are checked before any work starts by the `vp2o train` pre-flight (``cli/checks.py``: the
+layout, the tokenizer, the prompt sets, the policy checkpoint, the learner's settings), once; the
+session only loads them (the process-group start-up re-validates the layout as part of its work).
 The ``rl.eval`` benchmarks are checked and run by the caller's evaluation callable (the CLI builds
 it from ``eval.runner``): the RL loop does not import evaluation.
 """
@@ -22,9 +23,9 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from megatron_vp2o.checkpoint import latest_checkpoint, load_checkpoint, load_model, save_checkpoint
 from megatron_vp2o.checkpoint.dist import load_rank_state
-from megatron_vp2o.config import ConfigError, check_layout, to_dict
+from megatron_vp2o.config import to_dict
 from megatron_vp2o.data.tokenizer import load_tokenizer
-from megatron_vp2o.distributed.init import init_parallel, world_size_from_env
+from megatron_vp2o.distributed.init import init_parallel
 from megatron_vp2o.generation.prompts import load_prompt_file
 from megatron_vp2o.monitor import MetricsLogger, Progress
 from megatron_vp2o.rl.actor import act, reward_metrics
@@ -39,22 +40,14 @@ EVAL_SEED = 1_000_003
 Evaluate = Callable[[torch.nn.Module, object, str], dict]
 
 
-def check_inputs(cfg):
-    check_layout(cfg, world_size_from_env(), sft_batch=False)  # RL reads no SFT batch field
+def load_inputs(cfg):
+    """The tokenizer and the prompt records (``rl.prompts``, ``rl.eval_prompts``) the run reads. The
+    inputs were checked by the `vp2o train` pre-flight (``cli/checks.py``: every check lives there
+    once, CONTRIBUTING.md §14); what is left here are the loaders' own errors."""
     rl = cfg.rl
-    if rl.algo == "vp2o" and cfg.vp2o.trust_region.ess_level != "sequence":
-        raise ConfigError("vp2o.trust_region.ess_level=token is not supported by `vp2o train`; use sequence")
-    tok = load_tokenizer(cfg.data.tokenizer)
     prompts = load_prompt_file(rl.prompts, "rl.prompts")
     evals = load_prompt_file(rl.eval_prompts, "rl.eval_prompts") if rl.eval_prompts else []
-    policy = rl.policy_path(cfg.checkpoint.load)
-    if policy is None:
-        raise ConfigError("rl.policy must point at the initial policy checkpoint (e.g. the shipped "
-                          "checkpoints/tiny_policy, or a converted HF model: `vp2o convert hf-to-mcore`)")
-    if latest_checkpoint(policy) is None:
-        raise ConfigError(f"rl.policy: no complete checkpoint at '{policy}' (a megatron dist checkpoint "
-                          "directory written by `vp2o sft` or `vp2o convert`)")
-    return tok, prompts, evals
+    return load_tokenizer(cfg.data.tokenizer), prompts, evals
 
 
 def vp2o_knobs(cfg):
@@ -197,10 +190,10 @@ class Session:
 
 
 def build_session(cfg, out_dir: Path, resume: bool, evaluate: Evaluate | None = None) -> Session:
-    """Check the inputs, start the process groups, build the model (loading the policy, or the
-    newest checkpoint with ``resume``), the learner, the actors' engine and the sinks."""
+    """Load the inputs (checked by the pre-flight), start the process groups, build the model (loading
+    the policy, or the newest checkpoint with ``resume``), the learner, the actors' engine and the sinks."""
     out_dir = Path(out_dir)
-    tokenizer, prompts, eval_prompts = check_inputs(cfg)
+    tokenizer, prompts, eval_prompts = load_inputs(cfg)
     ckpt_root = Path(cfg.checkpoint.dir or out_dir / "checkpoints")
     resume_from = latest_checkpoint(ckpt_root) if resume and ckpt_root.exists() else None
     layout = init_parallel(cfg, sft_batch=False)

@@ -1,8 +1,9 @@
 """``vp2o sft``: supervised fine-tuning of the MoE GPT on a JSONL dataset.
 
-The loop reads top to bottom: check inputs -> start the parallel state -> build the trainable
+The loop reads top to bottom: load inputs -> start the parallel state -> build the trainable
 stack -> (load weights) -> for each step: this rank's micro-batches, ``train_step``, log,
-checkpoint -> final checkpoint and summary. Every input is checked before anything is written.
+checkpoint -> final checkpoint and summary. Every input is checked before anything is written, by
+the `vp2o sft` pre-flight (``cli/checks.py``).
 """
 
 from __future__ import annotations
@@ -13,27 +14,19 @@ from pathlib import Path
 from megatron.core import parallel_state as ps
 
 from megatron_vp2o.checkpoint import latest_checkpoint, load_checkpoint, load_model, save_checkpoint
-from megatron_vp2o.config import ConfigError, check_layout, to_dict
+from megatron_vp2o.config import to_dict
 from megatron_vp2o.data.sft import SFTDataset, read_jsonl
 from megatron_vp2o.data.tokenizer import load_tokenizer
-from megatron_vp2o.distributed.init import init_parallel, world_size_from_env
+from megatron_vp2o.distributed.init import init_parallel
 from megatron_vp2o.monitor import MetricsLogger, Progress
 from megatron_vp2o.training.setup import build_trainable
 from megatron_vp2o.training.step import train_step
 
 
-def check_inputs(cfg):
-    """Validate the layout, tokenizer and data before any process group or file exists."""
-    check_layout(cfg, world_size_from_env())
-    if cfg.parallel.cp > 1:
-        raise ConfigError("parallel.cp > 1 is not supported by `vp2o sft` yet; set parallel.cp=1")
-    tok = load_tokenizer(cfg.data.tokenizer)
-    if tok.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary "
-                          f"({tok.vocab_size}); set model.vocab_size >= {tok.vocab_size}")
-    if cfg.checkpoint.load is not None and not Path(cfg.checkpoint.load).exists():
-        raise ConfigError(f"checkpoint.load: '{cfg.checkpoint.load}' does not exist")
-    return tok, read_jsonl(cfg.data.path)
+def load_inputs(cfg):
+    """The tokenizer and the SFT rows. The inputs were checked by the `vp2o sft` pre-flight
+    (``cli/checks.py``, once); the process-group start-up re-validates the layout as part of its work."""
+    return load_tokenizer(cfg.data.tokenizer), read_jsonl(cfg.data.path)
 
 
 def run_sft(cfg, out_dir: str | Path, resume: bool = False) -> dict:
@@ -43,7 +36,7 @@ def run_sft(cfg, out_dir: str | Path, resume: bool = False) -> dict:
     (weights, optimizer, schedule, RNG; the data position is the step), exactly.
     """
     out_dir = Path(out_dir)
-    tok, rows = check_inputs(cfg)
+    tok, rows = load_inputs(cfg)
     ckpt_root = Path(cfg.checkpoint.dir or out_dir / "checkpoints")
     resume_from = latest_checkpoint(ckpt_root) if resume and ckpt_root.exists() else None
     layout = init_parallel(cfg)

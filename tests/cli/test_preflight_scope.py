@@ -1,5 +1,10 @@
-"""Contract: each command's pre-flight (cli/checks.py) checks only the fields that command reads: RL
-(`vp2o train`) under 4 ranks is not refused for train.global_batch_size (an SFT field), `vp2o sft` is."""
+"""Contract: each command's pre-flight (cli/checks.py) checks only the fields that command reads, once: RL
+(`vp2o train`) under 4 ranks is not refused for train.global_batch_size (an SFT field), `vp2o sft` is;
+scripted bad inputs of each command are refused by it in one line and pass the other; the runners
+(rl/session.py, training/sft.py) keep no copy of these checks."""
+
+import ast
+from pathlib import Path
 
 import pytest
 
@@ -54,3 +59,48 @@ def test_vp2o_mini_batch_epochs_need_the_anchor_budget_off(tmp_path):
     for off in ("vp2o.trust_region.enabled=false", "rl.ablate.anchor_budget=false"):
         cfg = _preflight(["train", "--config", TINY, "--out", out, "rl.vp2o.mini_batches=2", "rl.vp2o.epochs=2", off])
         assert (cfg.rl.loop.mini_batches, cfg.rl.loop.epochs) == (2, 2)
+
+
+# (override, words of the one-line error): inputs only `vp2o train` reads
+RL_BAD = [
+    ("rl.prompts=data/prompts/nope.jsonl", ["rl.prompts", "nope.jsonl"]),
+    ("rl.eval_prompts=data/prompts/nope.jsonl", ["rl.eval_prompts", "nope.jsonl"]),
+    ("rl.policy=checkpoints/nope", ["rl.policy", "checkpoints/nope"]),
+    ("vp2o.trust_region.ess_level=token", ["vp2o.trust_region.ess_level=token", "use sequence"]),
+    ("rl.vp2o.mini_batches=2", ["rl.vp2o.mini_batches", "anchor budget off"]),
+    ("rl.prompts_per_step=5,rl.algo=grpo", ["rl.grpo.mini_batches=2", "5 prompt groups"]),
+]
+# inputs only `vp2o sft` reads (under WORLD_SIZE 1; rl.policy is set, so checkpoint.load is SFT's only)
+SFT_BAD = [
+    ("data.path=data/sft/nope.jsonl", ["data.path", "nope.jsonl"]),
+    ("checkpoint.load=checkpoints/nope", ["checkpoint.load", "checkpoints/nope"]),
+    ("train.global_batch_size=24", ["train.global_batch_size=24", "multiple"]),
+]
+
+
+def _argv(command, tmp_path, override):
+    return [command, "--config", TINY, "--out", str(tmp_path / "o"), *override.split(",")]
+
+
+@pytest.mark.parametrize("override, words", RL_BAD)
+def test_rl_inputs_are_train_checks_only(tmp_path, override, words):
+    with pytest.raises(ConfigError) as info:
+        _preflight(_argv("train", tmp_path, override))
+    assert "\n" not in str(info.value) and all(w in str(info.value) for w in words), str(info.value)
+    assert _preflight(_argv("sft", tmp_path, override))  # sft reads none of it
+
+
+@pytest.mark.parametrize("override, words", SFT_BAD)
+def test_sft_inputs_are_sft_checks_only(tmp_path, override, words):
+    with pytest.raises(ConfigError) as info:
+        _preflight(_argv("sft", tmp_path, override))
+    assert "\n" not in str(info.value) and all(w in str(info.value) for w in words), str(info.value)
+    assert _preflight(_argv("train", tmp_path, override))  # train reads none of it
+
+
+@pytest.mark.parametrize("runner", ["megatron_vp2o/rl/session.py", "megatron_vp2o/training/sft.py"])
+def test_runners_keep_no_copy_of_the_preflight(runner):
+    """The checks live in cli/checks.py once: the runners raise no ConfigError of their own."""
+    tree = ast.parse((Path(__file__).resolve().parents[2] / runner).read_text())
+    raised = [n for n in ast.walk(tree) if isinstance(n, ast.Raise) and "ConfigError" in ast.unparse(n)]
+    assert not raised, [ast.unparse(n) for n in raised]
