@@ -10,10 +10,11 @@ evaluated every ``--eval-every`` responses, so every curve is read at the same r
 whose metrics.jsonl already ends at its budget is not rerun (a study can be resumed or extended).
 ``--report`` writes report.md and PNG plots (`megatron_vp2o.monitor.study`).
 
-Arms: ``grpo`` and ``vp2o``; ``--ablations`` adds one VP2O arm per part turned off (``vp2o-no_stein``
-(m = 0: no attraction and all other experts repel), ``-no_attraction`` (exactly the attraction term),
-``-no_repulsion``, ``-no_specialization``, ``-no_anchor``, ``-no_behaviour``) and ``vp2o-clip`` (PPO
-clip on). ``--arm NAME=ALGO:k=v,k=v`` adds an arm of your own (the sweep uses it). Tasks:
+Arms: ``grpo`` and ``vp2o`` (each as tuned in the config's ``rl.grpo`` / ``rl.vp2o`` section: the arm
+is ``rl.algo`` alone); ``--ablations`` adds one VP2O arm per part turned off (``vp2o-no_stein`` (the
+whole transport: both forces and the freeze of inactive experts), ``-no_attraction`` and
+``-no_repulsion`` (exactly that term), ``-no_specialization``, ``-no_anchor``, ``-no_behaviour``) and
+``vp2o-clip`` (PPO clip on). ``--arm NAME=ALGO:k=v,k=v`` adds an arm of your own (the sweep uses it). Tasks:
 ``digit_sum`` (two digits, checkpoints/tiny_policy), ``digit_sum3`` (three digits,
 checkpoints/tiny_policy_sum3) and ``digit_product`` (three digits whose product is N, many answers
 per prompt, checkpoints/tiny_policy_product), all run with ``--config`` and the same overrides.
@@ -47,9 +48,9 @@ TASKS = {
 }
 ARMS = {"grpo": ["rl.algo=grpo"], "vp2o": ["rl.algo=vp2o"]}
 ABLATIONS = {
-    "vp2o-no_stein": ["rl.algo=vp2o", "rl.ablate.stein=false"],  # m = 0: no attraction AND every other expert repels
-    "vp2o-no_attraction": ["rl.algo=vp2o", "vp2o.stein.attraction=false"],  # exactly the attraction term
-    "vp2o-no_repulsion": ["rl.algo=vp2o", "rl.ablate.repulsion=false"],
+    "vp2o-no_stein": ["rl.algo=vp2o", "rl.ablate.stein=false"],  # no transport: both forces (and the freeze) off
+    "vp2o-no_attraction": ["rl.algo=vp2o", "rl.ablate.attraction=false"],  # exactly the attraction term
+    "vp2o-no_repulsion": ["rl.algo=vp2o", "rl.ablate.repulsion=false"],  # exactly the repulsion term
     "vp2o-no_specialization": ["rl.algo=vp2o", "rl.ablate.specialization=false"],
     "vp2o-no_anchor": ["rl.algo=vp2o", "rl.ablate.anchor_budget=false"],
     "vp2o-no_behaviour": ["rl.algo=vp2o", "rl.ablate.behaviour_budget=false"],

@@ -16,8 +16,10 @@ What (method §2.4, 2.5, 2.9, 2.10): a subclass of ``MoELayer`` chosen through t
   ``MoEAuxLossAutoScaler`` and logged through ``save_to_aux_losses_tracker``.
 
 Stages overridden (megatron 0.16.1 ``route -> preprocess -> dispatch -> routed_experts_compute ->
-combine -> postprocess``): ``route`` (the router's own forward through `VP2OTopKRouter`, which also keeps the logits
-for the full softmax p and to capture top-k/gates), ``postprocess`` (losses). With
+combine -> postprocess``): ``route`` (`ResponseMaskedMoELayer`, the base class GRPO runs too: the
+router's aux losses see the response tokens only; VP2O's ``_route_tokens`` calls the router's own forward
+through `VP2OTopKRouter`, which also keeps the logits for the full softmax p and to capture
+top-k/gates), ``postprocess`` (losses). With
 ``ortho_coef > 0`` also ``preprocess``, ``routed_experts_compute`` and ``combine``:
 
 Raw (un-gated) expert outputs, gathered per token (method §2.9, 4). megatron applies the gate inside
@@ -96,6 +98,73 @@ def in_checkpoint_forward() -> bool:
     return False
 
 
+class ResponseMaskedMoELayer(MoELayer):
+    """megatron's MoELayer whose router aux losses (load balancing, z-loss) see the response tokens
+    only in training forwards of RL batches -- the same tokens every VP2O statistic counts (method
+    §2.5) -- so GRPO's layer (this class) and VP2O's (`VP2OMoELayer`, built on it) balance the same
+    tokens. ``token_mask`` is set per micro-batch by `response_tokens` and handed to the router as
+    its padding mask; without one (SFT, evaluation, rollouts) the layer is megatron's, bit for bit.
+    Under activation recompute the recompute forward replays the first forward's mask (FIFO:
+    megatron's schedules run the backwards of a chunk's micro-batches in forward order)."""
+
+    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None, **kwargs):
+        # kwargs: what newer megatron-core releases add (0.19: is_mtp_layer, name; compat row 2)
+        super().__init__(config, submodules, layer_number, pg_collection, **kwargs)
+        self.token_mask = None  # [S*B] (or [B, S]) 0/1 tokens that count (the response), set per forward; None: all
+        # activation recompute (megatron: full, or selective with "moe"): the whole layer runs again in
+        # the backward, after `response_tokens` has left: the recompute replays the first forward's mask.
+        self.recomputed = config.recompute_granularity == "full" or (
+            config.recompute_granularity == "selective" and "moe" in (config.recompute_modules or ()))
+        self._replay: deque = deque()
+
+    @property
+    def trains(self) -> bool:
+        """This forward can train: training mode with autograd on, as megatron's own router aux
+        losses, or the first (no-grad) forward of megatron's activation checkpoint (its recompute in
+        the backward attaches the losses)."""
+        if not self.training:
+            return False
+        return torch.is_grad_enabled() or (self.recomputed and in_checkpoint_forward())
+
+    def token_weights(self, num_tokens: int, like: torch.Tensor) -> torch.Tensor:
+        """0/1 weight per routed token [T] (T = S*B sequence-major, this TP rank's slice under
+        sequence parallelism) from ``token_mask``; ones when none is set."""
+        mask = self.token_mask
+        if mask is None:
+            return torch.ones(num_tokens, dtype=like.dtype, device=like.device)
+        flat_T = mask.reshape(-1).to(device=like.device, dtype=like.dtype)
+        if flat_T.numel() != num_tokens and self.config.sequence_parallel:
+            rank = ps.get_tensor_model_parallel_rank()
+            flat_T = flat_T[rank * num_tokens:(rank + 1) * num_tokens]
+        assert flat_T.numel() == num_tokens, f"token mask of {flat_T.numel()} tokens for {num_tokens} routed tokens"
+        return flat_T
+
+    def aux_padding_mask(self, hidden_states, padding_mask=None):
+        """The router's padding mask (True: not counted) from ``token_mask`` in training forwards;
+        a mask the caller passed wins."""
+        if padding_mask is None and self.token_mask is not None and self.training:
+            num_tokens = hidden_states.numel() // hidden_states.shape[-1]
+            padding_mask = self.token_weights(num_tokens, hidden_states).view(hidden_states.shape[:-1]) == 0
+        return padding_mask
+
+    def route(self, hidden_states, padding_mask=None):
+        """Route with the response mask (the recompute forward replays the first forward's);
+        ``record`` tells `_route_tokens` whether this is the first forward (statistics are taken once)."""
+        recompute = self.training and self.recomputed and recomputing()
+        if recompute:  # the recompute forward: the first forward's token mask, no statistics again
+            saved, self.token_mask = self.token_mask, (self._replay.popleft() if self._replay else self.token_mask)
+            try:
+                return self._route_tokens(hidden_states, padding_mask, record=False)
+            finally:
+                self.token_mask = saved
+        if self.training and self.recomputed and self.trains:  # will be recomputed in the backward
+            self._replay.append(self.token_mask)
+        return self._route_tokens(hidden_states, padding_mask, record=True)
+
+    def _route_tokens(self, hidden_states, padding_mask, record: bool):
+        return super().route(hidden_states, self.aux_padding_mask(hidden_states, padding_mask))
+
+
 class VP2OTopKRouter(TopKRouter):
     """megatron's TopKRouter that can keep the gating logits of a call (the full softmax p of method §2.9 needs them; megatron's forward returns only the top-k probs and map). Chosen in the layer
     spec as the MoE submodules' router (`VP2OMoELayer.router_cls`); everything else is megatron's."""
@@ -110,8 +179,9 @@ class VP2OTopKRouter(TopKRouter):
         return logits
 
 
-class VP2OMoELayer(MoELayer):
-    """MoELayer with prototypes, co-activation counts, routing captures and specialisation losses."""
+class VP2OMoELayer(ResponseMaskedMoELayer):
+    """MoELayer with prototypes, co-activation counts, routing captures and specialisation losses
+    (the response mask of its router's aux losses: `ResponseMaskedMoELayer`)."""
 
     #: Loss weights; `vp2o_moe_layer` makes a subclass with other values; settable per instance.
     spec_cfg: SpecializationConfig = SpecializationConfig()
@@ -120,7 +190,6 @@ class VP2OMoELayer(MoELayer):
     router_cls = None  # set below the class: VP2OTopKRouter
 
     def __init__(self, config, submodules=None, layer_number=None, pg_collection=None, **kwargs):
-        # kwargs: what newer megatron-core releases add (0.19: is_mtp_layer, name; compat row 2)
         super().__init__(config, submodules, layer_number, pg_collection, **kwargs)
         if not isinstance(self.router, VP2OTopKRouter):
             raise TypeError(f"VP2OMoELayer needs its router built as VP2OTopKRouter (got {type(self.router).__name__}): "
@@ -139,14 +208,8 @@ class VP2OMoELayer(MoELayer):
         self.loss_log = torch.zeros(4, device=dev)  # detached [ortho, var, entropy sum, tokens] of this step
         self._pending = ([], [], [], [])  # per micro-batch, not yet folded in: mask_TE, logits_TE, (slot, loss), weight_T
         self._route = None
-        self.token_mask = None  # [S*B] (or [B, S]) 0/1 tokens that count (the response), set per forward; None: all
-        # activation recompute (megatron: full, or selective with "moe"): the whole layer runs again in
-        # the backward. Its statistics are taken in the first forward only; the recompute replays the
-        # first forward's token mask (FIFO: megatron's schedules run the backwards of a chunk's
-        # micro-batches in forward order) and attaches the losses; the first forward logs them.
-        self.recomputed = config.recompute_granularity == "full" or (
-            config.recompute_granularity == "selective" and "moe" in (config.recompute_modules or ()))
-        self._replay: deque = deque()
+        # under activation recompute the statistics are taken in the first forward only; the recompute
+        # (replaying the first forward's token mask: the base class) attaches the losses, the first logs them
 
     # --- per-step bookkeeping ------------------------------------------------------------------
     def reset_step_stats(self) -> None:
@@ -155,19 +218,6 @@ class VP2OMoELayer(MoELayer):
         self.loss_log = torch.zeros(4, device=self.counts_EE.device)
         self._pending = ([], [], [], [])
         self._replay.clear()
-
-    def token_weights(self, num_tokens: int, like: torch.Tensor) -> torch.Tensor:
-        """0/1 weight per routed token [T] (T = S*B sequence-major, this TP rank's slice under
-        sequence parallelism) from ``token_mask``; ones when none is set."""
-        mask = self.token_mask
-        if mask is None:
-            return torch.ones(num_tokens, dtype=like.dtype, device=like.device)
-        flat_T = mask.reshape(-1).to(device=like.device, dtype=like.dtype)
-        if flat_T.numel() != num_tokens and self.config.sequence_parallel:
-            rank = ps.get_tensor_model_parallel_rank()
-            flat_T = flat_T[rank * num_tokens:(rank + 1) * num_tokens]
-        assert flat_T.numel() == num_tokens, f"token mask of {flat_T.numel()} tokens for {num_tokens} routed tokens"
-        return flat_T
 
     def flush_stats(self) -> None:
         """Fold this layer's pending micro-batch statistics into ``counts_EE`` / ``loss_log``."""
@@ -179,39 +229,22 @@ class VP2OMoELayer(MoELayer):
 
     @property
     def losses_on(self) -> bool:
-        """Specialisation losses (and the ortho capture) only where they can train: training mode
-        with autograd on, as megatron's own router aux losses, or the first (no-grad) forward of
-        megatron's activation checkpoint (same function as without recompute; its recompute attaches
-        the losses). Rollouts, evaluation and anchor capture run megatron's expert path unchanged."""
-        if not self.training:
-            return False
-        return torch.is_grad_enabled() or (self.recomputed and in_checkpoint_forward())
+        """Specialisation losses (and the ortho capture) only where they can train (`trains`; same
+        function as without recompute). Rollouts, evaluation and anchor capture run megatron's expert
+        path unchanged."""
+        return self.trains
 
     @property
     def ortho_on(self) -> bool:
         return self.spec_cfg.ortho_coef > 0 and self.losses_on
 
     # --- stages --------------------------------------------------------------------------------
-    def route(self, hidden_states, padding_mask=None):
-        """The router's own forward (so its hooks and routing replay run), keeping the gating
-        logits (for the full softmax), top-k ids and gates of this batch."""
-        recompute = self.training and self.recomputed and recomputing()
-        if recompute:  # the recompute forward: the first forward's token mask, no statistics again
-            saved, self.token_mask = self.token_mask, (self._replay.popleft() if self._replay else self.token_mask)
-            try:
-                return self._route_tokens(hidden_states, padding_mask, record=False)
-            finally:
-                self.token_mask = saved
-        if self.training and self.recomputed and self.losses_on:  # will be recomputed in the backward
-            self._replay.append(self.token_mask)
-        return self._route_tokens(hidden_states, padding_mask, record=True)
-
     def _route_tokens(self, hidden_states, padding_mask, record: bool):
+        """The router's own forward (so its hooks and routing replay run; its aux losses see the
+        response tokens only: `aux_padding_mask`), keeping the gating logits (for the full softmax),
+        top-k ids and gates of this batch."""
         router = self.router
-        if padding_mask is None and self.token_mask is not None and self.training:
-            # megatron's own aux losses (load balancing, z-loss) then also see response tokens only
-            num_tokens = hidden_states.numel() // hidden_states.shape[-1]
-            padding_mask = self.token_weights(num_tokens, hidden_states).view(hidden_states.shape[:-1]) == 0
+        padding_mask = self.aux_padding_mask(hidden_states, padding_mask)
         router.keep_logits = True
         try:
             probs_TE, routing_map_TE = router(hidden_states, padding_mask=padding_mask)
@@ -390,13 +423,16 @@ def flush_step_stats(layers) -> None:
 
 @contextmanager
 def response_tokens(model, loss_mask_BS: torch.Tensor):
-    """Within the block, every VP2O layer of ``model`` counts only the tokens where ``loss_mask_BS``
-    [B, S] is set (the columns whose outputs score response tokens; method §2.5, 2.9, 2.10): in the
-    co-activation counts, the active set, the specialisation losses, the captured barycenters and
-    the router entropy. Set per micro-batch by the RL forward step."""
-    layers = model.__dict__.get("_vp2o_layers")  # found once: the model's modules do not change after build
+    """Within the block, every response-masked MoE layer of ``model`` (GRPO's and VP2O's) counts only
+    the tokens where ``loss_mask_BS`` [B, S] is set (the columns whose outputs score response tokens;
+    method §2.5, 2.9, 2.10): in megatron's router aux losses and, in VP2O layers, the co-activation
+    counts, the active set, the specialisation losses, the captured barycenters and the router
+    entropy. Set per micro-batch by the RL forward step."""
+    layers = model.__dict__.get("_masked_moe_layers")  # found once: the model's modules do not change after build
     if layers is None:
-        layers = model.__dict__["_vp2o_layers"] = vp2o_layers(model)
+        module = model.module if hasattr(model, "module") else model
+        layers = [m for m in module.modules() if isinstance(m, ResponseMaskedMoELayer)]
+        model.__dict__["_masked_moe_layers"] = layers
     mask_T = loss_mask_BS.detach().t().reshape(-1)  # sequence-major, as the layers route [S, B] tokens
     for layer in layers:
         layer.token_mask = mask_T

@@ -19,7 +19,6 @@ from typing import Callable
 
 import torch
 from megatron.core import parallel_state as ps
-from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from megatron_vp2o.checkpoint import latest_checkpoint, load_checkpoint, load_model, save_checkpoint
 from megatron_vp2o.checkpoint.dist import load_rank_state
@@ -51,9 +50,21 @@ def load_inputs(cfg):
 
 
 def vp2o_knobs(cfg):
-    """cfg.vp2o with the rl.ablate switches applied."""
+    """cfg.vp2o with the rl.ablate switches applied (docs/method.md §2.8), each a config value the
+    learner and the Stein hook already take -- no new branch on tensors:
+
+    - ``attraction=false`` -> ``vp2o.stein.attraction=false``: each active expert keeps its own
+      gradient (self-only attraction weights); the co-active / inactive sets, hence the repellers,
+      stay as they are;
+    - ``repulsion=false`` -> ``vp2o.stein.repulsion_coef=0`` (alpha = 0);
+    - ``stein=false`` -> ``vp2o.stein.enabled=false``: no transport at all, so both forces off, and
+      with them the freeze of inactive experts, which only keeps the transport's zero gradient for
+      them from being undone by AdamW (plain gradients, as GRPO's);
+    - ``specialization=false`` -> both specialisation coefficients 0.
+    """
     ab, v = cfg.rl.ablate, cfg.vp2o
-    stein = dataclasses.replace(v.stein, coact_topm=v.stein.coact_topm if ab.stein else 0,
+    stein = dataclasses.replace(v.stein, enabled=v.stein.enabled and ab.stein,
+                                attraction=v.stein.attraction and ab.attraction,
                                 repulsion_coef=v.stein.repulsion_coef if ab.repulsion else 0.0)
     spec = v.specialization if ab.specialization else dataclasses.replace(v.specialization, ortho_coef=0.0,
                                                                            var_coef=0.0)
@@ -236,13 +247,13 @@ def _build_engine(cfg, model, tokenizer):
 
 
 def _build_trainable(cfg, vp2o_cfg, resume_from):
-    """The trainable (VP2O MoE layers when ``vp2o_cfg``; ``rl.<algo>.lr`` or ``rl.lr`` as a constant
-    rate), loaded from ``resume_from`` or else from the policy checkpoint; (trainable, the checkpoint's extra)."""
-    layer_cls = MoELayer
-    if vp2o_cfg is not None:
-        from megatron_vp2o.moe.layer import vp2o_moe_layer
+    """The trainable (VP2O MoE layers when ``vp2o_cfg``, else megatron's with the response-masked aux
+    losses: both algorithms' router aux losses see the response tokens only; ``rl.<algo>.lr`` or
+    ``rl.lr`` as a constant rate), loaded from ``resume_from`` or else from the policy checkpoint;
+    (trainable, the checkpoint's extra)."""
+    from megatron_vp2o.moe.layer import ResponseMaskedMoELayer, vp2o_moe_layer
 
-        layer_cls = vp2o_moe_layer(vp2o_cfg.specialization)
+    layer_cls = ResponseMaskedMoELayer if vp2o_cfg is None else vp2o_moe_layer(vp2o_cfg.specialization)
     lr = cfg.rl.resolved_lr
     train_cfg = cfg if lr is None else dataclasses.replace(cfg, train=dataclasses.replace(
         cfg.train, lr=lr, min_lr=lr, warmup_steps=0, steps=cfg.rl.steps))

@@ -1,6 +1,7 @@
 """Contract: the VP2O MoE layer's accessor reads/writes every expert layout correctly, raw per-token
 expert outputs gathered through the dispatcher equal the experts applied token by token, the
-ortho path computes the same layer output, and the hook's tensor work traces without graph breaks."""
+ortho path computes the same layer output, the hook's tensor work traces without graph breaks, and
+the router aux loss of both RL layers (GRPO's and VP2O's) sees the response tokens only."""
 
 from __future__ import annotations
 
@@ -24,6 +25,16 @@ def test_accessor_reads_and_writes_each_layout(checks, layout):
     assert got["shape"] == (8, 32, 32)
     assert got["repulsion_layout"] < 1e-5, got  # the hook's in-place rank-two repulsion, in this layout
     assert got["no_grad_forward_rel_diff"] < (2e-2 if layout == "grouped" else 1e-6), got  # bf16 grouped
+
+
+@pytest.mark.parametrize("algo", ["grpo", "vp2o"])
+def test_router_aux_loss_sees_response_tokens_only(checks, algo):
+    """GRPO's RL layer (ResponseMaskedMoELayer) and VP2O's: with a response mask the router's aux-loss
+    gradient is that of the response tokens alone, the same in both, and not the whole batch's."""
+    got = checks["aux_mask"]
+    assert got[algo]["masked_vs_alone"] <= 1e-6 * got[algo]["scale"], got
+    assert got[algo]["masked_vs_all"] > 1e-3 * got[algo]["scale"], got
+    assert got["grpo_vs_vp2o"] == 0.0, got
 
 
 @pytest.mark.parametrize("dispatcher", ["alltoall", "allgather"])

@@ -149,6 +149,46 @@ def ortho_capture_checks(dispatcher: str) -> dict:
             "no_grad_calls": captured["no_grad_calls"]}
 
 
+def aux_mask_checks() -> dict:
+    """The router aux-loss gradient of GRPO's RL layer (``ResponseMaskedMoELayer``) and of VP2O's, with a
+    response mask over the last columns: max abs difference to the gradient of those tokens alone (no
+    mask), to the other layer's, and (to show the mask acts) to the unmasked batch's."""
+    from megatron_vp2o.algo.config import SpecializationConfig
+    from megatron_vp2o.model import build_gpt, transformer_config
+    from megatron_vp2o.moe.layer import ResponseMaskedMoELayer, response_tokens, vp2o_moe_layer
+
+    cfg = tiny_config(model={"router": {"aux_loss_type": "aux_loss", "aux_loss_coeff": 0.1}})
+    tconf = transformer_config(cfg.model, cfg.parallel, calculate_per_token_loss=True)
+    layers = {}
+    for name, cls in (("grpo", ResponseMaskedMoELayer), ("vp2o", vp2o_moe_layer(SpecializationConfig(0.0, 0.0)))):
+        model = build_gpt(cfg.model, tconf, moe_layer_cls=cls)
+        layers[name] = next(m for m in model.modules() if isinstance(m, ResponseMaskedMoELayer))
+    layers["vp2o"].load_state_dict(layers["grpo"].state_dict(), strict=False)
+    hidden = torch.randn(16, 2, cfg.model.hidden_size, generator=torch.Generator().manual_seed(5))
+    mask_BS = torch.zeros(2, 16)
+    mask_BS[:, 10:] = 1.0  # the response: the last 6 columns of both sequences
+
+    def router_grad(layer, x, mask=None) -> torch.Tensor:
+        layer.train()
+        layer.zero_grad()
+        x = x.clone().requires_grad_(True)
+        if mask is None:
+            out, _ = layer(x)
+        else:
+            with response_tokens(layer, mask):
+                out, _ = layer(x)
+        (out * 0.0).sum().backward()  # only the aux loss reaches the router
+        return layer.router.weight.grad.clone()
+
+    out = {}
+    for name, layer in layers.items():
+        masked, alone = router_grad(layer, hidden, mask_BS), router_grad(layer, hidden[10:])
+        out[name] = {"masked_vs_alone": (masked - alone).abs().max().item(), "scale": alone.abs().max().item(),
+                     "masked_vs_all": (masked - router_grad(layer, hidden)).abs().max().item(), "grad": masked}
+    out["grpo_vs_vp2o"] = (out["grpo"].pop("grad") - out["vp2o"].pop("grad")).abs().max().item()
+    return out
+
+
 def run_all(payload) -> dict:
     from megatron_vp2o.distributed.init import init_parallel
 
@@ -158,5 +198,6 @@ def run_all(payload) -> dict:
     out = {"sequential": accessor_checks("sequential", "fp32"),
            "grouped": accessor_checks("grouped", "bf16") if compat.HAS_LEGACY_GROUPED_MLP else None,
            "ortho/alltoall": ortho_capture_checks("alltoall"),
-           "ortho/allgather": ortho_capture_checks("allgather")}
+           "ortho/allgather": ortho_capture_checks("allgather"),
+           "aux_mask": aux_mask_checks()}
     return out
