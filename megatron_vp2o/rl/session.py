@@ -92,6 +92,7 @@ class Session:
     resumed_extra: dict  # that checkpoint's loop ``extra`` ({} on a fresh run)
     evaluate_benchmarks: Evaluate | None = None  # the rl.eval benchmarks, from the caller
     batches: list = field(default_factory=list)  # the buffer's learner micro-batches
+    stein_changes: list = field(default_factory=list)  # per step of this process: mean Stein relative change
 
     # ---- derived --------------------------------------------------------------------------
     @property
@@ -187,11 +188,20 @@ class Session:
         self.progress.close()
         self.logger.close()
 
+    def track(self, metrics: dict) -> None:
+        """Keep what the summary reports over the run: the step's Stein relative change
+        ||transported - raw|| / ||raw||, averaged over the MoE layers (absent on GRPO steps)."""
+        changes = [v for k, v in metrics.items() if k.startswith("stein/rel_change/")]
+        if changes:
+            self.stein_changes.append(sum(changes) / len(changes))
+
     def summary(self, first: dict, last: dict, state: LoopState, seconds: float) -> dict:
         out = {"algo": self.cfg.rl.algo, "steps": state.step, "refreshes": state.refreshes,
                "rollout samples": state.samples,
                "skipped_steps": state.skipped, "seconds": seconds,
                "layout": f"dp={self.layout.dp} tp={self.layout.tp} pp={self.layout.pp} ep={self.layout.ep}"}
+        if self.stein_changes:
+            out["stein relative change (mean)"] = sum(self.stein_changes) / len(self.stein_changes)
         for key in ("eval/mean", "eval/pass_at_1", "eval/distinct_correct"):
             if key in first:
                 out[f"{key} (start)"] = first[key]

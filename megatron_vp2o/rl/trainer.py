@@ -174,6 +174,7 @@ def run_rl(cfg, out_dir: str | Path, resume: bool = False, evaluate: Evaluate | 
         if last or _eval_due(cfg, state, samples_before):
             metrics |= sess.evaluate("eval")
         sess.logger.log(state.step, metrics | ({"budget_end": True} if done else {}))
+        sess.track(metrics)
         reward = metrics.get("reward/mean", reward)  # steps on a kept buffer generate no reward
         sess.progress.update(f"reward {reward:.3f}")
         periodic = cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0

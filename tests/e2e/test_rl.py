@@ -90,7 +90,13 @@ def test_wandb_offline_and_tensorboard_sinks(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert list((tmp_path / "wandb").glob("offline-run-*"))
-    assert len(_rows(tmp_path)) == 2
+    rows = _rows(tmp_path)
+    assert len(rows) == 2
+    # the summary reports the refreshes and the mean Stein relative change of the run (demo's table)
+    change = sum(sum(v for k, v in r.items() if k.startswith("stein/rel_change/")) / 4 for r in rows) / 2
+    lines = proc.stdout.splitlines()
+    assert any("refreshes" in line and f" {rows[-1]['vp2o/refreshes']} " in line for line in lines), proc.stdout
+    assert any("stein relative change (mean)" in line and f"{change:.4f}" in line for line in lines), proc.stdout
 
 
 def test_kl_to_frozen_reference(tmp_path):
