@@ -167,7 +167,7 @@ class RLConfig:
     eval_samples: int = 8  # samples per eval prompt (for pass@1 and distinct correct answers)
     eval: list[EvalTaskConfig] = field(default_factory=list)  # benchmarks evaluated with eval_prompts -> eval/<file>/*
     steps: int = 30  # learner updates
-    lr: Optional[float] = None  # constant RL learning rate of both algorithms (null: train.lr with its schedule; rl.<algo>.lr wins)
+    lr: Optional[float] = None  # constant RL lr of both algorithms (null: train.lr and its schedule; rl.<algo>.lr wins)
     prompts_per_step: int = 8  # prompts per rollout batch (all data-parallel ranks)
     refresh: Optional[Literal["every_step", "event"]] = None  # actor refresh (None: event for vp2o, every_step for grpo)
     grpo: GRPOLoopConfig = field(default_factory=GRPOLoopConfig)  # rl.algo=grpo: clip, mini-batches, epochs, lr

@@ -103,7 +103,7 @@ def test_kl_to_frozen_reference(tmp_path):
     """With kl_coef > 0 a frozen copy of the initial policy is the reference: KL is exactly 0 on the first
     step (same weights) and positive once the learner has moved."""
     proc = vp2o(["train", "--config", TINY, "--out", str(tmp_path), *QUICK, "rl.steps=3", "rl.algo=grpo",
-                 "rl.policy_loss.kl_coef=0.1", "rl.grpo.mini_batches=1", "rl.grpo.epochs=1"])  # one optimizer step per batch
+                 "rl.policy_loss.kl_coef=0.1", "rl.grpo.mini_batches=1", "rl.grpo.epochs=1"])  # one step per batch
     assert proc.returncode == 0, proc.stderr[-3000:]
     kl = [r["learner/kl_ref"] for r in _rows(tmp_path)]
     assert kl[0] == 0.0 and kl[1] > 0.0 and kl[2] > 0.0, kl

@@ -48,6 +48,7 @@ def test_run_points_and_batches_to_reach(tmp_path):
 
 def test_custom_arms_parse_and_bad_ones_name_the_format():
     args = Namespace(arms=["grpo"], ablations=False, arm=["g2=grpo:rl.lr=3e-4,rl.grpo.mini_batches=2"])
-    assert parse_arms(args) == {"grpo": ["rl.algo=grpo"], "g2": ["rl.algo=grpo", "rl.lr=3e-4", "rl.grpo.mini_batches=2"]}
+    g2 = ["rl.algo=grpo", "rl.lr=3e-4", "rl.grpo.mini_batches=2"]
+    assert parse_arms(args) == {"grpo": ["rl.algo=grpo"], "g2": g2}
     with pytest.raises(ValueError, match="NAME=ALGO"):
         parse_arms(Namespace(arms=[], ablations=False, arm=["g3=ppo:rl.lr=1"]))
