@@ -13,7 +13,7 @@ from harness import free_port
 from launch.conftest import ROOT
 
 SCRIPT = str(ROOT / "examples" / "slurm" / "tiny_cpu.sbatch")
-ARGS = ["rl.steps=16", "rl.lr=1.5e-3", "rl.prompts_per_step=16", "checkpoint.every=4", "logging.progress=false"]
+ARGS = ["rl.steps=16", "rl.lr=1e-3", "rl.prompts_per_step=16", "checkpoint.every=4", "logging.progress=false"]
 
 
 def submit(slurm, out, log, *flags, env=None):
