@@ -20,39 +20,46 @@ row counts, and where it comes from in the code:
 * ``host_optimizer`` / ``host_snapshot``: bytes per rank in host memory (``train.optimizer_cpu_offload``:
   ``optimizer_offload_fraction`` of the optimizer; the snapshot follows it), checked per node
   (x GPUs per node) against the node's host memory (``HOST_BYTES``, DGX H100: 2 TB).
-* ``prototypes``: per MoE layer ``protos_XD``, ``protos_ED``, ``counts_EE`` and the trust
-  region's old prototypes and anchor copy (fp32).
-* ``stein``: the Stein hook's fp32 gather buffer and output of the local expert gradients of ONE
-  MoE layer (it transports one layer at a time; the largest layer of the stage), plus (EP > 1) one layer's static-shape neighbour exchange, send and
-  receive ``[ep, X, P_fc1]``.
+* ``prototypes``, ``stein``, ``routing``, ``routing_stats``: VP2O's own state, 0 for GRPO
+  (:mod:`.vp2o_rows`: prototype buffers and their copies, the Stein hook's peak, routing records
+  held between steps, per-token statistics pending during the forward/backward).
 * ``activations``: stored for backward by one learner micro-batch (``rl.micro_batch_size``
   sequences of ``model.seq_length`` tokens), times the micro-batches in flight under 1F1B
   (``min(pp, micro-batches)``; an RL step has ``prompts_per_step x group_size / (dp x
-  rl.micro_batch_size)`` micro-batches), plus the fp32 logits of the last stage. Per layer and token
-  (``a`` activation bytes; fused attention, so no ``s^2`` term; divided by tp x cp with sequence
-  parallel): attention ``a (3D + (2Hq + 2Hkv) hd)`` (norm input and output, QKV input; q, k, v
-  and the attention output); MoE ``a (3D + K (D + 4F/etp)) + 8E`` (norm, router input; per routed
-  copy the permuted input, fc1 output 2F, SiLU output F and GLU product F; router logits and
-  probabilities in fp32); shared expert ``a (D + 4S)``. Checked on the CPU path
-  (tests/launch/test_plan.py): the bytes a forward saves for backward equal this plus what that
-  path saves on top (two more F-wide copies per routed token in megatron's unfused sequential
-  experts, K and V expanded to all query heads by math SDPA), within 5%.
+  rl.micro_batch_size)`` micro-batches), plus the last stage's final norm (input, normalised
+  input) and output-layer input ``3aD`` per token and the policy loss's two fp32 vocabulary-wide
+  tensors (tempered logits and the log-sum-exp input: ``generation.sampling.token_logprobs``), 8
+  bytes per logit. Per layer and token (``a`` activation bytes, ``r`` router dtype bytes; fused
+  attention, so no ``s^2`` term; divided by tp x cp with sequence parallel): attention
+  ``a (3D + (2Hq + 2Hkv) hd)`` (norm input and normalised input, QKV input; q, k, v and the
+  attention output); MoE ``a (3D + K (D + 4F/etp)) + 2rE`` (norm, router input; per routed copy
+  the permuted input, fc1 output 2F, SiLU output F and GLU product F; router logits and
+  probabilities); shared expert ``a (D + 4S)``; VP2O adds the variance loss's softmax and
+  log-softmax of the router logits ``2rE`` and, with the orthogonality loss, the per-slot expert
+  outputs ``aKD``. Checked on the CPU path (``vp2o plan --check``, :mod:`.live`): the bytes a
+  forward and loss save for backward equal this plus what that path saves on top
+  (:func:`.live.cpu_extra_bytes`: the unfused SwiGLU copies of megatron's sequential experts),
+  within 5%.
   ``activations_recompute``: full recompute (megatron ``recompute_granularity=full``): the layer
-  inputs ``aD`` per layer plus one layer's full set. ``activations_selective``: ``model.recompute:
-  selective`` (core_attn, moe): the MoE block keeps its norm input and its own input ``2aD`` per
-  token instead of its internals (plus one MoE block's set while recomputing); fused attention saves
-  nothing more to recompute. The peak uses ``model.recompute``.
+  inputs ``aD`` per layer plus one layer's set but its input (rebuilt in the backward).
+  ``activations_selective``: ``model.recompute: selective`` (core_attn, moe): the MoE block keeps the
+  pre-MLP norm's two tensors and its own input ``3aD`` per token instead of its internals (plus one
+  MoE block's internals while recomputing); attention saves nothing more to recompute (its
+  checkpoint keeps q, k and the QKV output, the output is the next projection's input). The peak
+  uses ``model.recompute``.
 * ``kv_cache``: the actors' KV cache while generating: ``2 x layers x Hkv/tp x hd x
   model.seq_length`` per sequence for the ``prompts_per_step x group_size / dp`` sequences a
   rank generates at once.
 
-``peak = params + grads + optimizer + tr_snapshot + prototypes + max(activations + stein,
-kv_cache)`` (device rows only): rollouts and the learner step do not overlap, the Stein buffers live
-after the backward, backtracking after the optimizer step. Not counted: the CUDA context and
+``peak = params + grads + optimizer + tr_snapshot + prototypes + routing + max(activations +
+routing_stats, stein, backtrack, kv_cache)`` (device rows only): rollouts and the learner step do not
+overlap; the Stein hook runs after the backward has freed the activations and the statistics were
+folded in; backtracking comes after the optimizer step. Not counted: the CUDA context and
 NCCL buffers, allocator fragmentation, the KL reference model (``rl.policy_loss.kl_coef > 0``:
 add ``params`` again); the ``headroom`` fraction of the GPU is kept free for them.
 
-Shape legend: D hidden, E experts, X local experts, K top-k, F expert ffn, S shared ffn, V vocab.
+Shape legend: D hidden, E experts, X local experts, K top-k, F expert ffn, S shared ffn, V vocab,
+Hq / Hkv query / key-value heads, hd head width.
 """
 
 from __future__ import annotations
@@ -62,14 +69,18 @@ from dataclasses import dataclass, field
 
 from megatron_vp2o.config.validate import check_layout
 from megatron_vp2o.plan.counts import StageParams, padded_vocab, stage_params
+from megatron_vp2o.plan.vp2o_rows import prototype_bytes, router_bytes, routing_bytes, routing_stats_bytes
+from megatron_vp2o.plan.vp2o_rows import anchor_budget, knobs, stein_bytes, vp2o_on
 
 GIB = 1 << 30
 # usable device memory (what torch.cuda.mem_get_info reports as total), in bytes
 GPUS = {"h100-80gb": 81559 * (1 << 20), "h200": 143771 * (1 << 20), "a100-80gb": 81251 * (1 << 20),
         "a100-40gb": 40537 * (1 << 20)}
 _BYTES = {"fp32": 4, "bf16": 2}
-ROWS = ("params", "grads", "optimizer", "tr_snapshot", "backtrack", "prototypes", "stein", "activations",
-        "activations_recompute", "activations_selective", "kv_cache", "host_optimizer", "host_snapshot")
+ROWS = ("params", "grads", "optimizer", "tr_snapshot", "backtrack", "prototypes", "routing", "stein",
+        "activations", "activations_recompute", "activations_selective", "routing_stats", "kv_cache",
+        "host_optimizer", "host_snapshot")
+HOST_ROWS = ("host_optimizer", "host_snapshot")
 HOST_BYTES = 2 * 10**12  # host memory of one node (DGX H100: 2 TB)
 GPUS_PER_NODE = 8
 
@@ -93,8 +104,8 @@ class RankPlan:
         b = self.bytes
         mode = {True: "full", False: "none"}.get(recompute, recompute)
         act = {"full": b["activations_recompute"], "selective": b["activations_selective"]}.get(mode, b["activations"])
-        static = sum(b[k] for k in ("params", "grads", "optimizer", "tr_snapshot", "prototypes"))
-        return static + max(act + b["stein"], b["backtrack"], b["kv_cache"])
+        static = sum(b[k] for k in ("params", "grads", "optimizer", "tr_snapshot", "prototypes", "routing"))
+        return static + max(act + b["routing_stats"], b["stein"], b["backtrack"], b["kv_cache"])
 
     @property
     def host_per_node(self) -> int:
@@ -140,50 +151,68 @@ def main_param_bytes(cfg, sp: StageParams, dp: int, edp: int, part: str = "all")
 
 def snapshot_kind(cfg) -> str:
     """'full' (trust region), 'expert' (freeze of inactive experts only) or 'none' (GRPO / both off)."""
-    if cfg.rl.algo != "vp2o":
+    if not vp2o_on(cfg):
         return "none"
-    if cfg.vp2o.trust_region.enabled and cfg.rl.ablate.anchor_budget:
+    if anchor_budget(cfg):
         return "full"
-    stein = cfg.vp2o.stein
+    stein = knobs(cfg).stein
     return "expert" if stein.enabled and stein.freeze_inactive else "none"
 
 
-def layer_activation_bytes(model, parallel, tokens: int, moe: bool, a: int) -> int:
-    """Bytes one transformer layer saves for backward for ``tokens`` tokens (module docstring)."""
-    d, k, e = model.hidden_size, model.moe_router_topk, model.num_experts
-    hd = model.head_dim or d // model.num_attention_heads
-    hq, hkv = model.num_attention_heads, model.num_query_groups
-    per_token = a * (3 * d + (2 * hq + 2 * hkv) * hd)
+def layer_activation_bytes(model, parallel, tokens: int, moe: bool, a: int, vp2o=None) -> int:
+    """Bytes one transformer layer saves for backward for ``tokens`` tokens (module docstring);
+    ``vp2o``: the VP2O config section of a VP2O run (its MoE layers add their specialisation losses)."""
+    per_token = _attention_token_bytes(model, parallel, a)
     if moe:
-        per_token += a * (3 * d + k * (d + 4 * model.moe_ffn_hidden_size // parallel.expert_tp)) + 8 * e
-        if model.shared_expert_ffn_hidden_size:
-            per_token += a * (d + 4 * model.shared_expert_ffn_hidden_size // parallel.tp)
+        per_token += moe_block_token_bytes(model, parallel, a, vp2o)
     else:
-        per_token += a * (3 * d + 4 * model.ffn_hidden_size // parallel.tp)
+        per_token += a * (3 * model.hidden_size + 4 * model.ffn_hidden_size // parallel.tp)
     return tokens * per_token // (parallel.tp * parallel.cp)
 
 
-def activation_bytes(cfg, sp: StageParams, num_micro: int, last_stage: bool) -> tuple[int, int]:
-    """(without recompute, with full recompute) bytes of activations held for backward."""
+def _attention_token_bytes(model, parallel, a: int) -> int:
+    """Per token (before the tp x cp split): norm input and normalised input, QKV input; q and k
+    after RoPE, the QKV projection's output (v is a view of it), the attention output; the fused
+    kernel's fp32 log-sum-exp per query head."""
+    hd = model.head_dim or model.hidden_size // model.num_attention_heads
+    hq, hkv = model.num_attention_heads, model.num_query_groups
+    return a * (3 * model.hidden_size + 3 * (hq + hkv) * hd) + 4 * hq
+
+
+def moe_block_token_bytes(model, parallel, a: int, vp2o=None) -> int:
+    """Bytes per token the MoE block (pre-MLP norm to output) saves (module docstring)."""
+    d, k, e, r = model.hidden_size, model.moe_router_topk, model.num_experts, router_bytes(model)
+    out = a * (2 * d + k * (d + 4 * model.moe_ffn_hidden_size // parallel.expert_tp)) + r * (d + 2 * e)
+    if model.shared_expert_ffn_hidden_size:
+        out += a * (d + 4 * model.shared_expert_ffn_hidden_size // parallel.tp)
+    if vp2o is not None:
+        spec = vp2o.specialization
+        out += (2 * r * e if spec.var_coef > 0 else 0) + (a * k * d if spec.ortho_coef > 0 else 0)
+    return out
+
+
+def activation_bytes(cfg, sp: StageParams, num_micro: int, last_stage: bool) -> tuple[int, int, int]:
+    """(no recompute, full recompute, selective recompute) bytes of activations held for backward."""
     model, par = cfg.model, cfg.parallel
-    a = _BYTES[model.params_dtype]
+    a, split = _BYTES[model.params_dtype], par.tp * par.cp
+    vp2o = knobs(cfg) if vp2o_on(cfg) else None
     tokens = cfg.rl.micro_batch_size * model.seq_length
-    moe_l = layer_activation_bytes(model, par, tokens, True, a)
+    moe_l = layer_activation_bytes(model, par, tokens, True, a, vp2o)
     dense_l = layer_activation_bytes(model, par, tokens, False, a)
     per_micro = sp.moe_layers * moe_l + (sp.layers - sp.moe_layers) * dense_l
     in_flight = min(par.pp, num_micro)
-    logits = tokens * padded_vocab(model.vocab_size, par.tp) // par.tp * (a + 4) if last_stage else 0
-    inputs = sp.layers * tokens * model.hidden_size * a // (par.tp * par.cp)
-    full = in_flight * per_micro + logits
-    recompute = in_flight * inputs + max(moe_l, dense_l) + logits
-    # selective (core_attn, moe): a MoE block keeps norm input + its input (2aD) instead of its internals
     d = model.hidden_size
-    moe_block = tokens * (a * (3 * d + model.moe_router_topk * (d + 4 * model.moe_ffn_hidden_size // par.expert_tp))
-                          + 8 * model.num_experts) // (par.tp * par.cp)
-    if model.shared_expert_ffn_hidden_size:
-        moe_block += tokens * a * (d + 4 * model.shared_expert_ffn_hidden_size // par.tp) // (par.tp * par.cp)
-    kept = tokens * a * 2 * d // (par.tp * par.cp)
-    selective = full - in_flight * sp.moe_layers * (moe_block - kept) + (moe_block if sp.moe_layers else 0)
+    head = tokens * 3 * a * d // split + tokens * padded_vocab(model.vocab_size, par.tp) // par.tp * 8 \
+        if last_stage else 0
+    inputs = sp.layers * tokens * d * a // split
+    full = in_flight * per_micro + head
+    # full: the layer inputs, and in the backward one layer's set but its input (already kept)
+    recompute = in_flight * inputs + max(moe_l, dense_l) - tokens * d * a // split + head
+    # selective (core_attn, moe): a MoE block keeps the norm's two tensors and its own input (3aD)
+    # instead of its internals, which one block at a time rebuilds in the backward
+    moe_block = tokens * moe_block_token_bytes(model, par, a, vp2o) // split
+    kept = tokens * a * 3 * d // split
+    selective = full - (in_flight * sp.moe_layers - (1 if sp.moe_layers else 0)) * (moe_block - kept)
     return full, recompute, selective
 
 
@@ -193,27 +222,6 @@ def kv_cache_bytes(cfg, sp: StageParams, dp: int) -> int:
     seqs = math.ceil(cfg.rl.prompts_per_step * cfg.rl.policy_loss.group_size / dp)
     per_token = 2 * sp.layers * max(model.num_query_groups // par.tp, 1) * hd * _BYTES[model.params_dtype]
     return seqs * model.seq_length * per_token
-
-
-def stein_bytes(cfg, sp: StageParams) -> int:
-    if cfg.rl.algo != "vp2o" or not cfg.vp2o.stein.enabled or not sp.moe_layers:
-        return 0
-    model, par = cfg.model, cfg.parallel
-    local_grads = 4 * math.ceil(sp.expert / sp.moe_layers)  # one layer at a time (equal MoE layers)
-    exchange = 0
-    if par.ep > 1:
-        gate = 2 if model.swiglu else 1
-        fc1 = gate * model.moe_ffn_hidden_size // par.expert_tp * model.hidden_size
-        exchange = 2 * par.ep * (model.num_experts // par.ep) * fc1 * 4
-    return 2 * local_grads + exchange
-
-
-def prototype_bytes(cfg, sp: StageParams) -> int:
-    if cfg.rl.algo != "vp2o":
-        return 0
-    model = cfg.model
-    e, d, x = model.num_experts, model.hidden_size, model.num_experts // cfg.parallel.ep
-    return 4 * sp.moe_layers * (2 * x * d + 2 * e * d + e * e)
 
 
 def plan_rank(cfg, world: int, stage: int | None = None, gpu: str = "h100-80gb", headroom: float = 0.1,
@@ -246,9 +254,10 @@ def plan_rank(cfg, world: int, stage: int | None = None, gpu: str = "h100-80gb",
     micro = math.ceil(cfg.rl.prompts_per_step * cfg.rl.policy_loss.group_size / (lay.dp * cfg.rl.micro_batch_size))
     act, act_rc, act_sel = activation_bytes(cfg, sp, micro, stage == par.pp - 1)
     rows = {"params": sp.total * pb, "grads": sp.total * 4, "optimizer": opt - host_opt,
-            "tr_snapshot": snap - host_snap, "backtrack": 0, "prototypes": prototype_bytes(cfg, sp),
-            "stein": stein_bytes(cfg, sp), "activations": act, "activations_recompute": act_rc,
-            "activations_selective": act_sel, "kv_cache": kv_cache_bytes(cfg, sp, lay.dp),
+            "tr_snapshot": snap - host_snap, "backtrack": 0, "prototypes": prototype_bytes(cfg, sp.moe_layers),
+            "routing": routing_bytes(cfg, sp.moe_layers, lay.dp), "stein": stein_bytes(cfg, sp.moe_layers),
+            "activations": act, "activations_recompute": act_rc, "activations_selective": act_sel,
+            "routing_stats": routing_stats_bytes(cfg, sp.moe_layers, lay.dp), "kv_cache": kv_cache_bytes(cfg, sp, lay.dp),
             "host_optimizer": host_opt, "host_snapshot": host_snap}
     if recompute is False:
         recompute = cfg.model.recompute

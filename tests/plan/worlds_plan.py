@@ -1,46 +1,41 @@
-"""Rank code for tests/plan/test_plan.py: build the tiny recipe with the trainer's own builder
-and measure the bytes its live objects hold."""
+"""Rank code for tests/plan/test_plan.py: ``vp2o plan --check`` in-process (as is, and with a plan
+row made wrong on purpose) and one MoE layer's saved-for-backward bytes, in one 1-rank world."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 
 import torch
 
+from megatron_vp2o.cli.main import main
 from megatron_vp2o.distributed.init import init_parallel
-from megatron_vp2o.distributed.trust_region import ParamSnapshot, _states, main_param_entries
+from megatron_vp2o.plan import memory
 from megatron_vp2o.recipes import tiny_cpu
 from megatron_vp2o.training.setup import build_trainable
 
 
-def _nbytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+def _plan_check(argv) -> tuple[int, str]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(argv)
+    return rc, out.getvalue()
 
 
-def live_bytes(cfg) -> dict:
-    """params / grads / optimizer / snapshot bytes held by the built objects after one step."""
-    trainable = build_trainable(cfg)
-    params = list(trainable.module.parameters())
-    for p in params:  # one optimizer step so Adam's lazy state exists (zero gradients)
-        p.main_grad.zero_()
-    trainable.optimizer.step()
-    storages = {p.untyped_storage().data_ptr() for p in params}
-    masters = [m for _, m, _ in main_param_entries(trainable.optimizer)
-               if m.untyped_storage().data_ptr() not in storages]
-    state = [v for s in _states(trainable.optimizer).values() for v in s.values() if torch.is_tensor(v)]
-    snap = ParamSnapshot(trainable.model, trainable.optimizer).take()
-    return {"params": _nbytes(params), "grads": _nbytes(p.main_grad for p in params),
-            "optimizer": _nbytes(masters) + _nbytes(state), "tr_snapshot": _nbytes(snap._buffers),
-            "tensors": len(params)}
-
-
-def measure(payload) -> dict:
-    cfg = tiny_cpu()
-    init_parallel(cfg)
-    out = {"fp32": live_bytes(cfg)}
-    bf16 = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, params_dtype="bf16"))
-    out["bf16"] = live_bytes(bf16)
-    return out
+def check(payload) -> dict:
+    """The live check as the CLI runs it, then with ``prototypes`` planned 4 bytes too high, then the
+    per-layer activation measurement (the world is ours: the CLI leaves it up)."""
+    init_parallel(tiny_cpu(), sft_batch=False)
+    result = {"ok": _plan_check(["plan", "--recipe", "tiny_cpu", "--check"])}
+    right = memory.prototype_bytes
+    memory.prototype_bytes = lambda cfg, moe_layers: right(cfg, moe_layers) + 4
+    try:
+        result["wrong"] = _plan_check(["plan", "--recipe", "tiny_cpu", "--check"])
+    finally:
+        memory.prototype_bytes = right
+    result["per_layer"] = activations(payload)
+    return result
 
 
 def _saved_bytes(cfg, tokens_BS) -> int:
@@ -63,14 +58,12 @@ def _saved_bytes(cfg, tokens_BS) -> int:
     return sum(seen.values())
 
 
-def activations(payload) -> dict:
+def activations(payload) -> int:
     """Saved-for-backward bytes of one MoE layer: a 2-layer model minus a 1-layer model."""
     cfg = tiny_cpu()
     model = dataclasses.replace(cfg.model, **payload["model"])
-    cfg = dataclasses.replace(cfg, model=model)
-    init_parallel(cfg)
     out = {}
     for layers in (2, 1):  # the larger first: megatron sizes its global aux-loss tracker on first use
         sized = dataclasses.replace(cfg, model=dataclasses.replace(model, num_layers=layers))
         out[layers] = _saved_bytes(sized, payload["tokens_BS"])
-    return {"per_layer": out[2] - out[1]}
+    return out[2] - out[1]
