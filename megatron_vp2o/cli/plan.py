@@ -34,9 +34,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--gpu", default="h100-80gb", help="GPU model for the fits column (h100-80gb, h200, a100-80gb, ...)")
     p.add_argument("--headroom", type=float, default=0.1, help="fraction of GPU memory kept free (default 0.1)")
     p.add_argument("--check", action="store_true",
-                   help="compare with what exists: a 1-rank layout runs a learner step per algorithm here and every "
-                        "measured row is compared with the live objects; larger layouts build rank 0 on the meta device "
-                        "and compare parameter counts; exit 1 on a mismatch")
+                   help="compare with what exists: a 1-rank layout runs a learner step per algorithm here and "
+                        "every measured row is compared with the live objects; larger layouts build rank 0 on "
+                        "the meta device and compare parameter counts; exit 1 on a mismatch")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rl.algo=grpo rl.micro_batch_size=2")
     return p
 
@@ -126,7 +126,8 @@ class CheckLearner:
         from megatron_vp2o.rl.learner import GRPOLearner, VP2OLearner, init_vp2o
         from megatron_vp2o.rl.session import vp2o_knobs
 
-        self.trainable, self.forward_step, self.vp2o = trainable, forward_step, cfg.rl.algo == "vp2o" and cfg.vp2o.enabled
+        self.trainable, self.forward_step = trainable, forward_step
+        self.vp2o = cfg.rl.algo == "vp2o" and cfg.vp2o.enabled
         if not self.vp2o:
             self.learner = GRPOLearner(trainable, cfg.rl, forward_step)
             return

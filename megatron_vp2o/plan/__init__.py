@@ -26,7 +26,8 @@ def render(title: str, plans: list[RankPlan]) -> str:
     width = max([10] + [len(h) for h in heads]) + 2
     lines = [title]
     lines += [f"  [{i}] {p.layout}  params/rank {p.params.total / 1e9:.3f} B "
-              f"(dense {p.params.dense / 1e9:.3f} B, expert {p.params.expert / 1e9:.3f} B)" for i, p in enumerate(plans)]
+              f"(dense {p.params.dense / 1e9:.3f} B, expert {p.params.expert / 1e9:.3f} B)"
+              for i, p in enumerate(plans)]
     lines.append(f"{'GiB per rank (device)':<26}" + "".join(f"{h:>{width}}" for h in heads))
     rows = [(row, lambda p, row=row: _gib(p.bytes[row])) for row in ROWS if row not in HOST_ROWS]
     rows += [("peak (no recompute)", lambda p: _gib(p.peak_bytes(False))),
@@ -51,4 +52,5 @@ def _yes(flag: bool) -> str:
     return "yes" if flag else "NO"
 
 
-__all__ = ["GIB", "GPUS", "GPUS_PER_NODE", "HOST_BYTES", "HOST_ROWS", "ROWS", "RankPlan", "StageParams", "model_params", "plan_rank", "render", "stage_params"]
+__all__ = ["GIB", "GPUS", "GPUS_PER_NODE", "HOST_BYTES", "HOST_ROWS", "ROWS", "RankPlan", "StageParams",
+           "model_params", "plan_rank", "render", "stage_params"]

@@ -2,7 +2,8 @@
 
 What: the same rows as :mod:`.memory`, measured on the objects of a real run in a 1-process world
 on this machine (``distributed.init.init_parallel``, ``training.setup.build_trainable``: the
-trainer's own builder) after ONE real learner step, never recomputed from the plan's formulas:
+trainer's own builder) around one real learner step (after a first one, so Adam's state exists:
+the steady state), never recomputed from the plan's formulas:
 
 * ``params`` / ``grads`` / ``optimizer``: bytes of the model parameters, of their DDP ``main_grad``
   buffers, and of the optimizer's fp32 masters (those that are not the parameters themselves) and
@@ -15,17 +16,22 @@ trainer's own builder) after ONE real learner step, never recomputed from the pl
   :class:`AllocationTracker` (a ``TorchDispatchMode``).
 * ``stein``: the most bytes alive at once among the storages allocated between the learner's
   ``pre_stein`` and ``post_stein`` probes (the Stein hook, ``distributed.stein_hook.apply_stein``).
-* ``routing``: what the VP2O layers hold per token beyond their buffers after the step's forwards
-  (pending co-activation / entropy statistics until the fold-in, routing captures: every tensor
-  reachable from the layer objects' attributes), plus the routing tensors the step keeps (the
-  anchor's top-k, gates and counted tokens).
+* ``routing``: what the MoE layers hold beyond parameters and buffers after the step (every tensor
+  reachable from the layer objects' attributes: routing captures, loss log, active set), plus the
+  tensors the learner returns for the loop to keep (the anchor's top-k, gates and counted tokens)
+  that are not prototype copies.
+* ``routing_stats``: what the layers hold after the training forwards of the step's micro-batches
+  (statistics reset first, as the step does), minus what they hold after the step: the
+  statistics pending until the fold-in after the backward.
 * ``activations`` (``model.recompute: none``), ``activations_selective``, ``activations_recompute``
   (``full``): the distinct non-parameter storages autograd saves (``saved_tensors_hooks``) in the
   forward of one learner micro-batch through the policy loss, plus the most bytes those saved
   during the backward (the recompute forwards) hold at once.
 
 GRPO runs the same measurements on its own learner step: its snapshot, prototypes, Stein and
-routing rows must come out 0 (no ``ParamSnapshot``, no VP2O layer, no Stein phase).
+routing rows must come out 0 (no ``ParamSnapshot``, no VP2O layer, no Stein phase). :func:`check`
+compares the rows with ``plan_rank(cfg, 1)`` (``TOLERANCE``; activations after adding
+:func:`cpu_extra_bytes`).
 
 ``plan`` sits below ``rl``, so the learner comes from the caller (:class:`RLHooks`; the CLI builds it
 from ``rl.learner``). Shapes of the batches: whatever the hooks make (``rl.micro_batch_size`` x

@@ -31,10 +31,11 @@ row counts, and where it comes from in the code:
   tensors (tempered logits and the log-sum-exp input: ``generation.sampling.token_logprobs``), 8
   bytes per logit. Per layer and token (``a`` activation bytes, ``r`` router dtype bytes; fused
   attention, so no ``s^2`` term; divided by tp x cp with sequence parallel): attention
-  ``a (3D + (2Hq + 2Hkv) hd)`` (norm input and normalised input, QKV input; q, k, v and the
-  attention output); MoE ``a (3D + K (D + 4F/etp)) + 2rE`` (norm, router input; per routed copy
-  the permuted input, fc1 output 2F, SiLU output F and GLU product F; router logits and
-  probabilities); shared expert ``a (D + 4S)``; VP2O adds the variance loss's softmax and
+  ``a (3D + 3 (Hq + Hkv) hd) + 4Hq`` (norm input and normalised input, QKV input; q and k after
+  RoPE, the QKV output that v views, the attention output; the fp32 log-sum-exp); MoE
+  ``a (2D + K (D + 4F/etp)) + r (D + 2E)`` (norm input and normalised input; per routed copy the
+  permuted input, fc1 output 2F, SiLU output F and GLU product F; the router's input in its dtype,
+  its logits and probabilities); shared expert ``a (D + 4S)``; VP2O adds the variance loss's softmax and
   log-softmax of the router logits ``2rE`` and, with the orthogonality loss, the per-slot expert
   outputs ``aKD``. Checked on the CPU path (``vp2o plan --check``, :mod:`.live`): the bytes a
   forward and loss save for backward equal this plus what that path saves on top
@@ -257,7 +258,8 @@ def plan_rank(cfg, world: int, stage: int | None = None, gpu: str = "h100-80gb",
             "tr_snapshot": snap - host_snap, "backtrack": 0, "prototypes": prototype_bytes(cfg, sp.moe_layers),
             "routing": routing_bytes(cfg, sp.moe_layers, lay.dp), "stein": stein_bytes(cfg, sp.moe_layers),
             "activations": act, "activations_recompute": act_rc, "activations_selective": act_sel,
-            "routing_stats": routing_stats_bytes(cfg, sp.moe_layers, lay.dp), "kv_cache": kv_cache_bytes(cfg, sp, lay.dp),
+            "routing_stats": routing_stats_bytes(cfg, sp.moe_layers, lay.dp),
+            "kv_cache": kv_cache_bytes(cfg, sp, lay.dp),
             "host_optimizer": host_opt, "host_snapshot": host_snap}
     if recompute is False:
         recompute = cfg.model.recompute

@@ -92,7 +92,8 @@ def test_fits_is_peak_against_usable_memory():
     assert not plan_rank(no_offload, 8).fits()
 
 
-LAYOUTS = [("paper_33b_a4b", 8), ("paper_33b_a4b", 16), ("qwen3_30b_a3b", 1), ("qwen3_30b_a3b", 2), ("qwen3_30b_a3b", 4)]
+LAYOUTS = [("paper_33b_a4b", 8), ("paper_33b_a4b", 16), ("qwen3_30b_a3b", 1), ("qwen3_30b_a3b", 2),
+           ("qwen3_30b_a3b", 4)]
 # VP2O > 1.10 x GRPO: the per-token routing statistics a VP2O layer keeps until the fold-in after the
 # backward (routing_stats, T x E x 2 router-dtype bytes per layer, moe/layer.py) and the anchor's routing
 PENDING_STATS = pytest.mark.xfail(strict=True, reason="routing_stats: moe/layer.py folds the statistics in after "
