@@ -1,7 +1,8 @@
 """``vp2o eval``: score megatron checkpoints (or responses made elsewhere) on benchmarks.
 
     vp2o eval --ckpt DIR [--ckpt DIR ...] --task NAME --data FILE [--task NAME --data FILE ...]
-              [--samples N] [--seed S] [--out OUT] [--config C] [--template T] [overrides]
+              [--samples N] [--seed S] [--engine megatron|vllm] [--out OUT] [--config C] [--template T]
+              [overrides]
     vp2o eval --responses FILE --task NAME --data FILE [...] [--out OUT] [--config C]
     vp2o eval --compare BASELINE VP2O [--out OUT]
 
@@ -12,8 +13,10 @@ apply on top (``parallel.ep=2 rl.sampling.temperature=0.6``). Under ``torchrun``
 spread over the data-parallel ranks; the samples do not depend on the layout. Writes
 ``OUT/results.json``, ``OUT/results.md`` and ``OUT/responses/<checkpoint>/<benchmark>.jsonl`` (the
 ``--responses`` format: ``{"id": ..., "responses": [...]}`` per line, matched to the data by
-``id``, else by line number). Bad input: one line naming the option or field, exit code 2,
-nothing written.
+``id``, else by line number). ``--engine vllm`` generates with vLLM (``rl.vllm.*`` settings; the
+weights streamed from each loaded checkpoint, as training's refresh does; docs/vllm.md); without
+vLLM installed, or with tp/pp > 1, it is refused before anything starts. Bad input: one line naming
+the option or field, exit code 2, nothing written.
 """
 
 from __future__ import annotations
@@ -113,7 +116,7 @@ def _config(args, ckpts):
     rl = saved.get("rl", {})
     kept = {"model": saved["model"], "data": {"tokenizer": saved.get("data", {}).get("tokenizer", "builtin:char")},
             "train": {"seed": saved.get("train", {}).get("seed", 1234)},
-            "rl": {k: rl[k] for k in ("sampling", "eval_samples", "reward_timeout_s") if k in rl}}
+            "rl": {k: rl[k] for k in ("sampling", "eval_samples", "reward_timeout_s", "vllm") if k in rl}}
     return build(Config, apply_overrides(kept, list(args.overrides)))
 
 
@@ -153,20 +156,20 @@ def run_generate(args) -> int:
     from megatron_vp2o.data.tokenizer import load_tokenizer
     from megatron_vp2o.distributed.init import shutdown, world_size_from_env
     from megatron_vp2o.eval import report
-    from megatron_vp2o.eval.generate import encode_prompts
     from megatron_vp2o.eval.runner import evaluate_checkpoints, load_benchmarks
 
     from megatron_vp2o.checkpoint.meta import check_same_model
+    from megatron_vp2o.cli.checks import check_vllm
 
     ckpts = _checkpoints(args.ckpt)
     cfg = _config(args, ckpts)
     for found in ckpts:  # the saved model config against ours, before any tensor is loaded
         check_same_model(found, cfg.model, "--ckpt")
     check_layout(cfg, world_size_from_env(), sft_batch=False)
-    if args.engine == "vllm":
-        from megatron_vp2o.cli.checks import check_vllm
-
+    if args.engine == "vllm":  # before megatron-core is imported (eval.generate)
         check_vllm(cfg, "--engine vllm")
+    from megatron_vp2o.eval.generate import encode_prompts  # megatron-core
+
     benchmarks = load_benchmarks(args.task, args.data, _templates(args))
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     for bench in benchmarks:  # fail before any process group exists

@@ -1,6 +1,9 @@
 """Evaluate megatron checkpoints on benchmarks: build the model once for this layout, load each
 checkpoint (resharded from whatever layout saved it), generate n samples per problem
-(eval/generate.py), score on rank 0 (eval/score.py).
+(eval/generate.py), score on rank 0 (eval/score.py). The generating engine is our megatron engine on
+the loaded model, or (``vp2o eval --engine vllm``) vLLM in this process, refreshed from the loaded
+model by the training refresh's streamed weight sync (:func:`vllm_eval_engine`); the texts of
+either engine go through the same scorer.
 
 Also the in-training hook: :func:`rl_evaluator` gives the RL loop a callable
 ``evaluate(model, tokenizer, prefix)`` that runs the ``rl.eval`` benchmarks through the same
@@ -75,12 +78,15 @@ def token_counter(tokenizer):
 
 def vllm_eval_engine(cfg, model, tokenizer):
     """(vLLM engine, refresh): vLLM in this process (``rl.vllm`` settings), loaded from ``model``'s
-    weights by the training refresh's streamed sync (``refresh()`` after each checkpoint load)."""
+    weights by the training refresh's streamed sync (``refresh()`` after each checkpoint load; no
+    file is written but vLLM's config.json). Its sampling stream is not offset by the data-parallel
+    rank (``dp_rank=0``, as :class:`~megatron_vp2o.eval.generate.EvalEngine`): a problem's samples
+    depend on (seed, problem index) only, whichever rank draws them."""
     from megatron_vp2o.generation.vllm_engine import VLLMEngine
     from megatron_vp2o.generation.weight_sync import WeightSync
 
     engine = VLLMEngine(cfg.model, pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size, config=cfg.rl.vllm,
-                        seed=cfg.train.seed)
+                        dp_rank=0, seed=cfg.train.seed)
     return engine, WeightSync(engine, [model], cfg)
 
 
