@@ -168,13 +168,9 @@ def _freeze_inactive(state, snap) -> None:
     snap.restore(_freeze_mask(layers))
 
 
-def route_after_step(trainable, micro_batches, state: VP2OState, forward_step=lm_forward_step) -> None:
-    """Re-route this step's tokens with the weights as they are now (after the optimizer step or a
-    backtrack), so D_anc judges a step by the gates it produces (method §2.10), not by those of the
-    forward before it. One forward-only pass; the step's statistics (co-activation counts, loss log)
-    are kept, only ``layer.captured`` is replaced."""
-    layers = state.layers
-    kept = [(layer.counts_EE.clone(), layer.loss_log.clone()) for layer in layers]
+def _capture_routing(trainable, micro_batches, layers, forward_step) -> None:
+    """One forward-only pass of the current weights over ``micro_batches`` with every layer's step
+    statistics reset and its routing captured (``layer.captured``)."""
     for layer in layers:
         layer.reset_step_stats()
         layer.capture = True
@@ -184,6 +180,16 @@ def route_after_step(trainable, micro_batches, state: VP2OState, forward_step=lm
             forward_step_func=forward_step, data_iterator=iter(micro_batches), model=trainable.models,
             num_microbatches=len(micro_batches), seq_length=mb.tokens.shape[1],
             micro_batch_size=mb.tokens.shape[0], forward_only=True)
+
+
+def route_after_step(trainable, micro_batches, state: VP2OState, forward_step=lm_forward_step) -> None:
+    """Re-route this step's tokens with the weights as they are now (after the optimizer step or a
+    backtrack), so D_anc judges a step by the gates it produces (method §2.10), not by those of the
+    forward before it. One forward-only pass; the step's statistics (co-activation counts, loss log)
+    are kept, only ``layer.captured`` is replaced."""
+    layers = state.layers
+    kept = [(layer.counts_EE.clone(), layer.loss_log.clone()) for layer in layers]
+    _capture_routing(trainable, micro_batches, layers, forward_step)
     for layer, (counts_EE, loss_log) in zip(layers, kept):
         captured = layer.captured
         layer.reset_step_stats()
@@ -235,15 +241,7 @@ def _trust_region(state, snap, old_protos, anchors, reroute) -> tuple[int, float
 def capture_anchors(trainable, micro_batches, state: VP2OState, forward_step=lm_forward_step) -> list:
     """Anchor inputs from a forward-only pass of the current model (what actors log at a refresh):
     per layer (prototypes [E, D], top-k [T, K], gates [T, K], counted tokens [T] bool)."""
-    for layer in state.layers:
-        layer.reset_step_stats()
-        layer.capture = True
-    mb = micro_batches[0]
-    with torch.no_grad():
-        get_forward_backward_func()(
-            forward_step_func=forward_step, data_iterator=iter(micro_batches), model=trainable.models,
-            num_microbatches=len(micro_batches), seq_length=mb.tokens.shape[1],
-            micro_batch_size=mb.tokens.shape[0], forward_only=True)
+    _capture_routing(trainable, micro_batches, state.layers, forward_step)
     anchors = [(layer.protos_ED.clone(), torch.cat([c[0] for c in layer.captured]),
                 torch.cat([c[1] for c in layer.captured]), torch.cat([c[2] for c in layer.captured]))
                for layer in state.layers]
