@@ -83,23 +83,24 @@ def refresh_prototypes(layers, groups: VP2OGroups, steps: int, from_start: bool 
     """Update every layer's ``protos_XD`` in place and all-gather ``protos_ED`` over EP.
 
     ``from_start``: initialise from the deterministic start vector (30 steps at init, method §2.4).
-    Layers of equal shapes (usually all) are refreshed as one batch [L, X, D, F]: one expert-TP
-    all-reduce per power step and one EP all-gather for all of them.
+    Each layer's power iteration runs on an fp32 copy of that layer's fc2 weights only (memory:
+    one layer's experts, not the stage's); layers of equal shapes (usually all) share one EP
+    all-gather of their prototypes.
     """
     batches: dict = {}
     for layer in layers:
         batches.setdefault((tuple(layer.protos_XD.shape), tuple(layer.protos_ED.shape)), []).append(layer)
     with torch.no_grad():
         for batch in batches.values():
-            weight_LXDF = torch.stack([layer.accessor.fc2_weight_XDF() for layer in batch]).float()
-            if from_start:
-                num_local, hidden = batch[0].protos_XD.shape
-                start_LXD = start_vectors(num_local, hidden, device=weight_LXDF.device).expand(len(batch), -1, -1)
-            else:
-                start_LXD = torch.stack([layer.protos_XD for layer in batch])
-            protos_LXD = power_refresh(weight_LXDF, start_LXD, steps, groups).to(batch[0].protos_XD.dtype)
-            torch._foreach_copy_([layer.protos_XD for layer in batch], list(protos_LXD.unbind(0)))
-            protos_LED = gather_experts_batched(protos_LXD, groups.expert_ep)
+            num_local, hidden = batch[0].protos_XD.shape
+            for layer in batch:
+                weight_1XDF = layer.accessor.fc2_weight_XDF().float().unsqueeze(0)
+                start_1XD = (start_vectors(num_local, hidden, device=weight_1XDF.device) if from_start
+                             else layer.protos_XD).unsqueeze(0)
+                protos_XD = power_refresh(weight_1XDF, start_1XD, steps, groups)[0]
+                del weight_1XDF
+                layer.protos_XD.copy_(protos_XD.to(layer.protos_XD.dtype))
+            protos_LED = gather_experts_batched(torch.stack([layer.protos_XD for layer in batch]), groups.expert_ep)
             torch._foreach_copy_([layer.protos_ED for layer in batch], list(protos_LED.unbind(0)))
 
 

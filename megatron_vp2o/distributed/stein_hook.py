@@ -120,15 +120,23 @@ def transport_rows(table_EP, idx_XM1, w_XM1, active_X, ok, rep=None, alpha: floa
 def layer_repulsion(layers, inactive_LEE, protos_LED, cfg: SteinConfig, groups: VP2OGroups):
     """dR/dW of the local experts of same-shaped ``layers`` as rank-two factors laid out like the
     fc2 rows of their flat gradients (`transport_rows`), and its norm per layer; (None, None) if
-    alpha = 0. One batched computation for all layers."""
+    alpha = 0. One layer's fc2 weights at a time (an fp32 copy of that layer only: the Stein hook
+    holds one layer's expert-sized buffers, never all layers'); the factors are small
+    ([L, X, D, 2], [L, X, 2, F]) and stacked for the transport."""
     if cfg.repulsion_coef == 0.0:
         return None, None
     off, num_local = layers[0].expert_offset, layers[0].num_local_experts
-    weight_LXDF = torch.stack([layer.accessor.fc2_weight_XDF() for layer in layers]).float()
-    z_LXD = all_reduce_(power_step_partial(weight_LXDF, protos_LED[:, off:off + num_local]), groups.expert_tp)
-    left_LXD2, right_LX2F = repulsion_factors_from_z(weight_LXDF, protos_LED, z_LXD,
-                                                     inactive_LEE[:, off:off + num_local], cfg.kernel_tau0,
-                                                     cfg.kernel, off, cfg.kernel_bandwidth, cfg.kernel_sharpness)
+    lefts, rights = [], []
+    for i, layer in enumerate(layers):
+        weight_XDF = layer.accessor.fc2_weight_XDF().float()
+        z_XD = all_reduce_(power_step_partial(weight_XDF, protos_LED[i, off:off + num_local]), groups.expert_tp)
+        left_XD2, right_X2F = repulsion_factors_from_z(weight_XDF, protos_LED[i], z_XD,
+                                                       inactive_LEE[i, off:off + num_local], cfg.kernel_tau0,
+                                                       cfg.kernel, off, cfg.kernel_bandwidth, cfg.kernel_sharpness)
+        del weight_XDF
+        lefts.append(left_XD2)
+        rights.append(right_X2F)
+    left_LXD2, right_LX2F = torch.stack(lefts), torch.stack(rights)
     norm_L = rank_two_norm(left_LXD2, right_LX2F)
     if layers[0].accessor.fc2_transposed:  # rows hold W^T [F, D]: (L R)^T = R^T L^T
         return (right_LX2F.transpose(-1, -2), left_LXD2.transpose(-1, -2)), norm_L

@@ -6,10 +6,10 @@ What (method §2.4, 2.5, 2.9, 2.10): a subclass of ``MoELayer`` chosen through t
   ShardedTensor split over EP, so it reshards); ``protos_ED`` non-persistent: all E prototypes of
   the layer after the EP all-gather (`distributed.reductions.refresh_prototypes`);
 - ``counts_EE`` non-persistent: raw co-activation pair counts summed over micro-batches (the
-  Stein hook reduces them over ranks). Forward only keeps each micro-batch's detached top-k mask
-  and router logits (and loss values); `flush_step_stats` folds them into ``counts_EE`` and
-  ``loss_log`` once per step for all layers (a few batched ops instead of ~10 small ones per
-  layer and micro-batch) -- call it before reading either (the VP2O step does, after backward);
+  Stein hook reduces them over ranks), folded in by each training forward together with the
+  router entropy (``loss_log``), so no micro-batch's masks or logits outlive its forward; the
+  specialisation losses' values wait as scalars until `flush_step_stats` (the VP2O step calls it
+  after the backward, before reading ``loss_log``);
 - captures of each training micro-batch: top-k indices and top-k gates [T, K] (barycenters),
   with T in megatron's sequence-major order [S*B];
 - the specialisation losses (method §2.9), attached to the output with megatron's
@@ -65,7 +65,7 @@ from megatron_vp2o.moe.experts import ExpertAccessor
 from megatron_vp2o.platform import native
 
 
-_MAX_PENDING = 64  # micro-batches kept before an automatic fold-in (bounds memory without a flush)
+_MAX_PENDING = 64  # loss values kept (per loss) before an automatic fold-in (a loop that never flushes)
 
 
 def recomputing() -> bool:
@@ -206,7 +206,7 @@ class VP2OMoELayer(ResponseMaskedMoELayer):
         self.captured: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.loss_norm: tuple[float, float] | None = None  # (N/(K T_glob), N/T_glob)
         self.loss_log = torch.zeros(4, device=dev)  # detached [ortho, var, entropy sum, tokens] of this step
-        self._pending = ([], [], [], [])  # per micro-batch, not yet folded in: mask_TE, logits_TE, (slot, loss), weight_T
+        self._pending: list = []  # (slot, loss value) per loss and micro-batch, not yet folded into loss_log
         self._route = None
         # under activation recompute the statistics are taken in the first forward only; the recompute
         # (replaying the first forward's token mask: the base class) attaches the losses, the first logs them
@@ -216,8 +216,21 @@ class VP2OMoELayer(ResponseMaskedMoELayer):
         self.counts_EE.zero_()
         self.captured = []
         self.loss_log = torch.zeros(4, device=self.counts_EE.device)
-        self._pending = ([], [], [], [])
+        self._pending = []
         self._replay.clear()
+
+    def _fold_routing(self, mask_TE, logits_TE, weight_T) -> None:
+        """Fold one micro-batch's routing into ``counts_EE`` (pair counts M^T M of the hard top-k
+        masks of the counted tokens, = `algo.coactivation.coactivation_counts`) and ``loss_log``
+        (router entropy sum, token count) at once: nothing of the micro-batch is kept until the
+        backward (docs/cluster.md: the layers' statistics cost no memory across micro-batches)."""
+        with torch.no_grad():
+            mask_TE = mask_TE.float() * weight_T.float().unsqueeze(-1)  # zero off the counted tokens
+            self.counts_EE.addmm_(mask_TE.t(), mask_TE)
+            logp_TE = torch.log_softmax(logits_TE.float(), dim=-1)
+            entropy = -((logp_TE.exp() * logp_TE).sum(-1) * weight_T.float()).sum()
+            self.loss_log = self.loss_log.to(entropy.device)
+            self.loss_log[2:] += torch.stack([entropy, weight_T.float().sum()])
 
     def flush_stats(self) -> None:
         """Fold this layer's pending micro-batch statistics into ``counts_EE`` / ``loss_log``."""
@@ -256,12 +269,8 @@ class VP2OMoELayer(ResponseMaskedMoELayer):
             topk_TK = torch.sort(torch.topk(mask_TE, self.top_k, dim=-1).indices, -1).values
             gates_TK = torch.gather(probs_TE, 1, topk_TK)
             weight_T = self.token_weights(topk_TK.shape[0], probs_TE) if self.training else None
-            if self.training and record:  # counts, router entropy (response tokens only): flush_step_stats
-                self._pending[0].append(mask_TE.detach() * weight_T.unsqueeze(-1))
-                self._pending[1].append(logits.detach().view(topk_TK.shape[0], -1))
-                self._pending[3].append(weight_T)
-                if len(self._pending[0]) >= _MAX_PENDING:  # a loop that never flushes (megatron's own)
-                    self.flush_stats()
+            if self.training and record:  # counts, router entropy (response tokens only), folded in now
+                self._fold_routing(mask_TE.detach(), logits.detach().view(topk_TK.shape[0], -1), weight_T)
                 if self.capture:
                     self.captured.append((topk_TK.detach(), gates_TK.detach(), weight_T > 0))
         self._route = {"logits": logits.view(-1, self.config.num_moe_experts), "topk": topk_TK, "gates": gates_TK,
@@ -366,8 +375,8 @@ class VP2OMoELayer(ResponseMaskedMoELayer):
             loss = total * scale
             if not (self.recomputed and recomputing()):  # logged once: by the first forward
                 if self.training:
-                    self._pending[2].append((slot, loss.detach()))
-                    if len(self._pending[2]) >= 2 * _MAX_PENDING:
+                    self._pending.append((slot, loss.detach()))
+                    if len(self._pending) >= 2 * _MAX_PENDING:
                         self.flush_stats()
                 moe_utils.save_to_aux_losses_tracker(name, loss.detach(), self.layer_number,
                                                      self.config.num_layers)
@@ -391,34 +400,18 @@ VP2OMoELayer.router_cls = VP2OTopKRouter
 
 
 def flush_step_stats(layers) -> None:
-    """Fold every layer's pending micro-batch statistics into its ``counts_EE`` (pair counts M^T M
-    of the hard top-k masks, = `algo.coactivation.coactivation_counts`) and ``loss_log`` (loss
-    values, router entropy sum and token count), batched over layers with the same token count."""
-    groups: dict = {}
+    """Fold every layer's pending specialisation-loss values (one scalar per loss, layer and
+    micro-batch) into its ``loss_log``; the routing statistics are folded in per micro-batch by
+    the layer itself (`VP2OMoELayer._fold_routing`)."""
     for layer in layers:
-        masks, logits, losses, weights = layer._pending
+        losses = layer._pending
         if losses:
             layer.loss_log = layer.loss_log.to(losses[0][1].device)
             for slot in (0, 1):
                 vals = [v for k, v in losses if k == slot]
                 if vals:
                     layer.loss_log[slot] += torch.stack(vals).sum()
-        if masks:
-            cat = lambda xs: torch.cat(xs) if len(xs) > 1 else xs[0]  # noqa: E731
-            mask_TE, logits_TE, weight_T = cat(masks), cat(logits), cat(weights)
-            groups.setdefault(tuple(mask_TE.shape), []).append((layer, mask_TE, logits_TE, weight_T))
-        layer._pending = ([], [], [], [])
-    with torch.no_grad(), native():
-        for entries in groups.values():
-            mask_LTE = torch.stack([e[1] for e in entries]).float()  # already zero off the counted tokens
-            counts_LEE = torch.bmm(mask_LTE.transpose(1, 2), mask_LTE)
-            logp_LTE = torch.log_softmax(torch.stack([e[2] for e in entries]).float(), dim=-1)
-            weight_LT = torch.stack([e[3] for e in entries]).float()
-            entropy_L = -((logp_LTE.exp() * logp_LTE).sum(-1) * weight_LT).sum(-1)
-            for (layer, *_), counts_EE, entropy, tokens in zip(entries, counts_LEE, entropy_L, weight_LT.sum(-1)):
-                layer.counts_EE += counts_EE.to(layer.counts_EE.dtype)
-                layer.loss_log = layer.loss_log.to(entropy.device)
-                layer.loss_log[2:] += torch.stack([entropy, tokens])
+        layer._pending = []
 
 
 @contextmanager

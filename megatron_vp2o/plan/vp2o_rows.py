@@ -9,25 +9,26 @@ live check (:mod:`.live`, ``vp2o plan --check``) measures the same bytes on a re
   region's old prototypes ``X x D`` (restored on a backtrack or reject) and, with
   ``anchor_gates: post_step``, the re-route's copy of ``counts_EE`` (``route_after_step``).
 * ``stein``: the most the Stein hook (``distributed/stein_hook.py``) holds at once, the larger of
-  two moments. Repulsion (``repulsion_coef > 0``): the fp32 gather buffer of one layer's local
-  expert gradients, every MoE layer's fc2 weights stacked ``[L, X, D, F]`` in the parameter dtype
-  (plus each layer's own stack first where the layout is not megatron's GroupedMLP, whose weights
-  are viewed), and that stack's fp32 copy under bf16 parameters. Transport, one layer and column
-  block (fc1 ``[X, P1]``, then fc2 ``[X, P2]``) at a time: the buffer, the previous layer's outputs
-  (held until the next layer's replace them), the earlier block's output,
-  the block's output and its ``output - raw`` norm temporary, and with EP > 1 the static-shape
-  neighbour exchange ``[ep, X, P_block]`` (send and receive). Plus the stacked prototypes and
-  counts ``[L, E, D]``, ``[L, E, E]``.
+  two moments. Repulsion (``repulsion_coef > 0``), one layer at a time: the fp32 gather buffer of
+  one layer's local expert gradients, that layer's fc2 weights stacked ``[X, D, F]`` where the
+  layout is not megatron's GroupedMLP (whose weights are viewed) and their fp32 copy under bf16
+  parameters. Transport, one layer and column block (fc1 ``[X, P1]``, then fc2 ``[X, P2]``) at a
+  time: the buffer, the previous layer's outputs (held until the next layer's replace them), the
+  earlier block's output, the block's output and its ``output - raw`` norm temporary, and with
+  EP > 1 the static-shape neighbour exchange ``[ep, X, P_block]`` (send and receive). Plus the
+  stacked prototypes and counts ``[L, E, D]``, ``[L, E, E]``. The prototype refresh after the
+  optimizer step holds one layer's fp32 fc2 copy, less than this row.
 * ``routing`` (held between steps: through the next rollouts): with the anchor budget, the
   anchor's routing and the step's routing captures, each per token of the step and MoE layer top-k
   ids (int64), gates (router dtype) and a counted flag (bool); the loss log (4 fp32) and, with Stein,
   the active set (E bools) per layer.
-* ``routing_stats`` (during the forward/backward, with the activations): the per-micro-batch
-  statistics a VP2O layer keeps until their fold-in after the backward (``flush_step_stats``):
-  the weighted top-k mask and the router logits, ``T x E`` each in the router dtype, for at most
-  64 micro-batches (``moe/layer.py`` folds in earlier), and the token weights (the fp32 response
-  mask of each micro-batch, shared by the layers; cast per layer where the router dtype differs),
-  and each specialisation loss's value per layer and micro-batch.
+* ``routing_stats`` (during the forward/backward, with the activations): what a VP2O layer keeps
+  of the step's micro-batches until the fold-in after the backward (``flush_step_stats``): each
+  specialisation loss's value (one fp32 scalar per layer and micro-batch, folded in automatically
+  every 128 values). The routing statistics (co-activation counts, router entropy) are folded into
+  the layer's buffers by each micro-batch's forward (``moe/layer.py`` ``_fold_routing``); its
+  temporaries (a few ``T_micro x E`` fp32 tensors of one layer, 6 MiB at 4096 tokens and 128
+  experts) are freed before the next layer runs and are not a row.
 
 Shape legend: L MoE layers of the stage, E experts, X local experts, D hidden, F expert ffn
 (/ expert-TP), K top-k, T tokens of this rank in one step, P1 / P2 fc1 / fc2 elements per expert.
@@ -38,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-_PENDING_MICRO = 64  # micro-batches a VP2O layer keeps before folding in (moe/layer.py _MAX_PENDING)
+_PENDING_LOSSES = 128  # loss values a VP2O layer keeps before folding in (moe/layer.py: 2 * _MAX_PENDING)
 _BYTES = {"fp32": 4, "bf16": 2, "fp64": 8}
 
 
@@ -107,12 +108,11 @@ def stein_bytes(cfg, moe_layers: int) -> int:
         exchange = 2 * par.ep * out if par.ep > 1 else 0
         peak = max(peak, buffer + earlier + max(exchange, exchange // 2 + 2 * out))
         earlier += out
-    if stein.repulsion_coef > 0:
+    if stein.repulsion_coef > 0:  # one layer's fc2 weights at a time
         pb = _BYTES[model.params_dtype]
-        stack = moe_layers * x * p2 * pb
-        own = stack if model.expert_impl != "grouped" else 0
-        upcast = moe_layers * x * p2 * 4 if pb != 4 else 0
-        peak = max(peak, buffer + max(own + stack, stack + upcast))
+        own = x * p2 * pb if model.expert_impl != "grouped" else 0  # GroupedMLP's weights are viewed
+        upcast = x * p2 * 4 if pb != 4 else 0
+        peak = max(peak, buffer + own + upcast)
     return peak + small
 
 
@@ -132,11 +132,8 @@ def routing_stats_bytes(cfg, moe_layers: int, dp: int) -> int:
     """Statistics pending during the forward/backward (module docstring)."""
     if not vp2o_on(cfg) or not moe_layers:
         return 0
-    rl, model = cfg.rl, cfg.model
+    rl = cfg.rl
     micro = math.ceil(rl.prompts_per_step * rl.policy_loss.group_size / (dp * rl.micro_batch_size))
-    tokens = min(micro, _PENDING_MICRO) * rl.micro_batch_size * model.seq_length
-    r = router_bytes(model)
-    weights = 4 + (moe_layers * r if r != 4 else 0)  # the fp32 response mask, cast per layer to the router dtype
     spec = knobs(cfg).specialization
-    losses = 4 * moe_layers * min(micro, _PENDING_MICRO) * ((spec.var_coef > 0) + (spec.ortho_coef > 0))
-    return tokens * (moe_layers * model.num_experts * 2 * r + weights) + losses
+    values = micro * ((spec.var_coef > 0) + (spec.ortho_coef > 0))
+    return 4 * moe_layers * min(values, _PENDING_LOSSES - 1)

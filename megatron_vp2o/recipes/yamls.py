@@ -28,7 +28,8 @@ def _memory_lines(name: str, nodes: int, plan) -> str:
     return f"""Memory per rank, busiest stage (`vp2o plan --recipe {name} --nodes {nodes}`; rows: megatron_vp2o/plan/memory.py),
 GiB: params {g['params']}, grads {g['grads']} (fp32), optimizer {g['optimizer']} on the GPU + {g['host_optimizer']} on the host,
 trust-region snapshot {g['tr_snapshot']} on the GPU + {g['host_snapshot']} on the host (main params + optimizer state), prototypes {g['prototypes']},
-Stein buffers {g['stein']} (one layer), activations {g['activations']} / {g['activations_selective']} selective / {g['activations_recompute']} full recompute,
+routing records {g['routing']} (anchor + step top-k/gates) and pending statistics {g['routing_stats']},
+Stein buffers {g['stein']} (one layer at a time), activations {g['activations']} / {g['activations_selective']} selective / {g['activations_recompute']} full recompute,
 KV cache {g['kv_cache']}. Settings: model.recompute={plan_cfg.model.recompute}, vp2o.trust_region.snapshot={plan_cfg.vp2o.trust_region.snapshot},
 train.optimizer_cpu_offload={str(plan_cfg.train.optimizer_cpu_offload).lower()}. Peak {plan.peak / GIB:.1f} GiB (GRPO, same settings: {grpo.peak / GIB:.1f}; \
 ratio {plan.peak / grpo.peak:.3f}); fits H100 80GB (10% headroom): {'yes' if plan.fits() else 'no'}; host {plan.host_per_node / GIB:.0f} GiB per node of 2 TB."""
