@@ -147,8 +147,9 @@ def apply_stein(ddp_model, layers, groups: VP2OGroups, cfg: SteinConfig, num_tok
     """Transport the expert gradients of ``layers`` in place (module docstring); returns metrics.
 
     ``num_tokens``: routed tokens per layer over all micro-batches and ranks (T of method §2.5).
-    Layers of the same shapes (usually all) share one batch [L, ...] for the masks, kernels and
-    repulsion (small: E x E and rank-two factors; one counts all-reduce, one expert-TP all-reduce);
+    Layers of the same shapes (usually all) share one batch [L, ...] for the masks and kernels
+    (small: E x E; one counts all-reduce); the repulsion factors (rank two) are computed one layer
+    at a time from that layer's fc2 weights (one expert-TP all-reduce each, `layer_repulsion`);
     the gradients are transported one layer at a time: the layer's two column blocks, fc1 [X, P1]
     and fc2 [X, P2] (the transport is row mixing, so blocks are independent; the repulsion touches
     fc2 only), are gathered into one fp32 buffer sized by the largest MoE layer of the stage
