@@ -196,6 +196,8 @@ class LoggingConfig:
     wandb_project: str = "megatron-vp2o"
     tensorboard: bool = False  # write tensorboard event files under <out>/tb
     log_every: int = 1  # write metrics every n steps
+    loss_grad_every: int = 10  # VP2O: spec/grad_norm_* (ortho / var / policy loss) every n optimizer steps; 0: off
 
     def __post_init__(self):
         check(self.log_every >= 1, "logging.log_every", "be >= 1", self.log_every)
+        check(self.loss_grad_every >= 0, "logging.loss_grad_every", "be >= 0 (0: off)", self.loss_grad_every)

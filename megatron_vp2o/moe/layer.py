@@ -208,6 +208,9 @@ class VP2OMoELayer(ResponseMaskedMoELayer):
         self.loss_log = torch.zeros(4, device=dev)  # detached [ortho, var, entropy sum, tokens] of this step
         self._pending: list = []  # (slot, loss value) per loss and micro-batch, not yet folded into loss_log
         self._route = None
+        self.grad_probe = self.pg_probe = False  # loss-gradient diagnostic pending (`start_grad_probe`)
+        self.probe_sq = None  # [3] squared grad norms (ortho, var, pg) of the probed micro-batch; NaN: not measured
+        self._probe_terms: list = []  # (slot, coef * loss) of the probed micro-batch, until `_run_grad_probe`
         # under activation recompute the statistics are taken in the first forward only; the recompute
         # (replaying the first forward's token mask: the base class) attaches the losses, the first logs them
 
@@ -337,6 +340,7 @@ class VP2OMoELayer(ResponseMaskedMoELayer):
             output = super().postprocess(output, shared_expert_output)
         with native():
             aux = self._specialisation_loss(ortho)
+        self._run_grad_probe()  # outside native(): megatron's backward may need the CPU layer
         self._route = None
         if aux is not None and self.training and torch.is_grad_enabled():
             output = moe_utils.MoEAuxLossAutoScaler.apply(output, aux)
@@ -362,6 +366,7 @@ class VP2OMoELayer(ResponseMaskedMoELayer):
     def _specialisation_loss(self, ortho):
         """``ortho``: (sum, count) of the orthogonality loss from `postprocess`, or None."""
         cfg, terms = self.spec_cfg, []
+        probing = self.grad_probe and self.training and torch.is_grad_enabled() and not recomputing()
         if ortho is not None:
             total, count = ortho
             terms.append((0, "vp2o_ortho", cfg.ortho_coef, total, count))
@@ -381,7 +386,22 @@ class VP2OMoELayer(ResponseMaskedMoELayer):
                 moe_utils.save_to_aux_losses_tracker(name, loss.detach(), self.layer_number,
                                                      self.config.num_layers)
             aux = coef * loss if aux is None else aux + coef * loss
+            if probing:
+                self._probe_terms.append((slot, coef * loss))
+        if probing:
+            self.grad_probe = False  # one micro-batch per probed step
         return aux
+
+    def probe_params(self) -> list:
+        """The parameters the loss-gradient diagnostic measures: the router's and the routed experts'."""
+        return [p for p in (*self.router.parameters(), *self.experts.parameters()) if p.requires_grad]
+
+    def _run_grad_probe(self) -> None:
+        """Squared norm of the gradient of each stashed term (this layer's own coef * loss of the probed
+        micro-batch) w.r.t. `probe_params`, into ``probe_sq`` (`term_grad_sq`)."""
+        terms, self._probe_terms = self._probe_terms, []
+        for slot, loss in terms:
+            self.probe_sq[slot] = term_grad_sq(loss, self.probe_params())
 
     # --- checkpointing -------------------------------------------------------------------------
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
@@ -412,6 +432,89 @@ def flush_step_stats(layers) -> None:
                 if vals:
                     layer.loss_log[slot] += torch.stack(vals).sum()
         layer._pending = []
+
+
+# --- loss-gradient diagnostic (issue 21 item 1; docs/method.md §2.13) ------------------------------------
+def probe_supported(config) -> bool:
+    """torch.autograd.grad leaves the step untouched only when no backward writes gradients itself:
+    megatron's reentrant activation checkpoint (`CheckpointFunction` runs ``autograd.backward``) and the
+    fused weight-gradient accumulation into ``main_grad`` do; the diagnostic is skipped under either."""
+    recompute = getattr(config, "recompute_granularity", None)
+    return not recompute and not getattr(config, "gradient_accumulation_fusion", False)
+
+
+def start_grad_probe(layers) -> bool:
+    """Arm the diagnostic for the next training micro-batch of every layer: each measures its own
+    specialisation terms in its forward, the policy loss (`probe_policy_gradient`) its term; False
+    (nothing armed) where `probe_supported` says no. ``probe_sq`` starts as NaN (not measured)."""
+    if not layers or not probe_supported(layers[0].config):
+        return False
+    for layer in layers:
+        layer.grad_probe = layer.pg_probe = True
+        layer.probe_sq = torch.full((3,), float("nan"), device=layer.counts_EE.device)
+        layer._probe_terms = []
+    return True
+
+
+def stop_grad_probe(layers) -> None:
+    for layer in layers:
+        layer.grad_probe = layer.pg_probe = False
+        layer._probe_terms = []
+
+
+@contextmanager
+def aux_grads_off(device):
+    """megatron's ``MoEAuxLossAutoScaler`` hands every attached aux loss (router balancing, z-loss, our
+    specialisation losses) the gradient ``main_loss_backward_scale`` whenever a backward passes the
+    output it rides on; a probe wants one term alone, so the scale is 0 within the block (the
+    original tensor object is put back: megatron's own scale is never written)."""
+    scaler = moe_utils.MoEAuxLossAutoScaler
+    saved = scaler.main_loss_backward_scale
+    scaler.main_loss_backward_scale = torch.zeros((), device=device)
+    try:
+        yield
+    finally:
+        scaler.main_loss_backward_scale = saved
+
+
+def term_grad_sq(loss: torch.Tensor, params: list) -> torch.Tensor:
+    """||d loss / d params||^2 (fp32, on the device) by ``torch.autograd.grad`` with the graph kept:
+    nothing is accumulated into ``.grad`` or megatron's ``main_grad`` buffers (no AccumulateGrad node,
+    hence no DDP hook, runs), so the step's own backward is unchanged."""
+    if not loss.requires_grad:
+        return torch.zeros((), device=loss.device)
+    with aux_grads_off(loss.device):
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    sq = [g.float().square().sum() for g in grads if g is not None]
+    return torch.stack(sq).sum() if sq else torch.zeros((), device=loss.device)
+
+
+def pg_probe_layers(model) -> list:
+    """The VP2O layers of ``model`` waiting for the policy-gradient term of the diagnostic."""
+    module = model.module if hasattr(model, "module") else model
+    layers = module.__dict__.get("_vp2o_layers")
+    if layers is None:
+        layers = module.__dict__["_vp2o_layers"] = vp2o_layers(module)
+    return [layer for layer in layers if layer.pg_probe]
+
+
+def probe_policy_gradient(layers, loss: torch.Tensor) -> None:
+    """The policy loss's part of the diagnostic: one ``autograd.grad`` of ``loss`` (this micro-batch's
+    policy-loss sum, aux losses held at zero) w.r.t. every waiting layer's `probe_params`; the squared
+    norm per layer into ``probe_sq[2]``. Layers on earlier pipeline stages are out of the graph's
+    reach here and keep NaN."""
+    params = [layer.probe_params() for layer in layers]
+    flat = [p for ps_ in params for p in ps_]
+    if loss.requires_grad and flat:
+        with aux_grads_off(loss.device):
+            grads = torch.autograd.grad(loss, flat, retain_graph=True, allow_unused=True)
+        i = 0
+        for layer, ps_ in zip(layers, params):
+            sq = [g.float().square().sum() for g in grads[i:i + len(ps_)] if g is not None]
+            i += len(ps_)
+            layer.probe_sq[2] = torch.stack(sq).sum() if sq else torch.zeros((), device=loss.device)
+    for layer in layers:
+        layer.pg_probe = False
 
 
 @contextmanager

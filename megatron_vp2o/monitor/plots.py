@@ -14,6 +14,8 @@ its keys):
   overlap.png       moe/proto_overlap and moe/coact_overlap: heatmaps layers x steps per group
   trust_region.png  vp2o/d_anc, vp2o/drift, vp2o/ess with their thresholds (the run's config, else
                     the defaults: anchor_delta, drift_delta, ess_min)
+  loss_grads.png    spec/grad_ratio_{ortho,var}/layerN (log10): heatmaps layers x steps per group
+  ratios.png        policy/ratio_p50, policy/ratio_p99, policy/ratio_max per step (both algorithms)
   decisions.png     trust-region decision per step (accept / backtrack / reject) and refreshes
 
 Heatmaps show the first group's seeds averaged; matplotlib runs headless (Agg).
@@ -232,6 +234,25 @@ def plot_stein(runs, path: Path) -> bool:
     return _heatmaps(panels, path, "Stein transport per layer: relative change, kernel spread, expert shares", "value")
 
 
+def plot_loss_grads(runs, path: Path) -> bool:
+    """Heatmaps layers x steps (mean over seeds) of the specialisation losses' gradient norms relative
+    to the policy gradient's (spec/grad_ratio_{ortho,var}, log10; issue 21), where a run logged them."""
+    import numpy as np
+
+    panels = []
+    for group, members in _groups(runs).items():
+        for name in ("ortho", "var"):
+            keys = _keys(members, rf"spec/grad_ratio_{name}/layer\d+")
+            steps, mat = _matrix(members, keys) if keys else ([], None)
+            if steps:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    mat = np.log10(mat)
+                mat[~np.isfinite(mat)] = np.nan
+                panels.append((f"{group}: log10 |grad {name}| / |grad pg|", steps, mat,
+                               [k.rsplit("/", 1)[1] for k in keys]))
+    return _heatmaps(panels, path, "Specialisation-loss gradient norms against the policy gradient's", "log10 ratio")
+
+
 def plot_decisions(runs, path: Path) -> bool:
     import matplotlib.pyplot as plt
 
@@ -281,6 +302,11 @@ def write_plots(run_dirs: list[str | Path], out: str | Path) -> list[tuple[str, 
         ("stein.png", "Stein transport per layer: ||attraction - raw|| / ||raw||, ||alpha dR/dW|| / ||raw||, kernel "
          "spread (min / median / max off-diagonal k), shares of experts co-active / inactive (mean over seeds)",
          lambda p: plot_stein(runs, p)),
+        ("loss_grads.png", "Orthogonality / variance loss gradient norm over the policy gradient's, per layer "
+         "(log10; every logging.loss_grad_every steps, mean over seeds)", lambda p: plot_loss_grads(runs, p)),
+        ("ratios.png", "Per-token likelihood ratio pi/mu of each update: p50, p99, max",
+         lambda p: _line_panels(runs, ["policy/ratio_p50", "policy/ratio_p99", "policy/ratio_max"], p,
+                                "Likelihood ratios")),
         ("decisions.png", "Trust-region decisions and rollout refreshes per step", lambda p: plot_decisions(runs, p)),
     ]
     written = [(name, caption) for name, caption, draw in figures if draw(out / name)]

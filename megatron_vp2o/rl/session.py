@@ -230,7 +230,8 @@ def build_session(cfg, out_dir: Path, resume: bool, evaluate: Evaluate | None = 
         state = init_vp2o(trainable, vp2o_cfg, layout.sequence_parallel, init_prototypes=resume_from is None)
         state.counters.update(extra.get("vp2o_counters", {}))
         learner = VP2OLearner(trainable, state, forward_step, loop=cfg.rl.loop,
-                              group_size=cfg.rl.policy_loss.group_size, anchor_budget=cfg.rl.ablate.anchor_budget)
+                              group_size=cfg.rl.policy_loss.group_size, anchor_budget=cfg.rl.ablate.anchor_budget,
+                              loss_grad_every=cfg.logging.loss_grad_every)
     engine = _build_engine(cfg, unwrap(trainable.model), tokenizer)
     ref_model = _build_reference(cfg)
     start = extra.get("step", 0)

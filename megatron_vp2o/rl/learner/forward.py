@@ -19,6 +19,7 @@ Shape legend: B sequences, S columns, V vocabulary.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import partial
 
 import torch
@@ -27,9 +28,9 @@ from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 from megatron_vp2o.device import device
-from megatron_vp2o.algo import grpo
+from megatron_vp2o.algo import diagnostics, grpo
 from megatron_vp2o.algo import trust_region as tr
-from megatron_vp2o.moe.layer import response_tokens
+from megatron_vp2o.moe.layer import pg_probe_layers, probe_policy_gradient, response_tokens
 from megatron_vp2o.generation.routing import rope_positions
 from megatron_vp2o.generation.sampling import token_logprobs
 
@@ -47,14 +48,20 @@ def learner_logprobs(logits_BSV: torch.Tensor, batch, sampling, vocab_size: int 
     return torch.where(batch.loss_mask > 0, logp_BS, torch.zeros_like(logp_BS))
 
 
-def policy_loss_func(batch, cfg, vocab_size, logits_BSV):
-    """(sum of per-sequence/per-token loss terms, their count, report) for megatron's schedule."""
+def policy_loss_func(batch, cfg, vocab_size, logits_BSV, ratios=None, probes=()):
+    """(sum of per-sequence/per-token loss terms, their count, report) for megatron's schedule.
+    ``ratios``: a `recording_ratios` list the micro-batch's log-ratios are appended to; ``probes``:
+    VP2O layers waiting for the policy-gradient term of the loss-gradient diagnostic."""
     logp_BS = learner_logprobs(logits_BSV, batch, cfg.sampling, vocab_size)
+    if ratios is not None:
+        record_ratios(ratios, logp_BS, batch.logp_old, batch.loss_mask)
     loss_fn = grpo.POLICY_LOSSES.get(cfg.loss_name)
     pl = cfg.policy_loss
     loss_sum, metrics = loss_fn(logp_BS, batch.logp_old, batch.adv, batch.loss_mask, clip_eps=cfg.clip_eps,
                                 kl_coef=pl.kl_coef, logp_ref=batch.logp_ref, aggregation=pl.aggregation,
                                 normalizer=1.0)
+    if probes:  # before megatron's backward of this micro-batch (rl.learner.vp2o: loss-gradient diagnostic)
+        probe_policy_gradient(probes, loss_sum)
     count = batch.loss_count
     tokens = batch.loss_mask.sum()
     report = {"lm loss": torch.stack([loss_sum.detach(), count.float()]),
@@ -70,7 +77,57 @@ def policy_forward_step(data_iterator, model, cfg=None, vocab_size=None):
     batch = next(data_iterator).to(next(model.parameters()).device)
     with rope_positions(unwrap(model), batch.positions), response_tokens(unwrap(model), batch.loss_mask):
         out = model(batch.tokens, batch.positions, batch.attention_mask)
-    return out, partial(policy_loss_func, batch, cfg, vocab_size)
+    module = unwrap(model)
+    return out, partial(policy_loss_func, batch, cfg, vocab_size, ratios=module.__dict__.get("_ratio_log"),
+                        probes=pg_probe_layers(module))
+
+
+# --- per-token likelihood ratios of an update (issue 21 item 1; docs/method.md §2.13) ----------------
+def record_ratios(log: list, logp_BS, logp_old_BS, mask_BS) -> None:
+    """Append one micro-batch's (log pi - log mu [N], counted [N]) (detached, fp32, flat: static shapes)."""
+    logratio_N = (logp_BS.detach().float() - logp_old_BS.detach().float()).reshape(-1)
+    log.append((logratio_N, (mask_BS > 0).reshape(-1)))
+
+
+@contextmanager
+def recording_ratios(models):
+    """Within the block, every policy-loss micro-batch of ``models`` records its log-ratios into the
+    yielded list (`ratio_stats` reads it)."""
+    log: list = []
+    modules = [unwrap(m) for m in models]
+    for module in modules:
+        module.__dict__["_ratio_log"] = log
+    try:
+        yield log
+    finally:
+        for module in modules:
+            module.__dict__.pop("_ratio_log", None)
+
+
+def ratio_stats(log: list, dev=None) -> dict:
+    """``policy/ratio_{p50,p99,max}`` of pi/mu = exp(log pi - log mu) over the counted tokens of every
+    recorded micro-batch (all optimizer steps of the update): nearest-rank quantiles on this rank
+    (`algo.diagnostics.ratio_quantiles`), then p50 and p99 averaged over the ranks that recorded
+    tokens and the max taken over all ranks (two small all-reduces, no gather). Device tensors."""
+    dev = dev if dev is not None else device()
+    if log:
+        lr_N, counted_N = torch.cat([x for x, _ in log]), torch.cat([c for _, c in log])
+        q = diagnostics.ratio_quantiles(lr_N.unsqueeze(0), torch.zeros_like(lr_N).unsqueeze(0),
+                                        counted_N.unsqueeze(0))
+        has = counted_N.any().float()
+        local = torch.stack([q["p50"] * has, q["p99"] * has, has]).to(dev)
+        top = (q["max"] * has).reshape(1).to(dev)
+    else:
+        local, top = torch.zeros(3, device=dev), torch.zeros(1, device=dev)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(local)
+        dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    n = local[2].clamp_min(1.0)
+    nan = torch.full((), float("nan"), device=dev)
+    some = local[2] > 0
+    return {"policy/ratio_p50": torch.where(some, local[0] / n, nan),
+            "policy/ratio_p99": torch.where(some, local[1] / n, nan),
+            "policy/ratio_max": torch.where(some, top[0], nan)}
 
 
 @torch.no_grad()

@@ -38,12 +38,12 @@ from megatron_vp2o.distributed.reductions import VP2OGroups, all_reduce_, refres
 from megatron_vp2o.distributed.stein_hook import apply_stein
 from megatron_vp2o.distributed.trust_region import ParamSnapshot, anchor_statistic
 from megatron_vp2o.monitor.timing import timed
-from megatron_vp2o.moe.layer import flush_step_stats, vp2o_layers
+from megatron_vp2o.moe.layer import flush_step_stats, start_grad_probe, stop_grad_probe, vp2o_layers
 from megatron_vp2o.platform import native
 from megatron_vp2o.rl.learner.epochs import applied, epoch_steps, mean_of, skip_summary
-from megatron_vp2o.rl.learner.forward import grads_finite
+from megatron_vp2o.rl.learner.forward import grads_finite, ratio_stats, recording_ratios
 from megatron_vp2o.rl.learner.outcome import StepOutcome
-from megatron_vp2o.rl.learner.vp2o_report import step_report
+from megatron_vp2o.rl.learner.vp2o_report import loss_grad_metrics, step_report, to_host
 from megatron_vp2o.training.step import lm_forward_step, reduce_report
 
 
@@ -251,10 +251,11 @@ def capture_anchors(trainable, micro_batches, state: VP2OState, forward_step=lm_
 
 
 def vp2o_train_step(trainable, micro_batches, state: VP2OState, forward_step=lm_forward_step,
-                    anchors=None, probe=None, guard=None) -> dict:
+                    anchors=None, probe=None, guard=None, grad_probe: bool = False) -> dict:
     """One learner step (module docstring). ``probe(stage, state)`` is called at "pre_stein" and
     "post_stein" (tests); ``guard(trainable)`` runs after the backward: False (non-finite loss or
-    gradients) skips the step, weights unchanged."""
+    gradients) skips the step, weights unchanged. ``grad_probe``: the loss-gradient diagnostic on the
+    first micro-batch (`spec/grad_norm_*`: `vp2o_report.loss_grad_metrics`); the step is unchanged."""
     cfg, layers, timing = state.cfg, state.layers, {}
     state.decision, state.d_anc_trace = tr.ACCEPT, []
     with timed(timing, "forward_backward"):
@@ -263,8 +264,13 @@ def vp2o_train_step(trainable, micro_batches, state: VP2OState, forward_step=lm_
         for layer in layers:
             layer.reset_step_stats()
             layer.capture = anchors is not None
-        losses = _forward_backward(trainable, micro_batches, forward_step)
+        probing = grad_probe and start_grad_probe(layers)
+        try:
+            losses = _forward_backward(trainable, micro_batches, forward_step)
+        finally:
+            stop_grad_probe(layers)
         flush_step_stats(layers)
+        grad_metrics = loss_grad_metrics(layers, cfg.specialization, lm_tokens) if probing else {}
     with timed(timing, "stein"):  # the guard's all-reduce counts here; a skipped step logs forward_backward only
         if guard is not None and not guard(trainable):
             trainable.optimizer.zero_grad()
@@ -289,7 +295,7 @@ def vp2o_train_step(trainable, micro_batches, state: VP2OState, forward_step=lm_
             applied |= {"decision": decision, "d_anc": d_anc, "backtracks": backtracks}
         trainable.scheduler.step(increment=1)
     state.decision = applied["decision"]
-    return step_report(state, losses, metrics, applied, timing)
+    return step_report(state, losses, metrics | grad_metrics, applied, timing)
 
 
 def _optimizer_step(trainable, state: VP2OState, trust_region: bool):
@@ -315,9 +321,16 @@ class VP2OLearner:
     than one, its mini-batch epochs of VP2O steps without the anchor budget (``rl.learner.epochs``)."""
 
     def __init__(self, trainable, state: VP2OState, forward_step, loop=None, group_size: int = 1,
-                 anchor_budget: bool = True):
+                 anchor_budget: bool = True, loss_grad_every: int = 0):
         self.trainable, self.state, self.forward_step = trainable, state, forward_step
         self.loop, self.group_size, self.anchor_budget = loop, group_size, anchor_budget
+        self.loss_grad_every = loss_grad_every  # logging.loss_grad_every: the loss-gradient diagnostic
+
+    def _probe_due(self) -> bool:
+        """The loss-gradient diagnostic runs in updates that start at an optimizer step count divisible
+        by ``loss_grad_every`` (the scheduler's count: checkpointed, so a resumed run probes the same steps)."""
+        every = self.loss_grad_every
+        return every > 0 and getattr(self.trainable.scheduler, "num_steps", 0) % every == 0
 
     @property
     def single_step(self) -> bool:
@@ -330,20 +343,30 @@ class VP2OLearner:
         return capture_anchors(self.trainable, batches, self.state, forward_step=self.forward_step)
 
     def step(self, batches: list, anchors: list | None) -> StepOutcome:
+        """The update; ``policy/ratio_*`` over every micro-batch of its steps (`forward.ratio_stats`:
+        one more host read of three numbers)."""
+        with recording_ratios(self.trainable.models) as ratios:
+            raw = self._steps(batches, anchors)
+        raw |= to_host(ratio_stats(ratios))
+        return StepOutcome.from_metrics(raw, "vp2o", decision=self.state.decision)
+
+    def _steps(self, batches: list, anchors: list | None) -> dict:
+        probe = self._probe_due()
         if self.single_step:
-            raw = vp2o_train_step(self.trainable, batches, self.state, forward_step=self.forward_step,
-                                  anchors=anchors, guard=grads_finite)
-            return StepOutcome.from_metrics(raw, "vp2o", decision=self.state.decision)
+            return vp2o_train_step(self.trainable, batches, self.state, forward_step=self.forward_step,
+                                   anchors=anchors, guard=grads_finite, grad_probe=probe)
         if anchors is not None:  # refused by the `vp2o train` pre-flight (cli/checks.py)
             raise ValueError("rl.vp2o.mini_batches x rl.vp2o.epochs > 1 runs without the anchor budget, which "
                              "judges one step on the whole buffer; set vp2o.trust_region.enabled=false or "
                              "rl.ablate.anchor_budget=false")
 
+        left = [self.loop.mini_batches * self.loop.epochs]
+
         def step(micro_batches) -> dict:
+            left[0] -= 1  # the diagnostic in the last step: the update logs the last step's diagnostics
             return vp2o_train_step(self.trainable, micro_batches, self.state, forward_step=self.forward_step,
-                                   anchors=None, guard=grads_finite)
+                                   anchors=None, guard=grads_finite, grad_probe=probe and left[0] == 0)
 
         outs = epoch_steps(step, batches, self.loop, self.group_size)
         done = applied(outs)
-        raw = dict(done[-1]) | mean_of(done, ("loss",)) | skip_summary(outs)  # the last step's diagnostics
-        return StepOutcome.from_metrics(raw, "vp2o", decision=self.state.decision)
+        return dict(done[-1]) | mean_of(done, ("loss",)) | skip_summary(outs)  # the last step's diagnostics

@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import torch
 
+from megatron.core import parallel_state as ps
+
 from megatron_vp2o.algo import trust_region as tr
+from megatron_vp2o.algo.loss_grads import loss_grad_norms
+from megatron_vp2o.distributed.reductions import all_reduce_, group_size
 from megatron_vp2o.algo.diagnostics import coactivation_cosine
 from megatron_vp2o.training.step import reduce_report
 
@@ -43,6 +47,29 @@ def step_report(state, losses, metrics: dict, applied: dict, timing: dict) -> di
     out |= {k: v for k, v in metrics.items() if not torch.is_tensor(v)}
     out |= to_host(lazy, lists=("moe/utilisation/",))
     out |= timing
+    return out
+
+
+def loss_grad_metrics(layers, spec_cfg, lm_tokens: float) -> dict:
+    """``spec/grad_norm_{ortho,var,pg}/layerN`` and ``spec/grad_ratio_{ortho,var}/layerN`` (term / pg)
+    of a step that ran the loss-gradient diagnostic (`moe.layer.start_grad_probe`; docs/method.md
+    §2.13): each layer's squared norms summed over the data-parallel ranks (one all-reduce of [L, 3]),
+    then `algo.loss_grads.loss_grad_norms` (RMS over the ranks, divided by the global count N). A
+    term whose coefficient is 0 is left out. Device tensors, read with the step's other metrics."""
+    if not layers:
+        return {}
+    sq_L3 = torch.stack([layer.probe_sq for layer in layers])
+    group = ps.get_data_parallel_group(with_context_parallel=True)
+    all_reduce_(sq_L3, group)
+    got = loss_grad_norms(sq_L3, lm_tokens, group_size(group))
+    terms = [t for t, coef in (("ortho", spec_cfg.ortho_coef), ("var", spec_cfg.var_coef)) if coef > 0]
+    out = {}
+    for i, layer in enumerate(layers):
+        n = layer.layer_number
+        out[f"spec/grad_norm_pg/layer{n}"] = got["pg"][i]
+        for t in terms:
+            out[f"spec/grad_norm_{t}/layer{n}"] = got[t][i]
+            out[f"spec/grad_ratio_{t}/layer{n}"] = got[f"ratio_{t}"][i]
     return out
 
 
