@@ -108,3 +108,23 @@ def check_same_model(path: str | Path, model_cfg, what: str) -> Path:
                           f"model.* fields to the checkpoint's (see its vp2o.json) or point {what} at a "
                           "checkpoint of this model")
     return found
+
+
+# The RL loop's scalars a `vp2o train` checkpoint keeps in its common ``extra`` to resume exactly: the saved
+# fields of rl/state.py ``LoopState`` (listed here so the pre-flight imports no megatron;
+# tests/checkpoint/test_pre_loop_state.py keeps the two equal). RL checkpoints written before the loop state
+# was saved (before 05c75cd) lack next_refresh, forced, anchor_failed, samples, tokens and elapsed_s.
+RL_LOOP_KEYS = ("step", "refreshes", "steps_since_refresh", "next_refresh", "forced", "anchor_failed", "skipped",
+                "samples", "tokens", "elapsed_s")
+
+
+def missing_rl_loop_state(found: str | Path, what: str = "--resume") -> list[str]:
+    """The :data:`RL_LOOP_KEYS` an RL checkpoint (``vp2o.json`` kind ``rl``) lacks in its ``extra``, in
+    that order; ``[]`` for a complete one or another kind. Reads ``common.pt`` weights-only, writes nothing."""
+    if read_meta(found, what).get("kind") != "rl":
+        return []
+    from megatron_vp2o.checkpoint.safety import read_common
+
+    extra = read_common(found, what).get("extra")
+    extra = extra if isinstance(extra, dict) else {}
+    return [key for key in RL_LOOP_KEYS if key not in extra]

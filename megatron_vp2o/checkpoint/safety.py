@@ -104,3 +104,17 @@ def verify_checkpoint(found: str | Path, what: str = "checkpoint") -> None:
     common = found / "common.pt"
     if common.is_file():
         _weights_only(common.read_bytes(), common, what, "common state")
+
+
+def read_common(found: str | Path, what: str = "checkpoint") -> dict:
+    """The common state of checkpoint ``found`` (``common.pt``: step, ``extra``, scheduler), read
+    weights-only as :func:`verify_checkpoint` checks it; ``{}`` when there is none. Writes nothing."""
+    common = Path(found) / "common.pt"
+    if not common.is_file():
+        return {}
+    try:
+        with torch.serialization.safe_globals(_NUMPY_GLOBALS):
+            blob = torch.load(common, weights_only=True, map_location="cpu")
+    except Exception as exc:  # noqa: BLE001  (any refusal of the weights-only unpickler)
+        _refuse(common, what, f"entry 'common state': {refusal(exc)}")
+    return blob if isinstance(blob, dict) else {}

@@ -96,9 +96,9 @@ def check_sft_data(path: str) -> None:
     read_jsonl(path)
 
 
-def check_resume(cfg, out: str, resume: bool) -> None:
-    """With ``--resume``: the checkpoint that would be resumed is of our model and its per-rank
-    state is plain data (refused otherwise, without being unpickled)."""
+def check_resume(cfg, out: str, resume: bool, rl: bool = False) -> None:
+    """With ``--resume``: the checkpoint that would be resumed is of our model, holds the RL loop state
+    (``rl``: `vp2o train`), and its per-rank state is plain data (refused otherwise, without being unpickled)."""
     from megatron_vp2o.checkpoint.meta import check_same_model, latest_checkpoint
     from megatron_vp2o.checkpoint.safety import verify_checkpoint
     from megatron_vp2o.checkpoint.state import check_state_file
@@ -108,8 +108,22 @@ def check_resume(cfg, out: str, resume: bool) -> None:
         return
     found = check_same_model(root, cfg.model, "--resume")
     verify_checkpoint(found, "--resume")
+    if rl:  # before the rank files: a checkpoint from before the loop state also has old-format ones
+        check_rl_loop_state(found, "a new --out and checkpoint.dir" if cfg.checkpoint.dir else "a new --out")
     for file in sorted(found.glob("rank*.pt")):
         check_state_file(file)
+
+
+def check_rl_loop_state(found: Path, new_dirs: str) -> None:
+    """An RL checkpoint written before `vp2o train` saved its loop state cannot continue exactly: refused
+    in one line naming what it lacks and how to go on from its weights (``rl.policy``, a fresh run)."""
+    from megatron_vp2o.checkpoint.meta import missing_rl_loop_state
+
+    missing = missing_rl_loop_state(found, "--resume")
+    if missing:
+        raise ConfigError(f"--resume: checkpoint '{found}' was written before RL checkpoints kept the loop state "
+                          f"(it lacks {', '.join(missing)}), so its run cannot be resumed; start a fresh run from "
+                          f"its weights instead: rl.policy={found} with {new_dirs}, without --resume")
 
 
 def check_checkpoint(path: str, model_cfg, what: str) -> None:
@@ -172,7 +186,7 @@ def preflight_train(args):
         raise ConfigError("rl.policy must point at the initial policy checkpoint (e.g. the shipped "
                           "checkpoints/tiny_policy, or a converted HF model: `vp2o convert hf-to-mcore`)")
     check_checkpoint(policy, cfg.model, "rl.policy" if cfg.rl.policy else "checkpoint.load")
-    check_resume(cfg, args.out, args.resume)
+    check_resume(cfg, args.out, args.resume, rl=True)
     check_engine(cfg)
     return cfg
 
