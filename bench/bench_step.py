@@ -48,7 +48,7 @@ PROMPT_LEN = 16  # RL batches: 16 prompt columns, the rest response (the policy 
 WIDE = dict(hidden_size=512, moe_ffn_hidden_size=512, ffn_hidden_size=1024, num_layers=2, seq_length=128)
 
 
-def build(full: bool, batch: int = BATCH, micro: int = MICRO, wide: bool = False):
+def build(full: bool, batch: int = BATCH, micro: int = MICRO, wide: bool = False, trust_region=None):
     from megatron_vp2o.config import Config, build as build_cfg
     from megatron_vp2o.data.sft import SFTBatch
     from megatron_vp2o.distributed.init import init_parallel
@@ -60,7 +60,7 @@ def build(full: bool, batch: int = BATCH, micro: int = MICRO, wide: bool = False
     cfg = build_cfg(Config, {
         "model": model, "train": dict(micro_batch_size=micro, global_batch_size=batch, lr=1e-3, warmup_steps=0),
         "vp2o": dict(stein=dict(repulsion_coef=0.01), specialization=dict(ortho_coef=1e-4, var_coef=1e-3),
-                     trust_region=dict(anchor_delta=2.0))})
+                     trust_region=dict(anchor_delta=2.0, **(trust_region or {})))})
     init_parallel(cfg)
     vp2o = build_trainable(cfg, moe_layer_cls=vp2o_moe_layer(cfg.vp2o.specialization))
     plain = build_trainable(cfg)
@@ -138,6 +138,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--batch", type=int, default=BATCH, help="sequences per step")
     parser.add_argument("--micro", type=int, default=MICRO, help="sequences per micro-batch")
+    parser.add_argument("--anchor-gates", default="post_step", choices=("post_step", "pre_step"),
+                        help="vp2o.trust_region.anchor_gates of the VP2O step")
+    parser.add_argument("--anchor-micro-batches", type=int, default=0,
+                        help="vp2o.trust_region.anchor_micro_batches (0: all of the step's)")
     parser.add_argument("--plain", action="store_true", help="baseline: a plain LM step (no policy loss, no guard)")
     args = parser.parse_args()
     steps = args.steps or (5 if args.quick else 15)
@@ -151,7 +155,8 @@ def main() -> None:
 
     if args.wide and (args.batch, args.micro) == (BATCH, MICRO):
         args.batch, args.micro = 32, 8
-    plain, vp2o, state, mbs, cfg = build(args.full, args.batch, args.micro, args.wide)
+    plain, vp2o, state, mbs, cfg = build(args.full, args.batch, args.micro, args.wide,
+        trust_region=dict(anchor_gates=args.anchor_gates, anchor_micro_batches=args.anchor_micro_batches))
     if args.plain:
         fwd, guard, keys, label = lm_forward_step, None, (), "plain megatron LM step"
     else:

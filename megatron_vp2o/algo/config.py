@@ -146,9 +146,15 @@ class TrustRegionConfig:
     #: "pre_step" reuses the gates of the step's forward (no extra pass; router drift of the step
     #: itself is not seen until the next step).
     anchor_gates: str = "post_step"
+    #: Micro-batches D_anc is measured on (method §2.10): 0 = all of the step's; n = the first n of
+    #: them, for the anchor's capture and the post-step re-route alike (an unbiased estimate of the
+    #: token mean, at n / all of the re-route's forward cost; docs/method.md).
+    anchor_micro_batches: int = 0
 
     def __post_init__(self) -> None:
         s = self.SECTION
+        _require(_is_int(self.anchor_micro_batches) and self.anchor_micro_batches >= 0, s, "anchor_micro_batches",
+                 "an int >= 0 (0: all of the step's micro-batches)", self.anchor_micro_batches)
         _require_bool(s, "enabled", self.enabled)
         _require(self.anchor_gates in ("post_step", "pre_step"), s, "anchor_gates",
                  "post_step or pre_step", self.anchor_gates)

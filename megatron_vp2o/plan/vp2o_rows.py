@@ -19,7 +19,8 @@ live check (:mod:`.live`, ``vp2o plan --check``) measures the same bytes on a re
   stacked prototypes and counts ``[L, E, D]``, ``[L, E, E]``. The prototype refresh after the
   optimizer step holds one layer's fp32 fc2 copy, less than this row.
 * ``routing`` (held between steps: through the next rollouts): with the anchor budget, the
-  anchor's routing and the step's routing captures, each per token of the step and MoE layer top-k
+  anchor's routing and the step's routing captures, each per token of the step (or of its first
+  ``anchor_micro_batches``) and MoE layer top-k
   ids (int64), gates (router dtype) and a counted flag (bool); the loss log (4 fp32) and, with Stein,
   the active set (E bools) per layer.
 * ``routing_stats`` (during the forward/backward, with the activations): what a VP2O layer keeps
@@ -73,6 +74,15 @@ def step_tokens(cfg, dp: int) -> int:
     return math.ceil(cfg.rl.prompts_per_step * cfg.rl.policy_loss.group_size / dp) * cfg.model.seq_length
 
 
+def anchor_tokens(cfg, dp: int) -> int:
+    """Tokens the anchor and the step's captures hold per layer: the step's, or those of the first
+    ``vp2o.trust_region.anchor_micro_batches`` micro-batches."""
+    n = cfg.vp2o.trust_region.anchor_micro_batches
+    if n == 0:
+        return step_tokens(cfg, dp)
+    return min(step_tokens(cfg, dp), n * cfg.rl.micro_batch_size * cfg.model.seq_length)
+
+
 def prototype_bytes(cfg, moe_layers: int) -> int:
     if not vp2o_on(cfg):
         return 0
@@ -124,7 +134,7 @@ def routing_bytes(cfg, moe_layers: int, dp: int) -> int:
     per_layer = 16 + (model.num_experts if knobs(cfg).stein.enabled else 0)
     if anchor_budget(cfg):
         per_token = model.moe_router_topk * (8 + router_bytes(model)) + 1
-        per_layer += 2 * step_tokens(cfg, dp) * per_token
+        per_layer += 2 * anchor_tokens(cfg, dp) * per_token
     return moe_layers * per_layer
 
 

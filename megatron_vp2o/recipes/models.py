@@ -145,6 +145,11 @@ MEMORY = {
 }
 
 
+#: Micro-batches per rank the GPU recipes measure D_anc on (``vp2o.trust_region.anchor_micro_batches``):
+#: 4 x 4096-8192 tokens x 8-64 data-parallel ranks, 130K-2M tokens per judgement.
+ANCHOR_MICRO_BATCHES = 4
+
+
 def fitted(cfg: Config, name: str, nodes: int) -> Config:
     """``cfg`` with the layout's memory settings (`MEMORY`)."""
     import dataclasses
@@ -152,7 +157,9 @@ def fitted(cfg: Config, name: str, nodes: int) -> Config:
     mem = MEMORY.get((name, nodes))
     if not mem:
         return cfg
-    tr = dataclasses.replace(cfg.vp2o.trust_region, snapshot=mem["snapshot"])
+    # D_anc on the first ANCHOR_MICRO_BATCHES micro-batches of each rank (of 16-128): the post-step
+    # re-route costs that share of a forward instead of a whole one (bench/bench_step.py)
+    tr = dataclasses.replace(cfg.vp2o.trust_region, snapshot=mem["snapshot"], anchor_micro_batches=ANCHOR_MICRO_BATCHES)
     return dataclasses.replace(
         cfg, model=dataclasses.replace(cfg.model, recompute=mem["recompute"]),
         train=dataclasses.replace(cfg.train, optimizer_cpu_offload=mem.get("optimizer_cpu_offload", False)),

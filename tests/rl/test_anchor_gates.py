@@ -42,3 +42,12 @@ def test_pre_step_gates_option_reuses_the_step_forward(measured):
     assert len(got["trace"]) == 1
     assert got["trace"][0] == pytest.approx(got["stale"], rel=1e-6, abs=1e-9)
     assert abs(got["stale"] - got["fresh"]) > 1e-3 * got["fresh"], got
+
+
+def test_anchor_on_the_first_micro_batches(measured):
+    """vp2o.trust_region.anchor_micro_batches=1: the anchor and the post-step re-route see the first
+    micro-batch's tokens only, and the reported D_anc is the reference on exactly those."""
+    got = measured["subset"]
+    assert got["micro_batches"] > 1 and got["tokens"] == got["first_tokens"] < got["all_tokens"]
+    assert len(got["trace"]) >= 1 and got["fresh"] > 0
+    assert got["trace"][-1] == pytest.approx(got["fresh"], rel=1e-6, abs=1e-9)

@@ -61,5 +61,14 @@ def anchor_gates(payload):
     post = capture()
     stale = [(p_post[0], p_pre[1], p_pre[2], p_pre[3]) for p_pre, p_post in zip(pre, post)]
     out["pre_step"] = {"trace": cheap.d_anc_trace, "fresh": _d_anc(post, anchors), "stale": _d_anc(stale, anchors)}
+
+    # anchor_micro_batches=1: anchor and post-step re-route on the first micro-batch only
+    budget.anchor_gates, budget.anchor_micro_batches = "post_step", 1
+    first = capture()
+    sub = learner.step(batches, first)
+    post = capture()
+    out["subset"] = {"trace": sub.d_anc_trace, "fresh": _d_anc(post, first),
+                     "tokens": int(first[0][1].shape[0]), "all_tokens": int(anchors[0][1].shape[0]),
+                     "first_tokens": int(batches[0].tokens.numel()), "micro_batches": len(batches)}
     sess.close()
     return out

@@ -182,6 +182,13 @@ def _capture_routing(trainable, micro_batches, layers, forward_step) -> None:
             micro_batch_size=mb.tokens.shape[0], forward_only=True)
 
 
+def anchor_batches(micro_batches, state: VP2OState) -> list:
+    """The micro-batches D_anc is measured on (``vp2o.trust_region.anchor_micro_batches``: 0 = all,
+    n = the first n): the anchor's capture and the post-step re-route use the same ones."""
+    n = state.cfg.trust_region.anchor_micro_batches
+    return list(micro_batches) if n == 0 else list(micro_batches)[:n]
+
+
 def route_after_step(trainable, micro_batches, state: VP2OState, forward_step=lm_forward_step) -> None:
     """Re-route this step's tokens with the weights as they are now (after the optimizer step or a
     backtrack), so D_anc judges a step by the gates it produces (method §2.10), not by those of the
@@ -189,7 +196,7 @@ def route_after_step(trainable, micro_batches, state: VP2OState, forward_step=lm
     are kept, only ``layer.captured`` is replaced."""
     layers = state.layers
     kept = [(layer.counts_EE.clone(), layer.loss_log.clone()) for layer in layers]
-    _capture_routing(trainable, micro_batches, layers, forward_step)
+    _capture_routing(trainable, anchor_batches(micro_batches, state), layers, forward_step)
     for layer, (counts_EE, loss_log) in zip(layers, kept):
         captured = layer.captured
         layer.reset_step_stats()
@@ -240,8 +247,9 @@ def _trust_region(state, snap, old_protos, anchors, reroute) -> tuple[int, float
 
 def capture_anchors(trainable, micro_batches, state: VP2OState, forward_step=lm_forward_step) -> list:
     """Anchor inputs from a forward-only pass of the current model (what actors log at a refresh):
-    per layer (prototypes [E, D], top-k [T, K], gates [T, K], counted tokens [T] bool)."""
-    _capture_routing(trainable, micro_batches, state.layers, forward_step)
+    per layer (prototypes [E, D], top-k [T, K], gates [T, K], counted tokens [T] bool), over the
+    micro-batches of `anchor_batches`."""
+    _capture_routing(trainable, anchor_batches(micro_batches, state), state.layers, forward_step)
     anchors = [(layer.protos_ED.clone(), torch.cat([c[0] for c in layer.captured]),
                 torch.cat([c[1] for c in layer.captured]), torch.cat([c[2] for c in layer.captured]))
                for layer in state.layers]
@@ -270,6 +278,9 @@ def vp2o_train_step(trainable, micro_batches, state: VP2OState, forward_step=lm_
         finally:
             stop_grad_probe(layers)
         flush_step_stats(layers)
+        if anchors is not None and cfg.trust_region.anchor_micro_batches:  # pre_step gates: the anchor's micro-batches
+            for layer in layers:
+                layer.captured = layer.captured[:cfg.trust_region.anchor_micro_batches]
         grad_metrics = loss_grad_metrics(layers, cfg.specialization, lm_tokens) if probing else {}
     with timed(timing, "stein"):  # the guard's all-reduce counts here; a skipped step logs forward_backward only
         if guard is not None and not guard(trainable):
