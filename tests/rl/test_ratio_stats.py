@@ -1,14 +1,20 @@
 """Contract: policy/ratio_{p50,p99,max} (rl.learner.forward.ratio_stats) are the nearest-rank
 quantiles and the max of pi/mu over the counted tokens of every recorded micro-batch, checked
 against a hand computation on a scripted batch of known ratios (padding and uncounted tokens
-ignored, micro-batches of different shapes pooled); NaN when nothing was counted."""
+ignored, micro-batches of different shapes pooled); NaN when nothing was counted. At the first update
+of the tiny recipe (VP2O, trust region on) the learner has not moved yet: exactly the step's loss
+micro-batches are recorded, each with log pi == log mu (1e-5, fp32) on every response token -- the
+trust region's forward-only post-step re-route is not a loss micro-batch (issue 21)."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
+from e2e.test_rl import QUICK
+from harness import run_world
 from megatron_vp2o.rl.learner.forward import ratio_stats, record_ratios
 
 
@@ -41,3 +47,20 @@ def pytest_approx(x):
     import pytest
 
     return pytest.approx(x, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def first_update(tmp_path_factory):
+    # two micro-batches (16 sequences, micro-batch 8); max_new_tokens 6 as the recipe
+    overrides = QUICK + ["rl.algo=vp2o", "rl.micro_batch_size=8", "rl.sampling.max_new_tokens=6"]
+    return run_world(1, "rl.worlds_ratio_stats:first_update",
+                     {"out": str(tmp_path_factory.mktemp("first")), "overrides": overrides}, timeout_s=300)
+
+
+def test_first_update_learner_logprobs_equal_behaviour(first_update):
+    row, recorded = first_update["row"], first_update["recorded"]
+    assert math.isfinite(row["vp2o/d_anc"]), row  # the trust region ran its post-step re-route
+    assert [n for n, _ in recorded] == first_update["loss_tokens"]  # the loss micro-batches, once each
+    assert all(n > 0 and worst <= 1e-5 for n, worst in recorded), recorded
+    for key in ("policy/ratio_p50", "policy/ratio_p99", "policy/ratio_max"):
+        assert abs(row[key] - 1.0) <= 1e-5, (key, row[key])

@@ -73,13 +73,20 @@ def policy_loss_func(batch, cfg, vocab_size, logits_BSV, ratios=None, probes=())
 
 def policy_forward_step(data_iterator, model, cfg=None, vocab_size=None):
     """megatron forward step of the policy loss; VP2O layers count only the response tokens
-    (``loss_mask``: method §2.5, 2.9, 2.10) in their statistics, losses and captures."""
+    (``loss_mask``: method §2.5, 2.9, 2.10) in their statistics, losses and captures.
+
+    Only a forward that trains (autograd on) records its log-ratios (`recording_ratios`): megatron
+    calls ``loss_func`` in forward-only passes too, and VP2O's trust region runs this step forward-only
+    after ``optimizer.step()`` (`rl.learner.vp2o.route_after_step`, once per attempt) to judge the new
+    weights -- those are not loss micro-batches, and their ratios (new weights vs mu) are not the
+    update's (issue 21: p99 1.067 / max 1.14 at the first update of the tiny recipe, where every
+    loss micro-batch has pi == mu to 1e-6)."""
     batch = next(data_iterator).to(next(model.parameters()).device)
     with rope_positions(unwrap(model), batch.positions), response_tokens(unwrap(model), batch.loss_mask):
         out = model(batch.tokens, batch.positions, batch.attention_mask)
     module = unwrap(model)
-    return out, partial(policy_loss_func, batch, cfg, vocab_size, ratios=module.__dict__.get("_ratio_log"),
-                        probes=pg_probe_layers(module))
+    ratios = module.__dict__.get("_ratio_log") if torch.is_grad_enabled() else None
+    return out, partial(policy_loss_func, batch, cfg, vocab_size, ratios=ratios, probes=pg_probe_layers(module))
 
 
 # --- per-token likelihood ratios of an update (issue 21 item 1; docs/method.md §2.13) ----------------
@@ -106,7 +113,8 @@ def recording_ratios(models):
 
 def ratio_stats(log: list, dev=None) -> dict:
     """``policy/ratio_{p50,p99,max}`` of pi/mu = exp(log pi - log mu) over the counted tokens of every
-    recorded micro-batch (all optimizer steps of the update): nearest-rank quantiles on this rank
+    recorded micro-batch (the training forwards of all optimizer steps of the update; not the
+    forward-only passes: `policy_forward_step`): nearest-rank quantiles on this rank
     (`algo.diagnostics.ratio_quantiles`), then p50 and p99 averaged over the ranks that recorded
     tokens and the max taken over all ranks (two small all-reduces, no gather). Device tensors."""
     dev = dev if dev is not None else device()
