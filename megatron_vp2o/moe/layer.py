@@ -466,15 +466,16 @@ def stop_grad_probe(layers) -> None:
 def aux_grads_off(device):
     """megatron's ``MoEAuxLossAutoScaler`` hands every attached aux loss (router balancing, z-loss, our
     specialisation losses) the gradient ``main_loss_backward_scale`` whenever a backward passes the
-    output it rides on; a probe wants one term alone, so the scale is 0 within the block (the
-    original tensor object is put back: megatron's own scale is never written)."""
+    output it rides on; a probe wants one term alone, so the scale is 0 within the block, set and
+    put back through megatron's own ``set_loss_scale`` (unset counts as megatron's default, 1)."""
     scaler = moe_utils.MoEAuxLossAutoScaler
     saved = scaler.main_loss_backward_scale
-    scaler.main_loss_backward_scale = torch.zeros((), device=device)
+    value = saved.detach().clone() if saved is not None else torch.ones((), device=device)
+    scaler.set_loss_scale(torch.zeros((), device=value.device, dtype=value.dtype))
     try:
         yield
     finally:
-        scaler.main_loss_backward_scale = saved
+        scaler.set_loss_scale(value)
 
 
 def term_grad_sq(loss: torch.Tensor, params: list) -> torch.Tensor:
