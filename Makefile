@@ -38,7 +38,8 @@ LATEST_TESTS ?= tests/foundation tests/config/test_config.py tests/distributed t
 VENV_VLLM ?= .venv-vllm
 PY_VLLM := $(VENV_VLLM)/bin/python
 STAMP_VLLM := $(VENV_VLLM)/.vp2o-installed-vllm
-VLLM_TESTS ?= tests/generation/test_vllm_engine.py tests/generation/test_weight_sync.py tests/generation/test_vllm_train.py tests/eval/test_vllm_eval.py
+VLLM_TESTS ?= tests/generation/test_vllm_engine.py tests/generation/test_weight_sync.py tests/generation/test_vllm_train.py \
+	tests/generation/test_vllm_engine_is.py tests/eval/test_vllm_eval.py
 
 $(STAMP_VLLM): setup.py
 	test -x $(PY_VLLM) || $(PYTHON) -m venv $(VENV_VLLM)

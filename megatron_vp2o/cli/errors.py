@@ -73,6 +73,12 @@ EXAMPLES = (
     ("code rewards without a sandbox", {"VP2O_SANDBOX_NO_BWRAP": "1", "VP2O_SANDBOX_UNCONFINED": "0"},
      ["train", "--config", TINY, "--out", "runs/x", "rl.eval=[{task: code, data: data/eval/code_sample.jsonl}]"]),
     ("checkpoint of another model", {}, ["train", "--config", TINY, "--out", "runs/x", "model.num_experts=16"]),
+    ("vLLM engine with a tp or pp > 1 learner (docs/vllm.md)", {"WORLD_SIZE": "2"},
+     ["train", "--config", TINY, "--out", "runs/x", "rl.engine=vllm", "parallel.pp=2"]),
+    ("vLLM engine where vLLM is not installed (also `vp2o eval --engine vllm`)", {},
+     ["train", "--config", TINY, "--out", "runs/x", "rl.engine=vllm"]),
+    ("truncated importance weight cap below 1", {},
+     ["train", "--config", TINY, "--out", "runs/x", "rl.engine=vllm", "rl.engine_is_cap=0.5"]),
     ("missing SFT data", {}, ["sft", "--config", TINY, "--out", "runs/x", "data.path=data/sft/nope.jsonl"]),
     ("bad WORLD_SIZE", {"WORLD_SIZE": "two"}, ["sft", "--config", TINY, "--out", "runs/x"]),
     ("conversion input", {}, ["convert", "hf-to-mcore", "--hf", "hf/nope", "--out", "runs/x"]),
@@ -81,6 +87,21 @@ EXAMPLES = (
     ("unknown option", {}, ["train", "--config", TINY, "--out", "runs/x", "--bogus"]),
     ("option of the wrong type", {}, ["convert", "hf-to-mcore", "--hf", "h", "--out", "o", "--tp", "two"]),
 )
+# examples that run as if these modules were not installed (their message must not depend on the machine)
+HIDDEN = {"vLLM engine where vLLM is not installed (also `vp2o eval --engine vllm`)": ("vllm",)}
+
+
+@contextlib.contextmanager
+def _hidden(modules):
+    """``importlib.util.find_spec`` returns None for each of ``modules`` (``sys.modules[name] = None``)."""
+    saved = {m: sys.modules[m] for m in modules if m in sys.modules}
+    sys.modules.update({m: None for m in modules})
+    try:
+        yield
+    finally:
+        for m in modules:
+            sys.modules.pop(m, None)
+        sys.modules.update(saved)
 
 
 @contextlib.contextmanager
@@ -97,13 +118,14 @@ def _environ(env: dict):
                 os.environ[key] = value
 
 
-def example_message(argv: list[str], env: dict | None = None) -> str:
-    """The stderr line ``vp2o ARGV`` prints, from the parser and pre-flight checks only."""
+def example_message(argv: list[str], env: dict | None = None, hidden=()) -> str:
+    """The stderr line ``vp2o ARGV`` prints, from the parser and pre-flight checks only (``hidden``:
+    modules that look uninstalled meanwhile)."""
     from megatron_vp2o.cli.main import parse_args, subcommand_modules, validate_args, one_line
     from megatron_vp2o.config import ConfigError
 
     err = io.StringIO()
-    with contextlib.redirect_stderr(err), _environ(env or {}):
+    with contextlib.redirect_stderr(err), _environ(env or {}), _hidden(hidden):
         try:
             args = parse_args(argv)
         except SystemExit:
@@ -130,7 +152,7 @@ def render() -> str:
     for title, env, argv in EXAMPLES:
         prefix = "".join(f"{k}={v} " for k, v in env.items())
         lines += [f"**{title}**: `{prefix}vp2o {' '.join(argv)}`", "", "```",
-                  example_message(argv, env), "```", ""]
+                  example_message(argv, env, HIDDEN.get(title, ())), "```", ""]
     return "\n".join(lines)
 
 

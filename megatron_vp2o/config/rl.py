@@ -176,6 +176,7 @@ class RLConfig:
     reward_timeout_s: float = 10.0  # per-call reward timeout
     engine: Literal["megatron", "vllm"] = "megatron"  # rollout engine: megatron's own decoding, or vLLM
     vllm: VLLMConfig = field(default_factory=VLLMConfig)  # rl.engine=vllm: the engine's own settings
+    engine_is_cap: Optional[float] = None  # per-token advantage weight min(mu_learner / mu_engine, cap) (null: off)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     policy_loss: PolicyLossConfig = field(default_factory=PolicyLossConfig)
     ablate: AblationConfig = field(default_factory=AblationConfig)
@@ -189,6 +190,8 @@ class RLConfig:
         check(self.eval_every >= 0, "rl.eval_every", "be >= 0", self.eval_every)
         check(self.lr is None or self.lr > 0, "rl.lr", "be > 0 or null", self.lr)
         check(self.reward_timeout_s > 0, "rl.reward_timeout_s", "be > 0", self.reward_timeout_s)
+        check(self.engine_is_cap is None or self.engine_is_cap >= 1.0, "rl.engine_is_cap",
+              "be >= 1 (a truncation cap on the engine-mismatch weight; verl uses 2) or null (off)", self.engine_is_cap)
 
     def policy_path(self, checkpoint_load: Optional[str]) -> Optional[str]:
         return self.policy or checkpoint_load

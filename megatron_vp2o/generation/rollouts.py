@@ -74,6 +74,13 @@ class Rollouts:
     pad_id: int
     vocab_size: int | None = None  # real vocabulary (padded logits beyond it are -inf)
     moe_layers: list[int] = field(default_factory=list)  # global layer numbers of the L MoE layers
+    engine_logp_BT: torch.Tensor | None = None  # the sampling engine's own log-probs where they differ from
+    # logp_BT (vLLM: logp_BT is the learner's recomputation); None: the engine's are logp_BT (megatron engine)
+
+    @property
+    def engine_logp(self) -> torch.Tensor:
+        """The sampling engine's log-probs of the response tokens ``[B, T]`` (``logp_BT`` when not kept apart)."""
+        return self.logp_BT if self.engine_logp_BT is None else self.engine_logp_BT
 
     @property
     def pads_B(self) -> torch.Tensor:

@@ -253,15 +253,18 @@ def _device():
 def learner_behaviour(model, rollouts: Rollouts) -> tuple[Rollouts, torch.Tensor]:
     """The rollouts with the learner's own behaviour log-probs and routing (one teacher-forced forward
     of the refreshed learner weights, so ratios and VP2O's budgets compare megatron with megatron), and
-    the engine's log-probs ``[B, T]`` (kept for the mismatch metrics). Routing the engine reported (GPU,
-    ``routed_experts``) is replayed in that forward (R3); on CPU the forward routes by itself."""
+    the engine's log-probs ``[B, T]`` (kept for the mismatch metrics, and in the returned rollouts'
+    ``engine_logp_BT``: they travel with the RL loop's buffer and its checkpoint, for ``rl.engine_is_cap``).
+    Routing the engine reported (GPU, ``routed_experts``) is replayed in that forward (R3); on CPU the
+    forward routes by itself."""
     from megatron_vp2o.generation.megatron_engine import inference_mode, teacher_forced_logprobs
 
     with inference_mode(model):
         tf = teacher_forced_logprobs(model, rollouts, replay=rollouts.topk_idx_LBSK.shape[0] > 0)
     layers = list(range(1, tf.topk_idx_LBSK.shape[0] + 1))  # every layer is an MoE layer (checkpoint/hf)
     return dataclasses.replace(rollouts, logp_BT=tf.logp_BT.detach(), topk_idx_LBSK=tf.topk_idx_LBSK,
-                               gates_LBSK=tf.gates_LBSK, moe_layers=layers), rollouts.logp_BT
+                               gates_LBSK=tf.gates_LBSK, moe_layers=layers,
+                               engine_logp_BT=rollouts.logp_BT), rollouts.logp_BT
 
 
 def mismatch(engine_logp_BT: torch.Tensor, learner_logp_BT: torch.Tensor, mask_BT: torch.Tensor) -> dict:
@@ -302,6 +305,8 @@ class SyncedEngine:
 
 
 def truncated_is_weight(engine_logp_BT: torch.Tensor, behaviour_logp_BT: torch.Tensor, cap: float) -> torch.Tensor:
-    """Truncated importance weight ``min(mu_learner / mu_engine, cap)`` per token (no gradient): corrects the
-    policy gradient for sampling with the engine's slightly different numerics (verl / NeMo-RL's TIS)."""
+    """Truncated importance weight ``w = min(exp(logp_behaviour - logp_engine), cap)`` per token, i.e.
+    ``min(mu_learner / mu_engine, cap)`` (no gradient): corrects the policy gradient for sampling with the
+    engine's slightly different numerics (verl / slime / NeMo-RL's TIS; ``rl.engine_is_cap``, applied to the
+    per-token advantages in :func:`megatron_vp2o.rl.batches.make_batches`). Equal log-probs give exactly 1."""
     return torch.exp(behaviour_logp_BT.detach() - engine_logp_BT.detach()).clamp(max=cap)

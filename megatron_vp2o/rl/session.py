@@ -28,7 +28,7 @@ from megatron_vp2o.distributed.init import init_parallel
 from megatron_vp2o.generation.prompts import load_prompt_file
 from megatron_vp2o.monitor import MetricsLogger, Progress
 from megatron_vp2o.rl.actor import act, reward_metrics
-from megatron_vp2o.rl.batches import make_batches
+from megatron_vp2o.rl.batches import engine_is_metrics, make_batches
 from megatron_vp2o.rl.learner import GRPOLearner, Learner, VP2OLearner, behaviour_stats, policy_forward_step, unwrap
 from megatron_vp2o.rl.state import LoopState, loop_extra, loop_rank_state, restore_loop
 from megatron_vp2o.training.setup import build_trainable
@@ -115,7 +115,8 @@ class Session:
     def reward_metrics(self, batch) -> dict:
         """reward/* of a training batch, plus ``rollout/new_samples`` / ``rollout/new_tokens`` (all ranks)."""
         engine = getattr(self.engine, "last_metrics", {})  # vLLM: weight sync and engine/learner mismatch
-        return reward_metrics(batch, self.cfg.rl.policy_loss.group_size) | engine
+        return (reward_metrics(batch, self.cfg.rl.policy_loss.group_size) | engine
+                | engine_is_metrics(batch.rollouts, self.cfg.rl.engine_is_cap))  # rl.engine_is_cap: weight stats
 
     def set_buffer(self, batch):
         """Make ``batch`` the learner's buffer (reference log-probs, micro-batches); the anchors (vp2o)."""
@@ -126,7 +127,8 @@ class Session:
     # ---- learner inputs ---------------------------------------------------------------------
     def make_batches(self, batch):
         return make_batches(batch.rollouts, batch.adv_B, self.cfg.rl.micro_batch_size, self.pad_to,
-                            logp_ref_BT=batch.logp_ref_BT, aggregation=self.cfg.rl.policy_loss.aggregation)
+                            logp_ref_BT=batch.logp_ref_BT, aggregation=self.cfg.rl.policy_loss.aggregation,
+                            engine_is_cap=self.cfg.rl.engine_is_cap)
 
     def behaviour_stats(self) -> dict:
         """D_beh and ESS of the current learner on the buffer (method §2.11)."""
