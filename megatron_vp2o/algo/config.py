@@ -153,8 +153,9 @@ class TrustRegionConfig:
 
     def __post_init__(self) -> None:
         s = self.SECTION
-        _require(_is_int(self.anchor_micro_batches) and self.anchor_micro_batches >= 0, s, "anchor_micro_batches",
-                 "an int >= 0 (0: all of the step's micro-batches)", self.anchor_micro_batches)
+        _require(_is_int(self.anchor_micro_batches) and self.anchor_micro_batches >= 0, s,
+                 "anchor_micro_batches", "an int >= 0 (0: all of the step's micro-batches)",
+                 self.anchor_micro_batches)
         _require_bool(s, "enabled", self.enabled)
         _require(self.anchor_gates in ("post_step", "pre_step"), s, "anchor_gates",
                  "post_step or pre_step", self.anchor_gates)
