@@ -93,7 +93,7 @@ compare: install
 # The suites CI runs (.ci/run), each under 15 minutes on 2 cores: `make test` (everything but the
 # multi-rank parity worlds and the launchers), `make test-dist` (those), then test-latest,
 # test-latest-dist and test-vllm. `make test-all` runs them all in that order.
-DIST_TESTS ?= tests/distributed tests/launch
+DIST_TESTS ?= tests/distributed tests/launch tests/e2e/test_stop_signal.py
 test: install system-deps
 	$(PY) -m pytest tests -q -p no:cacheprovider $(addprefix --ignore=,$(DIST_TESTS)) $(PYTEST_ARGS)
 
