@@ -43,7 +43,8 @@ def load_run(path: Path) -> list[dict] | None:
     for row in rows:
         refreshes = row.get("vp2o/refreshes", refreshes)
         if row["step"] > 0:
-            updates += row.get("grpo/optimizer_steps", 1)  # optimizer steps (vp2o: one per learner step)
+            # optimizer steps per update: GRPO's and VP2O's epoch loops log them; a single VP2O step is one
+            updates += row.get("grpo/optimizer_steps", row.get("vp2o/optimizer_steps", 1))
         if "eval/mean" in row:
             point = {k: v for k, v in row.items() if k.startswith("eval/") and isinstance(v, (int, float))}
             point |= {"samples": row.get("rollout/samples", 0), "updates": updates, "refreshes": refreshes}

@@ -46,6 +46,16 @@ def test_run_points_and_batches_to_reach(tmp_path):
     assert R.load_run(tmp_path) is None  # unfinished runs are left out
 
 
+def test_vp2o_epoch_loop_counts_its_optimizer_steps(tmp_path):
+    """VP2O on GRPO's loop (rl.vp2o.mini_batches x epochs > 1) logs vp2o/optimizer_steps per update; a
+    single VP2O step logs none and counts one."""
+    rows = [{"step": 0, "eval/mean": 0.5, "rollout/samples": 0},
+            {"step": 1, "rollout/samples": 64, "vp2o/optimizer_steps": 12},
+            {"step": 2, "rollout/samples": 128, "eval/mean": 0.6, "budget_end": True}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [p["updates"] for p in R.load_run(tmp_path)] == [0, 13]
+
+
 def test_custom_arms_parse_and_bad_ones_name_the_format():
     args = Namespace(arms=["grpo"], ablations=False, arm=["g2=grpo:rl.lr=3e-4,rl.grpo.mini_batches=2"])
     g2 = ["rl.algo=grpo", "rl.lr=3e-4", "rl.grpo.mini_batches=2"]
