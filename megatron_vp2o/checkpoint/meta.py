@@ -120,11 +120,27 @@ RL_LOOP_KEYS = ("step", "refreshes", "steps_since_refresh", "next_refresh", "for
 
 def missing_rl_loop_state(found: str | Path, what: str = "--resume") -> list[str]:
     """The :data:`RL_LOOP_KEYS` an RL checkpoint (``vp2o.json`` kind ``rl``) lacks in its ``extra``, in
-    that order; ``[]`` for a complete one or another kind. Reads ``common.pt`` weights-only, writes nothing."""
+    that order; ``[]`` for a complete one, another kind, or a checkpoint without ``common.pt`` (the 0.19
+    layout, read only by megatron-core: the RL session checks it when it loads, `missing_loop_keys`).
+    Reads ``common.pt`` weights-only, writes nothing."""
     if read_meta(found, what).get("kind") != "rl":
         return []
     from megatron_vp2o.checkpoint.safety import read_common
 
-    extra = read_common(found, what).get("extra")
+    common = read_common(found, what)
+    if common is None:
+        return []
+    return missing_loop_keys(common.get("extra"))
+
+
+def missing_loop_keys(extra) -> list[str]:
+    """The :data:`RL_LOOP_KEYS` missing from a checkpoint's ``extra`` (a dict, or anything else: all)."""
     extra = extra if isinstance(extra, dict) else {}
     return [key for key in RL_LOOP_KEYS if key not in extra]
+
+
+def loop_state_refusal(found, missing: list[str], new_dirs: str = "a new --out") -> str:
+    """The one line that refuses to resume an RL checkpoint without the loop state, and the way on."""
+    return (f"--resume: checkpoint '{found}' was written before RL checkpoints kept the loop state "
+            f"(it lacks {', '.join(missing)}), so its run cannot be resumed; start a fresh run from "
+            f"its weights instead: rl.policy={found} with {new_dirs}, without --resume")

@@ -106,12 +106,13 @@ def verify_checkpoint(found: str | Path, what: str = "checkpoint") -> None:
         _weights_only(common.read_bytes(), common, what, "common state")
 
 
-def read_common(found: str | Path, what: str = "checkpoint") -> dict:
+def read_common(found: str | Path, what: str = "checkpoint") -> dict | None:
     """The common state of checkpoint ``found`` (``common.pt``: step, ``extra``, scheduler), read
-    weights-only as :func:`verify_checkpoint` checks it; ``{}`` when there is none. Writes nothing."""
+    weights-only as :func:`verify_checkpoint` checks it; None when there is no ``common.pt``
+    (megatron-core >= 0.19 keeps it as a ``common_state`` sharded object: compat.py row 5). Writes nothing."""
     common = Path(found) / "common.pt"
     if not common.is_file():
-        return {}
+        return None
     try:
         with torch.serialization.safe_globals(_NUMPY_GLOBALS):
             blob = torch.load(common, weights_only=True, map_location="cpu")

@@ -117,13 +117,11 @@ def check_resume(cfg, out: str, resume: bool, rl: bool = False) -> None:
 def check_rl_loop_state(found: Path, new_dirs: str) -> None:
     """An RL checkpoint written before `vp2o train` saved its loop state cannot continue exactly: refused
     in one line naming what it lacks and how to go on from its weights (``rl.policy``, a fresh run)."""
-    from megatron_vp2o.checkpoint.meta import missing_rl_loop_state
+    from megatron_vp2o.checkpoint.meta import loop_state_refusal, missing_rl_loop_state
 
     missing = missing_rl_loop_state(found, "--resume")
     if missing:
-        raise ConfigError(f"--resume: checkpoint '{found}' was written before RL checkpoints kept the loop state "
-                          f"(it lacks {', '.join(missing)}), so its run cannot be resumed; start a fresh run from "
-                          f"its weights instead: rl.policy={found} with {new_dirs}, without --resume")
+        raise ConfigError(loop_state_refusal(found, missing, new_dirs))
 
 
 def check_checkpoint(path: str, model_cfg, what: str) -> None:
