@@ -228,12 +228,13 @@ class VP2OMoELayer(ResponseMaskedMoELayer):
         (router entropy sum, token count) at once: nothing of the micro-batch is kept until the
         backward (docs/cluster.md: the layers' statistics cost no memory across micro-batches)."""
         with torch.no_grad():
-            mask_TE = mask_TE.float() * weight_T.float().unsqueeze(-1)  # zero off the counted tokens
+            weight_T = weight_T.float()
+            mask_TE = mask_TE.float() * weight_T.unsqueeze(-1)  # zero off the counted tokens
             self.counts_EE.addmm_(mask_TE.t(), mask_TE)
             logp_TE = torch.log_softmax(logits_TE.float(), dim=-1)
-            entropy = -((logp_TE.exp() * logp_TE).sum(-1) * weight_T.float()).sum()
+            entropy = -((logp_TE.exp() * logp_TE).sum(-1) * weight_T).sum()
             self.loss_log = self.loss_log.to(entropy.device)
-            self.loss_log[2:] += torch.stack([entropy, weight_T.float().sum()])
+            self.loss_log[2:] += torch.stack([entropy, weight_T.sum()])
 
     def flush_stats(self) -> None:
         """Fold this layer's pending micro-batch statistics into ``counts_EE`` / ``loss_log``."""
