@@ -144,3 +144,13 @@ def loop_state_refusal(found, missing: list[str], new_dirs: str = "a new --out")
     return (f"--resume: checkpoint '{found}' was written before RL checkpoints kept the loop state "
             f"(it lacks {', '.join(missing)}), so its run cannot be resumed; start a fresh run from "
             f"its weights instead: rl.policy={found} with {new_dirs}, without --resume")
+
+
+def require_loop_state(found, extra) -> None:
+    """Refuse to resume from checkpoint ``found`` whose loaded ``extra`` lacks the loop state, with
+    `loop_state_refusal`'s line (the RL session's check for layouts the pre-flight cannot read)."""
+    missing = missing_loop_keys(extra)
+    if missing:
+        from megatron_vp2o.checkpoint.state import CheckpointStateError
+
+        raise CheckpointStateError(loop_state_refusal(found, missing))

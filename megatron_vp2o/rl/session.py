@@ -22,8 +22,7 @@ from megatron.core import parallel_state as ps
 
 from megatron_vp2o.checkpoint import latest_checkpoint, load_checkpoint, load_model, save_checkpoint
 from megatron_vp2o.checkpoint.dist import load_rank_state
-from megatron_vp2o.checkpoint.meta import loop_state_refusal, missing_loop_keys
-from megatron_vp2o.config.loader import ConfigError
+from megatron_vp2o.checkpoint.meta import require_loop_state
 from megatron_vp2o.config import to_dict
 from megatron_vp2o.data.tokenizer import load_tokenizer
 from megatron_vp2o.distributed.init import init_parallel
@@ -181,9 +180,7 @@ class Session:
     def restore_loop_state(self, state: LoopState) -> LoopState:
         if self.resume_from is None:
             return state
-        missing = missing_loop_keys(self.resumed_extra)  # the pre-flight cannot read 0.19's common state
-        if missing:
-            raise ConfigError(loop_state_refusal(self.resume_from, missing))
+        require_loop_state(self.resume_from, self.resumed_extra)  # the pre-flight cannot read 0.19's common state
         restore_loop(state, self.resumed_extra, load_rank_state(self.resume_from) or {})
         if state.buffer is not None:
             self.batches = self.make_batches(state.buffer)
