@@ -112,7 +112,8 @@ test-latest: install-latest system-deps
 test-latest-dist: install-latest system-deps
 	$(PY_LATEST) -m pytest tests/distributed -q -p no:cacheprovider $(PYTEST_ARGS)
 
-gpu-check: install
+# PY=python3 on the command line (an NGC image with megatron-core): that python, no venv built.
+gpu-check: $(if $(filter command line,$(origin PY)),,install)
 	$(PY) tools/gpu_check.py $(ARGS)
 
 bench: install

@@ -99,11 +99,19 @@ def interleaved(plain_fn, vp2o_fn, steps: int) -> tuple[list[dict], list[dict], 
     plain, ours, ratios = [], [], []
     for _ in range(steps):
         for fn, out in ((plain_fn, plain), (vp2o_fn, ours)):
+            sync()
             t0 = time.perf_counter()
             m = fn()
+            sync()
             out.append(dict(m, wall=time.perf_counter() - t0))
         ratios.append(ours[-1]["wall"] / plain[-1]["wall"])
     return plain, ours, ratios
+
+
+def sync() -> None:
+    """Wait for queued GPU work, so a wall time covers the step's kernels (no-op on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def median_of(runs: list[dict], key: str) -> float:

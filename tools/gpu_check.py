@@ -17,7 +17,11 @@ before a release. It runs:
 and prints a table of pass / fail / skip with the figures each check reported. Without CUDA it
 prints one line saying so, lists what it would run, and exits 0.
 
-    python tools/gpu_check.py [--list] [--timeout S]
+    python tools/gpu_check.py [--list] [--timeout S] [--test-timeout S] [--log DIR]
+
+``--log DIR`` keeps each step's whole output (``DIR/<step>.log``) beside the table. In an image that
+already holds torch and megatron-core (NGC PyTorch), ``make gpu-check PY=python3`` uses that python
+without building the venv.
 """
 
 from __future__ import annotations
@@ -51,16 +55,37 @@ def cuda_reason() -> str | None:
     return None
 
 
-def run_pytest(cmd: list[str], timeout: float) -> list[tuple[str, str, str]]:
-    """(check, status, figures) per test of tests/gpu, from pytest's junit XML and the report file."""
+def child_env(**extra: str) -> dict:
+    """The environment of a step: the repository first on PYTHONPATH, what was there kept after it
+    (an image whose packages live on PYTHONPATH still finds them)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONPATH=path, **extra)
+
+
+def keep_log(log_dir: Path | None, name: str, proc_or_exc) -> None:
+    if log_dir is None:
+        return
+    log_dir.mkdir(parents=True, exist_ok=True)
+    out, err = (getattr(proc_or_exc, k, None) or "" for k in ("stdout", "stderr"))
+    out, err = (x.decode(errors="replace") if isinstance(x, bytes) else x for x in (out, err))
+    (log_dir / f"{name}.log").write_text(f"{out}\n--- stderr ---\n{err}")
+
+
+def run_pytest(cmd: list[str], timeout: float, test_timeout: float = 0,
+               log_dir: Path | None = None) -> list[tuple[str, str, str]]:
+    """(check, status, figures) per test of tests/gpu, from pytest's junit XML and the report file.
+    ``test_timeout`` (s, pytest-timeout) fails one hung test and lets the others run."""
     with tempfile.TemporaryDirectory() as tmp:
         xml, figures = Path(tmp) / "junit.xml", Path(tmp) / "figures.jsonl"
-        env = dict(os.environ, VP2O_GPU_REPORT=str(figures), PYTHONPATH=str(ROOT))
+        env = child_env(VP2O_GPU_REPORT=str(figures))
+        per_test = [f"--timeout={test_timeout:.0f}"] if test_timeout > 0 else []
         try:
-            proc = subprocess.run([*cmd, f"--junitxml={xml}"], cwd=ROOT, env=env, timeout=timeout,
-                                  capture_output=True, text=True)
+            proc = subprocess.run([*cmd, *per_test, f"--junitxml={xml}"], cwd=ROOT, env=env,
+                                  timeout=timeout, capture_output=True, text=True)
+            keep_log(log_dir, "pytest_gpu", proc)
             tail = proc.stdout[-2000:] + proc.stderr[-2000:]
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as exc:
+            keep_log(log_dir, "pytest_gpu", exc)
             return [("pytest tests/gpu", "FAIL", f"timed out after {timeout:.0f} s")]
         rows = []
         if xml.exists():
@@ -83,11 +108,12 @@ def run_pytest(cmd: list[str], timeout: float) -> list[tuple[str, str, str]]:
         return rows
 
 
-def run_bench(cmd: list[str], timeout: float) -> list[tuple[str, str, str]]:
+def run_bench(cmd: list[str], timeout: float, log_dir: Path | None = None) -> list[tuple[str, str, str]]:
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, timeout=timeout, capture_output=True, text=True,
-                              env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    except subprocess.TimeoutExpired:
+        proc = subprocess.run(cmd, cwd=ROOT, timeout=timeout, capture_output=True, text=True, env=child_env())
+        keep_log(log_dir, "bench_step", proc)
+    except subprocess.TimeoutExpired as exc:
+        keep_log(log_dir, "bench_step", exc)
         return [("bench_step", "FAIL", f"timed out after {timeout:.0f} s")]
     out = proc.stdout
     ratio = re.search(r"ratio vp2o/grpo ([0-9.]+)", out)
@@ -102,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="GPU acceptance check (see the module docstring)")
     parser.add_argument("--list", action="store_true", help="print what would run and exit")
     parser.add_argument("--timeout", type=float, default=420, help="seconds per step of the plan")
+    parser.add_argument("--test-timeout", type=float, default=0,
+                        help="seconds per GPU test (pytest-timeout; 0: none): a hung test fails alone")
+    parser.add_argument("--log", type=Path, default=None, help="folder for each step's whole output")
     args = parser.parse_args(argv)
     reason = cuda_reason()
     if args.list or reason:
@@ -113,7 +142,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     start, rows = time.time(), []
     for name, cmd in PLAN:
-        rows += run_pytest(cmd, args.timeout) if cmd[2:4] == ["pytest", "tests/gpu"] else run_bench(cmd, args.timeout)
+        if cmd[2:4] == ["pytest", "tests/gpu"]:
+            rows += run_pytest(cmd, args.timeout, args.test_timeout, args.log)
+        else:
+            rows += run_bench(cmd, args.timeout, args.log)
     import torch
 
     print(f"\n## gpu-check on {torch.cuda.get_device_name()} (torch {torch.__version__}, "

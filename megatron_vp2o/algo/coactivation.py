@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from .scalars import as_scalar
+
 
 def coactivation_counts(
     topk_idx_TK: torch.Tensor,
@@ -56,7 +58,7 @@ def coactivation_matrix(
     """C = counts / T with a zero diagonal (method §2.5); T is the global routed-token count (>=
     1)."""
     num_experts = counts_EE.shape[-1]
-    denom = torch.as_tensor(num_tokens, dtype=counts_EE.dtype, device=counts_EE.device)
+    denom = as_scalar(num_tokens, counts_EE)
     eye_EE = torch.eye(num_experts, dtype=torch.bool, device=counts_EE.device)
     return torch.where(eye_EE, 0.0, counts_EE / denom.clamp_min(1.0))
 

@@ -23,6 +23,8 @@ from typing import Dict
 
 import torch
 
+from .scalars import as_scalar
+
 from .kernels import median_off_diagonal, off_diagonal
 
 def _off_diagonal_mean(matrix_EE: torch.Tensor) -> torch.Tensor:
@@ -45,7 +47,7 @@ def router_entropy(
         token_mask_T = torch.ones_like(entropy_T, dtype=torch.bool)
     valid_T = token_mask_T.to(torch.bool)
     count = valid_T.sum() if normalizer is None else normalizer
-    denom = torch.as_tensor(count, device=entropy_T.device).to(entropy_T.dtype).clamp_min(1.0)
+    denom = as_scalar(count, entropy_T).clamp_min(1.0)
     return torch.where(valid_T, entropy_T, 0.0).sum() / denom
 
 

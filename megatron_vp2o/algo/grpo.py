@@ -30,6 +30,8 @@ from typing import Callable, Dict
 
 import torch
 
+from .scalars import as_scalar
+
 from .registry import Registry
 
 ADVANTAGES: Registry[Callable[..., torch.Tensor]] = Registry("advantage estimator")
@@ -98,7 +100,7 @@ def aggregation_count(mask_BT: torch.Tensor, aggregation: str) -> torch.Tensor:
 
 def _denominator(mask_BT, aggregation, normalizer, like) -> torch.Tensor:
     count = aggregation_count(mask_BT, aggregation) if normalizer is None else normalizer
-    return torch.as_tensor(count, device=like.device).to(like.dtype).clamp_min(1.0)
+    return as_scalar(count, like).clamp_min(1.0)
 
 
 def _masked_mean(values_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import torch
 
+from .scalars import as_scalar
+
 ORTHO_EPS = 1e-6
 
 
@@ -42,8 +44,7 @@ def normalized(
 ) -> torch.Tensor:
     """total / count, or total / normalizer when given (a global count); denominators >= 1."""
     denom = count if normalizer is None else normalizer
-    denom = torch.as_tensor(denom, dtype=total.dtype, device=total.device)
-    return total / denom.clamp_min(1.0)
+    return total / as_scalar(denom, total).clamp_min(1.0)
 
 
 def orthogonality_per_token(expert_out_TKD: torch.Tensor) -> torch.Tensor:
@@ -85,7 +86,7 @@ def orthogonality_loss_sum(
     per_token_T = orthogonality_per_token(expert_out_TKD)
     if token_mask_T is None:
         num_pairs = float(per_token_T.numel() * expert_out_TKD.shape[-2])
-        count = torch.tensor(num_pairs, dtype=per_token_T.dtype, device=per_token_T.device)
+        count = as_scalar(num_pairs, per_token_T)
         return per_token_T.sum(), count
     valid_T = _valid(token_mask_T, per_token_T)
     total = torch.where(valid_T, per_token_T, 0.0).sum()
@@ -210,7 +211,7 @@ def routing_variance_loss_sum(
     centred_TE = probs_TE - probs_TE.mean(-1, keepdim=True)
     var_T = (centred_TE * centred_TE).sum(-1) / (probs_TE.shape[-1] - 1)
     if token_mask_T is None:
-        count = torch.tensor(float(var_T.numel()), dtype=var_T.dtype, device=var_T.device)
+        count = as_scalar(float(var_T.numel()), var_T)
         return -var_T.sum(), count
     valid_T = _valid(token_mask_T, var_T)
     total = -torch.where(valid_T, var_T, 0.0).sum()
@@ -231,7 +232,7 @@ def routing_variance_loss_sum_from_logits(
     if token_weight_T is None:
         num_tokens = probs_TE.numel() // num_experts
         total = -((probs_TE * probs_TE).sum() - num_tokens / num_experts) / (num_experts - 1)
-        return total, torch.tensor(float(num_tokens), dtype=total.dtype, device=total.device)
+        return total, as_scalar(float(num_tokens), total)
     weight_T = token_weight_T.to(dtype).reshape(-1)
     sq_T = (probs_TE * probs_TE).sum(-1).reshape(-1)
     total = -((sq_T - 1.0 / num_experts) * weight_T).sum() / (num_experts - 1)

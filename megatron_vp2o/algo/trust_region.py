@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import torch
 
+from .scalars import as_scalar
+
 from .stein import gather_mix
 
 ACCEPT, BACKTRACK, REJECT, REFRESH = 0, 1, 2, 3
@@ -114,7 +116,7 @@ def anchor_distance(
         topk_idx_TK, gates_TK, protos_ED, anchor_topk_idx_TK, anchor_gates_TK, anchor_protos_ED,
         token_mask_T,
     )
-    return _ratio(total, count if normalizer is None else torch.as_tensor(normalizer).to(total))
+    return _ratio(total, count if normalizer is None else as_scalar(normalizer, total))
 
 
 def behaviour_drift_sum(
@@ -136,7 +138,7 @@ def behaviour_drift(
 ) -> torch.Tensor:
     """D_beh = mean_t (rho_t - 1 - log rho_t), the k3 estimate of KL(mu || pi) (method §2.11)."""
     total, count = behaviour_drift_sum(logp_T, logp_old_T, mask_T)
-    return _ratio(total, count if normalizer is None else torch.as_tensor(normalizer).to(total))
+    return _ratio(total, count if normalizer is None else as_scalar(normalizer, total))
 
 
 def sequence_logratio(
@@ -200,9 +202,9 @@ def refresh_reason(
     Static shapes, no host read: the caller reads the code once.
     """
     drift = torch.as_tensor(drift)
-    ess = torch.as_tensor(ess, device=drift.device)
-    steps = torch.as_tensor(steps_since_refresh, device=drift.device)
-    failed = torch.as_tensor(anchor_failed, device=drift.device).to(torch.bool)
+    ess = as_scalar(ess, drift)
+    steps = as_scalar(steps_since_refresh, drift, torch.int64)
+    failed = as_scalar(anchor_failed, drift, torch.bool)
     drift_ok, ess_ok = drift <= drift_delta, ess >= ess_min  # NaN statistics fail these
     code = torch.where(steps >= max_steps_per_refresh, REFRESH_MAX_STEPS, NO_REFRESH)
     code = torch.where(ess_ok, code, REFRESH_ESS)
@@ -255,7 +257,7 @@ def decide(
     reject -> REJECT (restore, refresh); refresh -> REFRESH (keep the step, refresh).
     """
     ok = torch.as_tensor(anchor_ok).to(torch.bool)
-    attempt = torch.as_tensor(attempt, device=ok.device)
+    attempt = as_scalar(attempt, ok, torch.int64)
     if on_violation == "backtrack":
         failed = torch.where(attempt < num_scales, BACKTRACK, REJECT)
     elif on_violation == "reject":

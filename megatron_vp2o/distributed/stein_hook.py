@@ -42,6 +42,7 @@ from megatron_vp2o.algo.config import SteinConfig
 from megatron_vp2o.algo.diagnostics import expert_shares, kernel_spread
 from megatron_vp2o.algo.kernels import prototype_kernel
 from megatron_vp2o.algo.prototypes import power_step_partial
+from megatron_vp2o.algo.scalars import as_scalar
 from megatron_vp2o.algo.stein import attraction_weights, gather_mix, rank_two_norm, repulsion_factors_from_z
 from megatron_vp2o.distributed.reductions import VP2OGroups, group_size, all_reduce_, gather_expert_grads
 from megatron_vp2o.distributed.reductions import reduce_counts_, world_sum
@@ -210,8 +211,7 @@ def _transport_blocks(blk, idx, w, active, rep, cfg, ok, ep_group, num_ranks):
         sq_norm = sq_norm + norm * norm
         total = shift if rep_kind is None or cfg.repulsion_coef == 0.0 else torch.linalg.vector_norm(outs[kind] - grads)
         sq = [sq[0] + grads.square().sum(), sq[1] + shift * shift, sq[2] + total * total]
-    return outs, torch.sqrt(sq_norm), torch.stack([torch.as_tensor(x, dtype=torch.float32, device=norm.device)
-                                                     for x in sq])
+    return outs, torch.sqrt(sq_norm), torch.stack([as_scalar(x, norm, torch.float32) for x in sq])
 
 
 def _rank_two_sq_norms(left_XA2, right_X2C):

@@ -54,6 +54,22 @@ def test_no_host_syncs(path):
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_no_host_to_device_copies(path):
+    """A Python value sent to a device (torch.tensor(x), torch.as_tensor(x, device=...)) is a
+    host-to-device copy that CUDA-graph capture refuses (make gpu-check caught one in
+    coactivation_matrix): algo code fills numbers on the device with scalars.as_scalar."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        name = node.func.attr
+        on_torch = isinstance(node.func.value, ast.Name) and node.func.value.id == "torch"
+        if on_torch and (name == "tensor" or (name == "as_tensor" and
+                                              any(k.arg == "device" for k in node.keywords))):
+            pytest.fail(f"{path.name}:{node.lineno} torch.{name}(...) copies a host value to the "
+                        "device: use megatron_vp2o.algo.scalars.as_scalar")
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
 def test_module_docstring_and_size(path):
     text = path.read_text()
     doc = ast.get_docstring(ast.parse(text))

@@ -74,7 +74,8 @@ def test_train_under_torchrun_with_nccl(tmp_path):
            "-m", "megatron_vp2o.cli.main", "train", "--config", TINY, "--out", str(out), "rl.steps=6",
            "logging.progress=false", "rl.eval_prompts=null"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                          env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                              p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)))
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = _records(out)
     report("torchrun 1 GPU NCCL", steps=len(records), skipped=sum(1 for r in records if r.get("skipped")))

@@ -15,7 +15,7 @@ def measure(payload) -> dict:
     from megatron_vp2o.recipes import tiny_cpu
     from megatron_vp2o.training.setup import build_trainable
     from megatron_vp2o.training.step import train_step
-    from megatron_vp2o.training.vp2o_step import capture_anchors, init_vp2o, vp2o_train_step
+    from megatron_vp2o.rl.learner.vp2o import capture_anchors, init_vp2o, vp2o_train_step
 
     from distributed.worlds_foundation import my_micro_batches
 
