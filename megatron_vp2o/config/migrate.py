@@ -67,6 +67,9 @@ MIGRATIONS: tuple[Change, ...] = (
            "the clip is each algorithm's own (it was shared: a GRPO clip switched clipping on for VP2O too); a "
            "value goes to the section of the config's rl.algo, null (0.2 for grpo, none for vp2o) to the defaults",
            defaults=(("rl.algo", "vp2o"),), none_is_default=True),
+    Change("0.3.0", "rl.vllm.weight_transfer", None,
+           "issue 20: an engine over several ranks has a worker in each rank's process (vLLM's "
+           "external_launcher), so every refresh is in-process; the CUDA IPC transfer went away"),
 )
 
 

@@ -67,7 +67,7 @@ class SamplingConfig:
 @dataclass
 class VLLMConfig:
     """Engine settings that are not sampling settings."""
-    tp: int = 1  # vLLM's tensor parallel size (GPU)
+    tp: int = 1  # ranks per vLLM engine: tensor parallel over tp consecutive ranks (external_launcher)
     ep: int = 1  # expert parallel: 1 (off) or tp (vLLM spreads experts over its TP ranks)
     gpu_memory_utilization: float = 0.4  # share of GPU memory for weights + KV cache (the learner has the rest)
     sleep: bool = True  # GPU: free weights and KV cache during learner steps (sleep level 1)
@@ -75,7 +75,6 @@ class VLLMConfig:
     max_model_len: Optional[int] = None  # default: the model's seq_length
     max_num_seqs: int = 256  # requests decoded together
     bucket_bytes: int = 256 << 20  # weight refresh bucket (weight_sync.py)
-    weight_transfer: str = "ipc"  # GPU refresh backend: vLLM's weight-transfer API over CUDA IPC
     routed_experts: bool = False  # GPU (model runner V2): ask vLLM for routed experts (R3)
     enforce_eager: Optional[bool] = None  # default: True on CPU, False on GPU (CUDA graphs)
 

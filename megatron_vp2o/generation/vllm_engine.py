@@ -29,8 +29,20 @@ which needs Triton: GPU only. On CPU the rollouts carry no routing (L = 0 layers
 forward over the rollouts (:func:`learner_behaviour`) gives the routing and behaviour log-probs used by
 VP2O and GRPO, and vLLM's log-probs stay for the mismatch metrics.
 
+Engine groups (``rl.vllm.tp`` > 1): ``tp`` consecutive ranks of the trainer's world form one vLLM engine,
+tensor- (and with ``rl.vllm.ep``, expert-) parallel over those ranks, through vLLM's
+``external_launcher`` executor: each rank is one of the engine's workers, in its own process, on the
+process group torchrun made (gloo on CPU, NCCL on GPU). A Qwen3-30B-A3B engine over a node's 8 GPUs holds
+1/8 of the model per GPU where an engine per rank would hold all of it. The group's ranks send the engine
+the prompts of each data-parallel rank among them (gathered over the group, in rank order, once per
+data-parallel rank), every rank runs the same requests with the same seed (vLLM's workers must), and each
+rank keeps the completions of its own prompts, so the rollouts have the shapes a ``tp = 1`` engine gives.
+Each rank loads the full HF tensors of a refresh and vLLM's loaders keep its shard (the in-process path
+of weight_sync.py, on every rank). The sampling seed is offset by the group's index instead of the
+data-parallel rank.
+
 GPU: vLLM's sleep mode (``sleep()`` / ``wake_up()`` around learner steps) frees its weights and KV cache
-while the learner runs; its tensor / expert parallel sizes come from :class:`VLLMConfig`.
+while the learner runs.
 Shape legend: B sequences, P padded prompt length, T response tokens, S = P + T - 1 columns.
 """
 
@@ -50,6 +62,7 @@ from megatron_vp2o.generation.rollouts import Rollouts, left_pad, positions_from
 from megatron_vp2o.config.rl import VLLMConfig
 from megatron_vp2o.generation.sampling import SamplingConfig
 
+_KEPT_ALIVE: list = []  # closed engines of a torchrun world (VLLMEngine.close)
 _ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CONFIGURE_LOGGING": "0", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -64,6 +77,55 @@ def _dp_rank() -> int:
         return ps.get_data_parallel_rank() if ps.model_parallel_is_initialized() else 0
     except ImportError:  # pragma: no cover - megatron-core is a dependency
         return 0
+
+
+@dataclasses.dataclass
+class EngineGroup:
+    """The ``size`` consecutive ranks that form one vLLM engine (``rl.vllm.tp`` > 1): ``index`` numbers
+    the engine, ``ranks`` its members, ``group`` a gloo group over them for the prompt exchange."""
+
+    index: int
+    ranks: list
+    group: object
+
+    @classmethod
+    def build(cls, size: int) -> "EngineGroup | None":
+        """None for ``size`` 1; else every rank's group (collective: every rank calls it together)."""
+        if size == 1:
+            return None
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise ValueError(f"rl.vllm.tp={size}: an engine over several ranks needs a torchrun world "
+                             "(launch with torchrun, or set rl.vllm.tp=1)")
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if world % size:
+            raise ValueError(f"rl.vllm.tp={size} must divide the world size ({world}): set rl.vllm.tp to a "
+                             "divisor of the ranks, e.g. the GPUs per node")
+        mine = None
+        for start in range(0, world, size):
+            ranks = list(range(start, start + size))
+            group = dist.new_group(ranks, backend="gloo")
+            if rank in ranks:
+                mine = cls(start // size, ranks, group)
+        return mine
+
+    def gather_prompts(self, data_rank: int, prompts: list) -> tuple[list, int, int]:
+        """(the engine's requests, where this rank's start, how many): each data-parallel rank's prompts
+        once, in rank order (ranks that share a data-parallel rank share prompts)."""
+        import torch.distributed as dist
+
+        got: list = [None] * len(self.ranks)
+        dist.all_gather_object(got, (data_rank, [list(p) for p in prompts]), group=self.group)
+        requests, start, seen = [], 0, set()
+        for rank_data, rank_prompts in got:
+            if rank_data in seen:
+                continue
+            seen.add(rank_data)
+            if rank_data == data_rank:
+                start = len(requests)
+            requests.extend(rank_prompts)
+        return requests, start, len(prompts)
 
 
 @contextlib.contextmanager
@@ -109,24 +171,26 @@ class VLLMEngine:
         self.model_cfg, self.pad_id = model_cfg, pad_id
         self.vocab_size = vocab_size
         self.arch, hf_config = hf_architecture(model_cfg, arch)
-        self.dp_rank = _dp_rank() if dp_rank is None else dp_rank
+        self.data_rank = _dp_rank()  # whose prompts these are (an engine group's exchange)
+        self.group = EngineGroup.build(self.config.tp)
+        # the sampling stream's offset: the engine's index in a group, else the data-parallel rank
+        self.dp_rank = self.group.index if self.group else (self.data_rank if dp_rank is None else dp_rank)
         self.weight_version = 0
         self.asleep = False
         self._dir = tempfile.mkdtemp(prefix="vp2o-vllm-")
         with open(os.path.join(self._dir, "config.json"), "w") as fh:
             json.dump(hf_config, fh)
         c, on_gpu = self.config, cuda()
-        self.workers_elsewhere = on_gpu and c.tp > 1  # vLLM's TP workers are processes of their own
         kwargs = dict(model=self._dir, skip_tokenizer_init=True, load_format="dummy", seed=seed,
                       dtype={"fp32": "float32", "bf16": "bfloat16"}[model_cfg.params_dtype],
                       max_model_len=c.max_model_len or model_cfg.seq_length, max_num_seqs=c.max_num_seqs,
                       logprobs_mode="processed_logprobs", max_logprobs=0, disable_log_stats=True,
                       enforce_eager=(not on_gpu) if c.enforce_eager is None else c.enforce_eager)
-        if on_gpu:
+        if self.group:
             kwargs.update(tensor_parallel_size=c.tp, enable_expert_parallel=c.ep > 1,
-                          gpu_memory_utilization=c.gpu_memory_utilization, enable_sleep_mode=c.sleep)
-            if self.workers_elsewhere:
-                kwargs["weight_transfer_config"] = {"backend": c.weight_transfer}
+                          distributed_executor_backend="external_launcher")
+        if on_gpu:
+            kwargs.update(gpu_memory_utilization=c.gpu_memory_utilization, enable_sleep_mode=c.sleep)
             if c.routed_experts:
                 kwargs["enable_return_routed_experts"] = True
         else:
@@ -139,16 +203,12 @@ class VLLMEngine:
 
     def load_weights(self, buckets) -> int:
         """Push HF ``(name, tensor)`` buckets into the engine (weight_sync.py builds them); returns the
-        number of tensors. CPU / in-process: one ``reload_weights`` over a lazy iterator (vLLM processes
-        each layer once all its tensors arrived, so a layer split over buckets is still whole). GPU: the
-        weight-transfer API, bucket by bucket (:class:`~megatron_vp2o.generation.weight_sync.IPCSender`) when
-        vLLM's workers are other processes (GPU, tp > 1)."""
+        number of tensors: one ``reload_weights`` over a lazy iterator (vLLM processes each layer once all
+        its tensors arrived, so a layer split over buckets is still whole). In an engine group every rank
+        pushes the full tensors into its own worker, whose loaders keep its shard."""
         from megatron_vp2o.generation import weight_sync
 
-        if self.workers_elsewhere:
-            n = weight_sync.IPCSender(self.llm).send(buckets)
-        else:
-            n = weight_sync.reload_in_process(self.llm, buckets)
+        n = weight_sync.reload_in_process(self.llm, buckets)
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the old weights
         self.weight_version += 1
         return n
@@ -167,7 +227,15 @@ class VLLMEngine:
     def close(self) -> None:
         shutil.rmtree(self._dir, ignore_errors=True)
         llm, self.llm = getattr(self, "llm", None), None
-        if llm is not None:
+        import torch.distributed as dist
+
+        # vLLM's teardown (shutdown, also run when the LLM is garbage-collected) ends with
+        # torch.distributed.destroy_process_group(): in a torchrun world that is the trainer's own group,
+        # which later collectives (the final checkpoint, the results gather) still use. There the LLM is
+        # kept referenced and its memory goes with the process.
+        if llm is not None and dist.is_initialized():
+            _KEPT_ALIVE.append(llm)
+        elif llm is not None:
             with contextlib.suppress(Exception):
                 llm.llm_engine.engine_core.shutdown()
 
@@ -199,12 +267,16 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         self.wake_up()
-        requests = [TokensPrompt(prompt_token_ids=list(p)) for p in prompts]
-        params = ([self.sampling_params(sampling, i) for i in range(len(prompts))] if cuda()
+        mine, start, count = list(prompts), 0, len(prompts)
+        if self.group:
+            mine, start, count = self.group.gather_prompts(self.data_rank, prompts)
+        requests = [TokensPrompt(prompt_token_ids=list(p)) for p in mine]
+        params = ([self.sampling_params(sampling, i) for i in range(len(mine))] if cuda()
                   else self.sampling_params(sampling))
         with self._seeded(sampling), platform.native():  # CPU: no device-rewriting mode on vLLM's hot path
-            outs = self.llm.generate(requests, params, use_tqdm=False)
-        return self._rollouts(prompts, [o.outputs[0] for o in outs], sampling)
+            outs = self.llm.generate(requests, params, use_tqdm=False) if requests else []
+        completions = [o.outputs[0] for o in outs][start:start + count]
+        return self._rollouts(prompts, completions, sampling)
 
     def _rollouts(self, prompts, completions, sampling: SamplingConfig) -> Rollouts:
         ids_BP, lens_B = left_pad(prompts, self.pad_id, "cpu")

@@ -3,17 +3,14 @@
 What: :class:`WeightSync` turns the learner's model chunks into the architecture's Hugging Face tensors with
 the project's one HF mapping (:func:`megatron_vp2o.checkpoint.hf.stream.hf_tensors`, also behind
 ``vp2o convert mcore-to-hf``), groups them in buckets of at most ``bucket_bytes`` and hands the buckets to
-the engine (:meth:`VLLMEngine.load_weights`), which pushes them one of two ways:
-
-* workers in this process (CPU, and GPU with vLLM TP = 1): :func:`reload_in_process`, one
-  ``worker.model_runner.reload_weights(weights_iterator=...)`` through ``llm.collective_rpc`` over a lazy
-  iterator of the buckets, so the buckets are produced while vLLM consumes them (vLLM buffers each layer
-  until all of its tensors arrived, then processes and copies it in place; module ``load_weights`` alone
-  does not reach the CPU backend's packed expert weights);
-* workers in other processes (GPU, vLLM TP > 1): :class:`IPCSender`, vLLM's weight-transfer API
-  (``start_weight_update`` / ``update_weights`` per bucket with CUDA IPC handles / ``finish_weight_update``).
-  CUDA IPC cannot open a handle in the process that made it, hence the in-process path above for TP = 1.
-  It can only run on GPU (``make gpu-check``); nothing on CPU reaches it.
+the engine (:meth:`VLLMEngine.load_weights`), which pushes them into its worker in this process with
+:func:`reload_in_process`: one ``worker.model_runner.reload_weights(weights_iterator=...)`` through
+``llm.collective_rpc`` over a lazy iterator of the buckets, so the buckets are produced while vLLM consumes
+them (vLLM buffers each layer until all of its tensors arrived, then processes and copies it in place;
+module ``load_weights`` alone does not reach the CPU backend's packed expert weights). An engine over
+several ranks (``rl.vllm.tp`` > 1, vLLM's ``external_launcher``) has one worker in each of its ranks'
+processes: every rank pushes the full tensors and vLLM's loaders keep that worker's shard, so no tensor
+crosses a process boundary (no CUDA IPC, no extra NCCL group) and a refresh costs each rank one bucket.
 
 Every refresh checks that exactly the model's HF tensors went out (a skipped or partial refresh raises,
 :class:`WeightSyncError`), bumps the engine's weight version and returns ``timing/weight_sync`` (seconds),
@@ -90,42 +87,6 @@ def reload_in_process(llm, buckets) -> int:
 
     llm.collective_rpc(_reload, args=(pairs(),))
     return count[0]
-
-
-class IPCSender:
-    """GPU, workers in other processes: vLLM's weight-transfer API over CUDA IPC, one update per bucket.
-    The bucket's tensors stay referenced until ``finish_weight_update`` returns (vLLM may defer a layer's
-    processing until its last tensor arrived)."""
-
-    def __init__(self, llm):
-        self.llm = llm
-        if not getattr(llm, "_vp2o_ipc_ready", False):
-            llm.collective_rpc("init_weight_transfer_engine", args=({"packed": False},))
-            llm._vp2o_ipc_ready = True
-
-    def send(self, buckets) -> int:
-        from torch.multiprocessing.reductions import reduce_tensor
-
-        uuid = str(torch.cuda.get_device_properties(torch.cuda.current_device()).uuid)
-        self.llm.collective_rpc("start_weight_update")
-        keep, n = [], 0
-        for bucket in buckets:
-            names, dtypes, shapes, handles = [], [], [], []
-            for name, t in bucket:
-                w = t.detach().contiguous()
-                keep.append(w)
-                names.append(name)
-                dtypes.append(str(w.dtype).split(".")[-1])
-                shapes.append(list(w.shape))
-                handles.append({uuid: reduce_tensor(w)[1]})
-            torch.cuda.synchronize()
-            self.llm.collective_rpc("update_weights", args=(dict(names=names, dtype_names=dtypes, shapes=shapes,
-                                                                 ipc_handles=handles),))
-            n += len(names)
-        self.llm.collective_rpc("finish_weight_update")
-        del keep
-        torch.cuda.ipc_collect()
-        return n
 
 
 class WeightSync:

@@ -81,6 +81,18 @@ def test_one_engine_per_data_parallel_rank():
     assert out["max_diff"] < TOL, out
 
 
+def test_engine_over_two_ranks_serves_each_rank_its_own_prompts():
+    """rl.vllm.tp=2: one engine tensor-parallel over both ranks (external_launcher on gloo)."""
+    got = run_world(2, "generation.worlds_vllm:engine_group", {}, timeout_s=600)
+    assert [g["engine_index"] for g in got] == [0, 0]  # one engine: one sampling stream
+    for g in got:
+        for case in ("greedy", "sampled", "refreshed"):
+            r = g[case]
+            assert r["own_prompts"] and r["rows"] == g["prompts"], (case, r)
+            assert r["max"] < TOL and r["tokens"] > 0, (case, r)
+        assert g["stale"]["max"] > 10 * TOL, g["stale"]  # the learner moved: without a refresh they differ
+
+
 def test_synced_engine_takes_behaviour_from_the_learner(res):
     s = res["synced"]
     assert s["behaviour_is_learner"] == 0.0 and s["routing_layers"] == 4 and s["moe_layers"] == [1, 2, 3, 4]

@@ -207,3 +207,48 @@ def data_parallel(payload) -> dict:
     engine.close()
     return {"max_diff": max(p[0].item() for p in parts), "dp_ranks": sorted(int(p[1].item()) for p in parts),
             "samples_differ": not torch.equal(toks[0], toks[1])}
+
+
+def engine_group(payload) -> dict:
+    """Two data-parallel ranks sharing one engine (``rl.vllm.tp=2``: tensor parallel over both ranks through
+    vLLM's external_launcher, gloo). Each rank sends its own prompts and gets rollouts of exactly those
+    prompts; their log-probs match its learner's teacher-forced ones, greedy and sampled, before and after
+    the learner's weights change and a refresh pushes them into both shards; a stale engine disagrees."""
+    import torch.distributed as dist
+
+    from megatron_vp2o.generation import SamplingConfig
+    from megatron_vp2o.generation.megatron_engine import teacher_forced_logprobs
+    from megatron_vp2o.generation.vllm_engine import VLLMConfig, VLLMEngine
+    from megatron_vp2o.generation.weight_sync import WeightSync
+
+    torch.set_num_threads(1)
+    cfg, model = build()
+    rank = dist.get_rank()
+    engine = VLLMEngine(cfg.model, pad_id=0, vocab_size=cfg.model.vocab_size,
+                        config=VLLMConfig(tp=2, kv_cache_bytes=32 << 20))
+    sync = WeightSync(engine, [model], cfg)
+    sync()
+    prompts = _prompts(6 + 2 * rank, 10 + rank)  # different prompts, different counts per rank
+
+    def run(sampling):
+        r = engine.generate(prompts, sampling)
+        with torch.no_grad():
+            tf = teacher_forced_logprobs(model, r)
+        real = [row[row.shape[0] - int(n):].tolist() for row, n in zip(r.prompt_ids_BP, r.prompt_lens_B)]
+        return r, {**_diff(r, tf.logp_BT), "rows": r.response_ids_BT.shape[0], "own_prompts": real == prompts}
+
+    _, greedy = run(SamplingConfig(temperature=0.0, max_new_tokens=12))
+    _, sampled = run(SamplingConfig(max_new_tokens=12, seed=5))
+    with torch.no_grad():  # the learner moves on (the same change on both ranks)
+        for name, p in model.named_parameters():
+            if "experts" in name or "linear_qkv" in name:
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(7), device="cpu")
+                       .to(p))
+    _, stale = run(SamplingConfig(temperature=0.0, max_new_tokens=12))
+    sync()
+    _, refreshed = run(SamplingConfig(temperature=0.0, max_new_tokens=12))
+    engine.close()
+    got = [None] * dist.get_world_size()
+    dist.all_gather_object(got, {"greedy": greedy, "sampled": sampled, "stale": stale, "refreshed": refreshed,
+                                 "engine_index": engine.dp_rank, "prompts": len(prompts)})
+    return got
