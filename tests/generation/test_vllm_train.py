@@ -1,5 +1,5 @@
 """Contract: `vp2o train rl.engine=vllm` on the tiny recipe raises the eval reward as the megatron engine
-does, refreshing vLLM from the learner before every rollout batch (weight version +1 each time) with
+does (one process; and torchrun DP=2 sharing one engine, rl.vllm.tp=2), refreshing vLLM from the learner before every rollout batch (weight version +1 each time) with
 the engine's sampled-token log-probs within 1e-3 of the learner's; without vLLM it is refused in one line."""
 
 import importlib.util
@@ -14,9 +14,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _train(out, *overrides):
+def _train(out, *overrides, nproc: int = 1):
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "megatron_vp2o.cli.main", "train", "--config", "examples/configs/tiny_cpu.yaml",
+    launch = [sys.executable, "-m", "megatron_vp2o.cli.main"]
+    if nproc > 1:
+        from harness import free_port
+
+        env["OMP_NUM_THREADS"] = "1"
+        launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+                  f"--master-port={free_port()}", "-m", "megatron_vp2o.cli.main"]
+    cmd = [*launch, "train", "--config", "examples/configs/tiny_cpu.yaml",
            "--out", str(out), "rl.engine=vllm", "rl.vllm.kv_cache_bytes=268435456", *overrides]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
@@ -31,6 +38,20 @@ def test_vllm_engine_trains_the_tiny_recipe(tmp_path):
     refreshed = [r for r in rows if r.get("vp2o/refreshed")]
     assert refreshed and all("rollout/mismatch_max_abs" in r for r in refreshed)
     assert max(r["rollout/mismatch_max_abs"] for r in refreshed) < 1e-3
+    versions = [r["rollout/weight_version"] for r in refreshed]
+    assert versions == list(range(versions[0], versions[0] + len(versions)))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (make test-vllm)")
+def test_one_vllm_engine_over_two_data_parallel_ranks_trains(tmp_path):
+    """torchrun DP=2 with rl.vllm.tp=2: both ranks share one tensor-parallel engine (docs/vllm.md)."""
+    proc = _train(tmp_path / "run", "rl.vllm.tp=2", "logging.progress=false", nproc=2)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["eval/mean"] for r in rows if "eval/mean" in r]
+    assert evals[-1] > evals[0], evals
+    refreshed = [r for r in rows if r.get("vp2o/refreshed")]
+    assert refreshed and max(r["rollout/mismatch_max_abs"] for r in refreshed) < 1e-3
     versions = [r["rollout/weight_version"] for r in refreshed]
     assert versions == list(range(versions[0], versions[0] + len(versions)))
 
