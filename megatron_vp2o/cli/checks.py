@@ -196,14 +196,10 @@ def check_engine(cfg) -> None:
 
 
 def check_vllm(cfg, what: str, instead: str = "use --engine megatron", world: int | None = None) -> None:
-    """A learner layout the colocated engine is tested with (tp = pp = 1), ``rl.vllm.tp`` dividing the
-    ranks (an engine spans rl.vllm.tp consecutive ranks), then vLLM importable (the layout first: its
-    refusal does not depend on the installation, docs/errors.md)."""
+    """``rl.vllm.tp`` dividing the ranks (an engine spans rl.vllm.tp consecutive ranks), then vLLM
+    importable (the layout first: its refusal does not depend on the installation, docs/errors.md)."""
     import importlib.util
 
-    if cfg.parallel.pp > 1 or cfg.parallel.tp > 1:
-        raise ConfigError(f"{what}: the colocated engine is tested with tp=pp=1 learner layouts here "
-                          f"(got tp={cfg.parallel.tp} pp={cfg.parallel.pp}); {instead}")
     world = world_size() if world is None else world
     tp = cfg.rl.vllm.tp
     if tp > 1 and world % tp:

@@ -29,17 +29,18 @@ which needs Triton: GPU only. On CPU the rollouts carry no routing (L = 0 layers
 forward over the rollouts (:func:`learner_behaviour`) gives the routing and behaviour log-probs used by
 VP2O and GRPO, and vLLM's log-probs stay for the mismatch metrics.
 
-Engine groups (``rl.vllm.tp`` > 1): ``tp`` consecutive ranks of the trainer's world form one vLLM engine,
-tensor- (and with ``rl.vllm.ep``, expert-) parallel over those ranks, through vLLM's
+Engines over several ranks (``rl.vllm.tp`` > 1): ``tp`` consecutive ranks of the trainer's world form
+one vLLM engine, tensor- (and with ``rl.vllm.ep``, expert-) parallel over those ranks, through vLLM's
 ``external_launcher`` executor: each rank is one of the engine's workers, in its own process, on the
 process group torchrun made (gloo on CPU, NCCL on GPU). A Qwen3-30B-A3B engine over a node's 8 GPUs holds
-1/8 of the model per GPU where an engine per rank would hold all of it. The group's ranks send the engine
-the prompts of each data-parallel rank among them (gathered over the group, in rank order, once per
-data-parallel rank), every rank runs the same requests with the same seed (vLLM's workers must), and each
-rank keeps the completions of its own prompts, so the rollouts have the shapes a ``tp = 1`` engine gives.
-Each rank loads the full HF tensors of a refresh and vLLM's loaders keep its shard (the in-process path
-of weight_sync.py, on every rank). The sampling seed is offset by the group's index instead of the
-data-parallel rank.
+1/8 of the model per GPU where an engine per rank would hold all of it. Each rank loads the full HF
+tensors of a refresh and vLLM's loaders keep its shard (the in-process path of weight_sync.py).
+The prompts are shared through an :class:`EnginePool` whenever an engine spans several ranks or ranks share
+a data-parallel rank (a learner with tp, pp or cp > 1): every data-parallel rank's prompts once, split
+evenly over the engines, whose first ranks share the completions; each rank gets the completions of its
+own prompts, so every rank of a data-parallel rank (every pipeline stage) holds the same rollouts and
+the shapes are those a per-rank engine gives. The sampling seed is offset by the engine's index instead
+of the data-parallel rank.
 
 GPU: vLLM's sleep mode (``sleep()`` / ``wake_up()`` around learner steps) frees its weights and KV cache
 while the learner runs.
@@ -79,19 +80,56 @@ def _dp_rank() -> int:
         return 0
 
 
-@dataclasses.dataclass
-class EngineGroup:
-    """The ``size`` consecutive ranks that form one vLLM engine (``rl.vllm.tp`` > 1): ``index`` numbers
-    the engine, ``ranks`` its members, ``group`` a gloo group over them for the prompt exchange."""
+def _shares_data() -> bool:
+    """Whether ranks of this world share a data-parallel rank (learner tp, pp or cp > 1)."""
+    try:
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
 
-    index: int
-    ranks: list
-    group: object
+        if not (dist.is_initialized() and ps.model_parallel_is_initialized()):
+            return False
+        return ps.get_data_parallel_world_size() != dist.get_world_size()
+    except ImportError:  # pragma: no cover - megatron-core is a dependency
+        return False
+
+
+@dataclasses.dataclass
+class Completion:
+    """One request's result, as plain data (it crosses ranks in an :class:`EnginePool`)."""
+
+    token_ids: list
+    logprobs: list  # the sampled tokens' log-probs
+    finish_reason: str
+    routed_experts: object = None  # [tokens, layers, K] (GPU, rl.vllm.routed_experts) or None
 
     @classmethod
-    def build(cls, size: int) -> "EngineGroup | None":
-        """None for ``size`` 1; else every rank's group (collective: every rank calls it together)."""
-        if size == 1:
+    def of(cls, out) -> "Completion":
+        ids = list(out.token_ids)
+        return cls(ids, [lp[tok].logprob for tok, lp in zip(ids, out.logprobs)], out.finish_reason,
+                   getattr(out, "routed_experts", None))
+
+
+@dataclasses.dataclass
+class EnginePool:
+    """The vLLM engines of a torchrun world and how a step's prompts are shared among them.
+
+    ``rl.vllm.tp`` consecutive ranks form one engine (``index``; ``engines`` in the world). Each call
+    gathers every data-parallel rank's prompts once (ranks of one data-parallel rank, the learner's tp /
+    pp / cp ranks, send the same ones), in data-parallel order, and splits that list evenly over the
+    engines; an engine's ranks run the same requests, its first rank (``leader``) shares the results, and
+    every rank keeps the completions of its own prompts. Built only when something must be shared: an
+    engine over several ranks, or ranks that share a data-parallel rank."""
+
+    size: int
+    index: int
+    engines: int
+    leader: bool
+    group: object  # gloo, over the world
+
+    @classmethod
+    def build(cls, size: int, shares_data: bool) -> "EnginePool | None":
+        """None when every rank is an engine of its own prompts; collective otherwise."""
+        if size == 1 and not shares_data:
             return None
         import torch.distributed as dist
 
@@ -102,30 +140,35 @@ class EngineGroup:
         if world % size:
             raise ValueError(f"rl.vllm.tp={size} must divide the world size ({world}): set rl.vllm.tp to a "
                              "divisor of the ranks, e.g. the GPUs per node")
-        mine = None
-        for start in range(0, world, size):
-            ranks = list(range(start, start + size))
-            group = dist.new_group(ranks, backend="gloo")
-            if rank in ranks:
-                mine = cls(start // size, ranks, group)
-        return mine
+        return cls(size, rank // size, world // size, rank % size == 0, dist.new_group(backend="gloo"))
 
-    def gather_prompts(self, data_rank: int, prompts: list) -> tuple[list, int, int]:
-        """(the engine's requests, where this rank's start, how many): each data-parallel rank's prompts
-        once, in rank order (ranks that share a data-parallel rank share prompts)."""
+    def _gather(self, item) -> list:
         import torch.distributed as dist
 
-        got: list = [None] * len(self.ranks)
-        dist.all_gather_object(got, (data_rank, [list(p) for p in prompts]), group=self.group)
-        requests, start, seen = [], 0, set()
-        for rank_data, rank_prompts in got:
+        got: list = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(got, item, group=self.group)
+        return got
+
+    def split(self, data_rank: int, prompts: list) -> tuple[list, slice, slice]:
+        """(this engine's requests, their slice of the step's list, this rank's prompts' slice)."""
+        everyone, seen, flat, mine = self._gather((data_rank, [list(p) for p in prompts])), set(), [], slice(0, 0)
+        for rank_data, rank_prompts in sorted(everyone, key=lambda x: x[0]):
             if rank_data in seen:
                 continue
             seen.add(rank_data)
             if rank_data == data_rank:
-                start = len(requests)
-            requests.extend(rank_prompts)
-        return requests, start, len(prompts)
+                mine = slice(len(flat), len(flat) + len(rank_prompts))
+            flat.extend(rank_prompts)
+        lo, hi = len(flat) * self.index // self.engines, len(flat) * (self.index + 1) // self.engines
+        return flat[lo:hi], slice(lo, hi), mine
+
+    def share(self, completions: list, engine_part: slice, mine: slice) -> list:
+        """Every engine leader's completions, put together; this rank's part of them."""
+        parts = self._gather((engine_part.start, completions) if self.leader else None)
+        flat: list = [None] * max([0] + [start + len(c) for start, c in filter(None, parts)])
+        for start, part in filter(None, parts):
+            flat[start:start + len(part)] = part
+        return flat[mine]
 
 
 @contextlib.contextmanager
@@ -171,10 +214,10 @@ class VLLMEngine:
         self.model_cfg, self.pad_id = model_cfg, pad_id
         self.vocab_size = vocab_size
         self.arch, hf_config = hf_architecture(model_cfg, arch)
-        self.data_rank = _dp_rank()  # whose prompts these are (an engine group's exchange)
-        self.group = EngineGroup.build(self.config.tp)
-        # the sampling stream's offset: the engine's index in a group, else the data-parallel rank
-        self.dp_rank = self.group.index if self.group else (self.data_rank if dp_rank is None else dp_rank)
+        self.data_rank = _dp_rank()  # whose prompts these are (the pool's exchange)
+        self.pool = EnginePool.build(self.config.tp, _shares_data())
+        # the sampling stream's offset: the engine's index in a pool, else the data-parallel rank
+        self.dp_rank = self.pool.index if self.pool else (self.data_rank if dp_rank is None else dp_rank)
         self.weight_version = 0
         self.asleep = False
         self._dir = tempfile.mkdtemp(prefix="vp2o-vllm-")
@@ -186,7 +229,7 @@ class VLLMEngine:
                       max_model_len=c.max_model_len or model_cfg.seq_length, max_num_seqs=c.max_num_seqs,
                       logprobs_mode="processed_logprobs", max_logprobs=0, disable_log_stats=True,
                       enforce_eager=(not on_gpu) if c.enforce_eager is None else c.enforce_eager)
-        if self.group:
+        if c.tp > 1:
             kwargs.update(tensor_parallel_size=c.tp, enable_expert_parallel=c.ep > 1,
                           distributed_executor_backend="external_launcher")
         if on_gpu:
@@ -229,11 +272,15 @@ class VLLMEngine:
         llm, self.llm = getattr(self, "llm", None), None
         import torch.distributed as dist
 
-        # vLLM's teardown (shutdown, also run when the LLM is garbage-collected) ends with
-        # torch.distributed.destroy_process_group(): in a torchrun world that is the trainer's own group,
-        # which later collectives (the final checkpoint, the results gather) still use. There the LLM is
-        # kept referenced and its memory goes with the process.
+        # vLLM's teardown (shutdown, also run by a finalizer when the LLM is collected or the interpreter
+        # exits) ends with torch.distributed.destroy_process_group(): in a torchrun world that is the
+        # trainer's own group, which later collectives (the final checkpoint, the results gather) still
+        # use, and which the trainer destroys itself before exiting. There the finalizer is detached, the
+        # LLM kept referenced, and its memory goes with the process.
         if llm is not None and dist.is_initialized():
+            finalizer = getattr(getattr(llm.llm_engine, "engine_core", None), "_finalizer", None)
+            if finalizer is not None:
+                finalizer.detach()
             _KEPT_ALIVE.append(llm)
         elif llm is not None:
             with contextlib.suppress(Exception):
@@ -267,15 +314,17 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         self.wake_up()
-        mine, start, count = list(prompts), 0, len(prompts)
-        if self.group:
-            mine, start, count = self.group.gather_prompts(self.data_rank, prompts)
-        requests = [TokensPrompt(prompt_token_ids=list(p)) for p in mine]
-        params = ([self.sampling_params(sampling, i) for i in range(len(mine))] if cuda()
+        todo, part, mine = list(prompts), slice(0, len(prompts)), slice(0, len(prompts))
+        if self.pool:
+            todo, part, mine = self.pool.split(self.data_rank, prompts)
+        requests = [TokensPrompt(prompt_token_ids=list(p)) for p in todo]
+        params = ([self.sampling_params(sampling, i) for i in range(len(todo))] if cuda()
                   else self.sampling_params(sampling))
         with self._seeded(sampling), platform.native():  # CPU: no device-rewriting mode on vLLM's hot path
             outs = self.llm.generate(requests, params, use_tqdm=False) if requests else []
-        completions = [o.outputs[0] for o in outs][start:start + count]
+        completions = [Completion.of(o.outputs[0]) for o in outs]
+        if self.pool:
+            completions = self.pool.share(completions, part, mine)
         return self._rollouts(prompts, completions, sampling)
 
     def _rollouts(self, prompts, completions, sampling: SamplingConfig) -> Rollouts:
@@ -289,8 +338,7 @@ class VLLMEngine:
             n = len(c.token_ids)
             resp_BT[i, :n] = torch.tensor(list(c.token_ids), dtype=torch.long, device="cpu")
             mask_BT[i, :n] = 1.0
-            logp_BT[i, :n] = torch.tensor([lp[tok].logprob for tok, lp in zip(c.token_ids, c.logprobs)],
-                                          device="cpu")
+            logp_BT[i, :n] = torch.tensor(c.logprobs, device="cpu")
         finish = ["stop" if c.finish_reason == "stop" else "length" for c in completions]
         pos_BS = positions_from_pads(p - lens_B, p + t)[:, :p + t - 1]
         routing = self._routing(completions, (p - lens_B).tolist(), p + t - 1)
@@ -305,7 +353,7 @@ class VLLMEngine:
         empty = (torch.zeros(0, b, s, k, dtype=torch.long, device="cpu"), torch.zeros(0, b, s, k, device="cpu"))
         if not (cuda() and self.config.routed_experts):
             return empty
-        routed = [getattr(c, "routed_experts", None) for c in completions]
+        routed = [c.routed_experts for c in completions]
         if any(r is None for r in routed):
             return empty
         layers = self.model_cfg.num_layers

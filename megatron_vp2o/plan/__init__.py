@@ -3,7 +3,7 @@
 :mod:`.counts` counts the parameters a rank holds (checked against megatron's model built on the
 ``meta`` device); :mod:`.memory` (with :mod:`.vp2o_rows` for VP2O's own state) turns them into
 bytes per row (parameters, gradients, optimizer shard, trust-region snapshot, prototypes, routing
-records, Stein buffers, activations, KV cache; host memory per node) and a fits / does-not-fit
+records, Stein buffers, activations, KV cache or the vLLM engine's share; host memory per node) and a fits / does-not-fit
 verdict for a named GPU with headroom; :func:`render` prints the table; :mod:`.live` measures the
 same rows on a live 1-rank run (``vp2o plan --check``).
 """
@@ -30,6 +30,8 @@ def render(title: str, plans: list[RankPlan]) -> str:
               for i, p in enumerate(plans)]
     lines.append(f"{'GiB per rank (device)':<26}" + "".join(f"{h:>{width}}" for h in heads))
     rows = [(row, lambda p, row=row: _gib(p.bytes[row])) for row in ROWS if row not in HOST_ROWS]
+    if any(p.vllm_sequences is not None for p in plans):
+        rows.append(("vllm_sequences", lambda p: "" if p.vllm_sequences is None else str(p.vllm_sequences)))
     rows += [("peak (no recompute)", lambda p: _gib(p.peak_bytes(False))),
              ("peak (selective)", lambda p: _gib(p.peak_bytes("selective"))),
              ("peak (full recompute)", lambda p: _gib(p.peak_bytes(True))),

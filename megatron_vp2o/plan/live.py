@@ -65,7 +65,8 @@ TOLERANCE = {"params": 0.0, "grads": 0.0, "optimizer": 0.0, "tr_snapshot": 0.0, 
 # rows a CPU-only 1-rank run does not measure, and why
 UNMEASURED = {"backtrack": "0 by design: the post-step mains wait in the consumed gradient buffer",
               "kv_cache": "the rollout engine is not built", "host_optimizer": "no host/device split without CUDA",
-              "host_snapshot": "no host/device split without CUDA"}
+              "host_snapshot": "no host/device split without CUDA", "vllm_weights": "the rollout engine is not built",
+              "vllm_kv": "the rollout engine is not built", "host_vllm": "the rollout engine is not built"}
 _COPIES = {torch.ops.aten.clone.default, torch.ops.aten._to_copy.default}
 
 

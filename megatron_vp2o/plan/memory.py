@@ -48,13 +48,21 @@ row counts, and where it comes from in the code:
   MoE block's internals while recomputing); attention saves nothing more to recompute (its
   checkpoint keeps q, k and the QKV output, the output is the next projection's input). The peak
   uses ``model.recompute``.
-* ``kv_cache``: the actors' KV cache while generating: ``2 x layers x Hkv/tp x hd x
-  model.seq_length`` per sequence for the ``prompts_per_step x group_size / dp`` sequences a
-  rank generates at once.
+* ``kv_cache``: the megatron engine's KV cache while generating (``rl.engine: megatron``): ``2 x
+  layers x Hkv/tp x hd x model.seq_length`` per sequence for the ``prompts_per_step x group_size /
+  dp`` sequences a rank generates at once.
+* ``vllm_weights`` / ``vllm_kv`` (``rl.engine: vllm``): one engine spans ``rl.vllm.tp`` ranks and
+  holds ``1/rl.vllm.tp`` of the whole model per rank in the parameter dtype; awake it takes
+  ``rl.vllm.gpu_memory_utilization`` of the GPU, the rest of that after its weights being its KV
+  cache (vLLM's own activations are left in it). ``vllm_sequences`` (not a byte row): how many
+  sequences of ``rl.vllm.max_model_len`` (default ``model.seq_length``) that KV cache holds at once,
+  ``2 x layers x max(Hkv/tp, 1) x hd`` elements per token; the plan does not fit below one.
+  Asleep (``rl.vllm.sleep``, level 1) it frees both and keeps its weights in host memory
+  (``host_vllm``); without sleep they stay on the GPU through the learner step.
 
 ``peak = params + grads + optimizer + tr_snapshot + prototypes + routing + max(activations +
-routing_stats, stein, backtrack, kv_cache)`` (device rows only): rollouts and the learner step do not
-overlap; the Stein hook runs after the backward has freed the activations and the statistics were
+routing_stats, stein, backtrack, kv_cache, vllm_weights + vllm_kv)`` (device rows only; without
+vLLM's sleep its two rows move into the static sum): rollouts and the learner step do not overlap; the Stein hook runs after the backward has freed the activations and the statistics were
 folded in; backtracking comes after the optimizer step. Not counted: the CUDA context and
 NCCL buffers, allocator fragmentation, the KL reference model (``rl.policy_loss.kl_coef > 0``:
 add ``params`` again); the ``headroom`` fraction of the GPU is kept free for them.
@@ -69,7 +77,7 @@ import math
 from dataclasses import dataclass, field
 
 from megatron_vp2o.config.validate import check_layout
-from megatron_vp2o.plan.counts import StageParams, padded_vocab, stage_params
+from megatron_vp2o.plan.counts import StageParams, model_params, padded_vocab, stage_params
 from megatron_vp2o.plan.vp2o_rows import prototype_bytes, router_bytes, routing_bytes, routing_stats_bytes
 from megatron_vp2o.plan.vp2o_rows import anchor_budget, knobs, stein_bytes, vp2o_on
 
@@ -80,8 +88,8 @@ GPUS = {"h100-80gb": 81559 * (1 << 20), "h200": 143771 * (1 << 20), "a100-80gb":
 _BYTES = {"fp32": 4, "bf16": 2}
 ROWS = ("params", "grads", "optimizer", "tr_snapshot", "backtrack", "prototypes", "routing", "stein",
         "activations", "activations_recompute", "activations_selective", "routing_stats", "kv_cache",
-        "host_optimizer", "host_snapshot")
-HOST_ROWS = ("host_optimizer", "host_snapshot")
+        "vllm_weights", "vllm_kv", "host_optimizer", "host_snapshot", "host_vllm")
+HOST_ROWS = ("host_optimizer", "host_snapshot", "host_vllm")
 HOST_BYTES = 2 * 10**12  # host memory of one node (DGX H100: 2 TB)
 GPUS_PER_NODE = 8
 
@@ -106,12 +114,22 @@ class RankPlan:
         mode = {True: "full", False: "none"}.get(recompute, recompute)
         act = {"full": b["activations_recompute"], "selective": b["activations_selective"]}.get(mode, b["activations"])
         static = sum(b[k] for k in ("params", "grads", "optimizer", "tr_snapshot", "prototypes", "routing"))
-        return static + max(act + b["routing_stats"], b["stein"], b["backtrack"], b["kv_cache"])
+        engine = b["vllm_weights"] + b["vllm_kv"]
+        if engine and not self.cfg.rl.vllm.sleep:  # awake through the learner step
+            static, engine = static + engine, 0
+        return static + max(act + b["routing_stats"], b["stein"], b["backtrack"], b["kv_cache"], engine)
+
+    @property
+    def vllm_sequences(self) -> int | None:
+        """Sequences of full length the vLLM KV cache holds at once (None: the megatron engine)."""
+        if self.cfg is None or self.cfg.rl.engine != "vllm":
+            return None
+        return self.bytes["vllm_kv"] // max(vllm_token_bytes(self.cfg) * vllm_max_len(self.cfg), 1)
 
     @property
     def host_per_node(self) -> int:
         """Host bytes of one node (every rank of the node holds its host rows)."""
-        return GPUS_PER_NODE * (self.bytes["host_optimizer"] + self.bytes["host_snapshot"])
+        return GPUS_PER_NODE * sum(self.bytes[row] for row in HOST_ROWS)
 
     def host_fits(self) -> bool:
         return self.host_per_node <= HOST_BYTES
@@ -125,7 +143,8 @@ class RankPlan:
         return int(self.capacity * (1.0 - self.headroom))
 
     def fits(self, recompute: bool | None = None) -> bool:
-        return self.peak_bytes(self.recompute if recompute is None else recompute) <= self.usable
+        engine_ok = self.vllm_sequences is None or self.vllm_sequences >= 1
+        return engine_ok and self.peak_bytes(self.recompute if recompute is None else recompute) <= self.usable
 
 
 def _shard(n: int, dp: int, distributed: bool) -> int:
@@ -225,6 +244,28 @@ def kv_cache_bytes(cfg, sp: StageParams, dp: int) -> int:
     return seqs * model.seq_length * per_token
 
 
+def vllm_max_len(cfg) -> int:
+    return cfg.rl.vllm.max_model_len or cfg.model.seq_length
+
+
+def vllm_token_bytes(cfg) -> int:
+    """KV bytes per token on one rank of a vLLM engine (``rl.vllm.tp`` shards the KV heads, each rank
+    keeping at least one)."""
+    model = cfg.model
+    hd = model.head_dim or model.hidden_size // model.num_attention_heads
+    return 2 * model.num_layers * max(model.num_query_groups // cfg.rl.vllm.tp, 1) * hd * _BYTES[model.params_dtype]
+
+
+def vllm_bytes(cfg, capacity: int) -> tuple[int, int, int]:
+    """(weights, KV cache, host) bytes per rank of the vLLM engine; zeros for the megatron engine."""
+    if cfg.rl.engine != "vllm":
+        return 0, 0, 0
+    c = cfg.rl.vllm
+    weights = math.ceil(model_params(cfg.model) / c.tp) * _BYTES[cfg.model.params_dtype]
+    kv = max(int(c.gpu_memory_utilization * capacity) - weights, 0)
+    return weights, kv, weights if c.sleep else 0
+
+
 def plan_rank(cfg, world: int, stage: int | None = None, gpu: str = "h100-80gb", headroom: float = 0.1,
               recompute: bool = False) -> RankPlan:
     """The memory plan of one rank (``stage``; default: the stage with the most parameters)."""
@@ -254,13 +295,15 @@ def plan_rank(cfg, world: int, stage: int | None = None, gpu: str = "h100-80gb",
     host_snap = snap if (offload > 0 or cfg.vp2o.trust_region.snapshot == "host") else 0
     micro = math.ceil(cfg.rl.prompts_per_step * cfg.rl.policy_loss.group_size / (lay.dp * cfg.rl.micro_batch_size))
     act, act_rc, act_sel = activation_bytes(cfg, sp, micro, stage == par.pp - 1)
+    vllm_w, vllm_kv, vllm_host = vllm_bytes(cfg, GPUS[gpu])
     rows = {"params": sp.total * pb, "grads": sp.total * 4, "optimizer": opt - host_opt,
             "tr_snapshot": snap - host_snap, "backtrack": 0, "prototypes": prototype_bytes(cfg, sp.moe_layers),
             "routing": routing_bytes(cfg, sp.moe_layers, lay.dp), "stein": stein_bytes(cfg, sp.moe_layers),
             "activations": act, "activations_recompute": act_rc, "activations_selective": act_sel,
             "routing_stats": routing_stats_bytes(cfg, sp.moe_layers, lay.dp),
-            "kv_cache": kv_cache_bytes(cfg, sp, lay.dp),
-            "host_optimizer": host_opt, "host_snapshot": host_snap}
+            "kv_cache": kv_cache_bytes(cfg, sp, lay.dp) if cfg.rl.engine == "megatron" else 0,
+            "vllm_weights": vllm_w, "vllm_kv": vllm_kv,
+            "host_optimizer": host_opt, "host_snapshot": host_snap, "host_vllm": vllm_host}
     if recompute is False:
         recompute = cfg.model.recompute
     layout = (f"world={world} tp={lay.tp} pp={lay.pp} ep={lay.ep} etp={lay.etp} cp={lay.cp} dp={lay.dp} "

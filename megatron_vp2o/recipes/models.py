@@ -33,7 +33,7 @@ from megatron_vp2o.config import (
     TrainConfig,
     load_config,
 )
-from megatron_vp2o.config.rl import RLConfig
+from megatron_vp2o.config.rl import RLConfig, VLLMConfig
 from megatron_vp2o.generation.sampling import SamplingConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,9 +93,16 @@ def paper_33b_a4b_model() -> ModelConfig:
     )
 
 
+#: The GPU recipes' rollout engine: vLLM, one engine per node (tensor and expert parallel over its 8
+#: GPUs: 1/8 of the model per GPU), colocated with the learner and asleep during its step; awake it takes
+#: 30% of each GPU (weights ~7-8 GiB, the rest KV cache: 85-179 full-length sequences per engine rank).
+#: `vp2o plan` counts it (vllm_weights, vllm_kv, host_vllm); docs/vllm.md.
+VLLM_GPU = VLLMConfig(tp=GPUS_PER_NODE, ep=GPUS_PER_NODE, gpu_memory_utilization=0.3)
+
+
 def _rl_config(nodes: int, ckpt: str, prompts_per_step: int, max_new_tokens: int) -> RLConfig:
     return RLConfig(
-        algo="vp2o", policy=f"{ckpt}/mcore", prompts="/data/prompts/math_train.jsonl",
+        algo="vp2o", engine="vllm", vllm=VLLM_GPU, policy=f"{ckpt}/mcore", prompts="/data/prompts/math_train.jsonl",
         eval_prompts="/data/prompts/math_eval.jsonl", eval_every=50, eval_samples=4, steps=500, lr=1e-6,
         prompts_per_step=prompts_per_step, micro_batch_size=1,
         sampling=SamplingConfig(temperature=1.0, max_new_tokens=max_new_tokens, stop_token_ids=(151643, 151645)),

@@ -30,9 +30,20 @@ GiB: params {g['params']}, grads {g['grads']} (fp32), optimizer {g['optimizer']}
 trust-region snapshot {g['tr_snapshot']} on the GPU + {g['host_snapshot']} on the host (main params + optimizer state), prototypes {g['prototypes']},
 routing records {g['routing']} (anchor + step top-k/gates) and pending statistics {g['routing_stats']},
 Stein buffers {g['stein']} (one layer at a time), activations {g['activations']} / {g['activations_selective']} selective / {g['activations_recompute']} full recompute,
-KV cache {g['kv_cache']}. Settings: model.recompute={plan_cfg.model.recompute}, vp2o.trust_region.snapshot={plan_cfg.vp2o.trust_region.snapshot},
+{_engine_text(plan, g)}. Settings: model.recompute={plan_cfg.model.recompute}, vp2o.trust_region.snapshot={plan_cfg.vp2o.trust_region.snapshot},
 train.optimizer_cpu_offload={str(plan_cfg.train.optimizer_cpu_offload).lower()}. Peak {plan.peak / GIB:.1f} GiB (GRPO, same settings: {grpo.peak / GIB:.1f}; \
 ratio {plan.peak / grpo.peak:.3f}); fits H100 80GB (10% headroom): {'yes' if plan.fits() else 'no'}; host {plan.host_per_node / GIB:.0f} GiB per node of 2 TB."""
+
+
+def _engine_text(plan, g: dict) -> str:
+    """The rollout engine's rows: the megatron engine's KV cache, or vLLM's share while awake."""
+    cfg = plan.cfg
+    if cfg.rl.engine != "vllm":
+        return f"KV cache {g['kv_cache']}"
+    v = cfg.rl.vllm
+    return (f"vLLM engine (rl.vllm.tp={v.tp}, ep={v.ep}) while generating: weights {g['vllm_weights']} + KV cache "
+            f"{g['vllm_kv']} ({plan.vllm_sequences} full-length sequences),\nasleep during the learner step "
+            f"(weights on the host, {g['host_vllm']})")
 
 
 def qwen3_text(nodes: int) -> str:

@@ -4,7 +4,7 @@ greedy, the two engines give the same response to at least 95% of 105 prompts (m
 response both engines gave gets the same score, and the mean rewards differ by at most the disagreeing share;
 sampled (temperature 1, 8 samples of each of the 64 `rl.eval_prompts`), the mean rewards lie within 3 standard
 errors of each other (paired by problem; measured 0.596 megatron vs 0.627 vLLM, 1.05 standard errors apart).
-`--engine vllm` without vLLM, or with tp > 1, is refused in one line, exit code 2, nothing written."""
+`--engine vllm` without vLLM, or with rl.vllm.tp not dividing the ranks, is refused in one line, exit code 2, nothing written."""
 
 from __future__ import annotations
 
@@ -133,10 +133,10 @@ def test_vllm_eval_without_vllm_is_refused(tmp_path):
 
 
 @pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (make test-vllm)")
-def test_vllm_eval_with_tensor_parallel_is_refused(tmp_path):
-    proc = _eval(tmp_path / "run", "vllm", [ROOT / "data/eval/math_digit_sum.jsonl"], overrides=["parallel.tp=2"],
+def test_vllm_eval_with_an_engine_wider_than_the_world_is_refused(tmp_path):
+    proc = _eval(tmp_path / "run", "vllm", [ROOT / "data/eval/math_digit_sum.jsonl"], overrides=["rl.vllm.tp=4"],
                  env={"WORLD_SIZE": "2", "PYTHONWARNINGS": "ignore"})
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert len(lines) == 1 and "--engine vllm: the colocated engine is tested with tp=pp=1" in lines[0], lines
+    assert len(lines) == 1 and "--engine vllm: rl.vllm.tp=4 must divide the number of ranks (2)" in lines[0], lines
     assert not (tmp_path / "run").exists()

@@ -1,5 +1,5 @@
 """Contract: `vp2o train rl.engine=vllm` on the tiny recipe raises the eval reward as the megatron engine
-does (one process; and torchrun DP=2 sharing one engine, rl.vllm.tp=2), refreshing vLLM from the learner before every rollout batch (weight version +1 each time) with
+does (one process; torchrun DP=2 sharing one engine, a pp=2 learner, a tp=2 learner), refreshing vLLM from the learner before every rollout batch (weight version +1 each time) with
 the engine's sampled-token log-probs within 1e-3 of the learner's; without vLLM it is refused in one line."""
 
 import importlib.util
@@ -43,9 +43,15 @@ def test_vllm_engine_trains_the_tiny_recipe(tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (make test-vllm)")
-def test_one_vllm_engine_over_two_data_parallel_ranks_trains(tmp_path):
-    """torchrun DP=2 with rl.vllm.tp=2: both ranks share one tensor-parallel engine (docs/vllm.md)."""
-    proc = _train(tmp_path / "run", "rl.vllm.tp=2", "logging.progress=false", nproc=2)
+@pytest.mark.parametrize("layout", [
+    ("rl.vllm.tp=2",),  # DP=2 sharing one tensor-parallel engine
+    ("parallel.pp=2",),  # a pipeline learner: both stages must hold the same rollouts
+    ("parallel.tp=2", "parallel.sequence_parallel=true", "rl.vllm.tp=2"),  # a tensor-parallel learner next to a tensor-parallel engine
+], ids=["dp2_one_engine", "pp2_learner", "tp2_learner_tp2_engine"])
+def test_two_rank_layouts_train_on_vllm(tmp_path, layout):
+    """torchrun, 2 ranks (docs/vllm.md, engine pools): the eval reward rises, and the engine's log-probs
+    match the learner's forward (a stage or rank with other rollouts would not)."""
+    proc = _train(tmp_path / "run", *layout, "logging.progress=false", nproc=2)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r["eval/mean"] for r in rows if "eval/mean" in r]
