@@ -149,10 +149,13 @@ class EnginePool:
         dist.all_gather_object(got, item, group=self.group)
         return got
 
-    def split(self, data_rank: int, prompts: list) -> tuple[list, slice, slice]:
-        """(this engine's requests, their slice of the step's list, this rank's prompts' slice)."""
-        everyone, seen, flat, mine = self._gather((data_rank, [list(p) for p in prompts])), set(), [], slice(0, 0)
-        for rank_data, rank_prompts in sorted(everyone, key=lambda x: x[0]):
+    def split(self, data_rank: int, prompts: list, seed: int) -> tuple[list, slice, slice, int]:
+        """(this engine's requests, their slice of the step's list, this rank's prompts' slice, the seed
+        every engine samples with: the lowest data-parallel rank's, since an engine's ranks must draw
+        alike and callers may pass each rank its own seed, as ``vp2o eval`` does per problem)."""
+        everyone = sorted(self._gather((data_rank, [list(p) for p in prompts], seed)), key=lambda x: x[0])
+        seen, flat, mine = set(), [], slice(0, 0)
+        for rank_data, rank_prompts, _ in everyone:
             if rank_data in seen:
                 continue
             seen.add(rank_data)
@@ -160,7 +163,7 @@ class EnginePool:
                 mine = slice(len(flat), len(flat) + len(rank_prompts))
             flat.extend(rank_prompts)
         lo, hi = len(flat) * self.index // self.engines, len(flat) * (self.index + 1) // self.engines
-        return flat[lo:hi], slice(lo, hi), mine
+        return flat[lo:hi], slice(lo, hi), mine, everyone[0][2]
 
     def share(self, completions: list, engine_part: slice, mine: slice) -> list:
         """Every engine leader's completions, put together; this rank's part of them."""
@@ -316,7 +319,8 @@ class VLLMEngine:
         self.wake_up()
         todo, part, mine = list(prompts), slice(0, len(prompts)), slice(0, len(prompts))
         if self.pool:
-            todo, part, mine = self.pool.split(self.data_rank, prompts)
+            todo, part, mine, seed = self.pool.split(self.data_rank, prompts, sampling.seed)
+            sampling = dataclasses.replace(sampling, seed=seed)
         requests = [TokensPrompt(prompt_token_ids=list(p)) for p in todo]
         params = ([self.sampling_params(sampling, i) for i in range(len(todo))] if cuda()
                   else self.sampling_params(sampling))

@@ -238,7 +238,9 @@ def engine_group(payload) -> dict:
         return r, {**_diff(r, tf.logp_BT), "rows": r.response_ids_BT.shape[0], "own_prompts": real == prompts}
 
     _, greedy = run(SamplingConfig(temperature=0.0, max_new_tokens=12))
-    _, sampled = run(SamplingConfig(max_new_tokens=12, seed=5))
+    # each rank its own seed (as vp2o eval passes each rank its problem's): the engine's two workers must
+    # still draw alike, or their tensor-parallel halves would decode different sequences
+    _, sampled = run(SamplingConfig(max_new_tokens=12, seed=5 + 100 * rank))
     with torch.no_grad():  # the learner moves on (the same change on both ranks)
         for name, p in model.named_parameters():
             if "experts" in name or "linear_qkv" in name:
