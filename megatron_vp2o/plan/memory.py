@@ -62,7 +62,8 @@ row counts, and where it comes from in the code:
 
 ``peak = params + grads + optimizer + tr_snapshot + prototypes + routing + max(activations +
 routing_stats, stein, backtrack, kv_cache, vllm_weights + vllm_kv)`` (device rows only; without
-vLLM's sleep its two rows move into the static sum): rollouts and the learner step do not overlap; the Stein hook runs after the backward has freed the activations and the statistics were
+vLLM's sleep its two rows move into the static sum): rollouts and the learner step do not overlap;
+the Stein hook runs after the backward has freed the activations and the statistics were
 folded in; backtracking comes after the optimizer step. Not counted: the CUDA context and
 NCCL buffers, allocator fragmentation, the KL reference model (``rl.policy_loss.kl_coef > 0``:
 add ``params`` again); the ``headroom`` fraction of the GPU is kept free for them.

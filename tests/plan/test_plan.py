@@ -125,3 +125,35 @@ def test_plan_cli_table_and_errors(capsys):
     assert len(err) == 1 and "--nodes must be" in err[0]
     assert main(["plan", "--config", "examples/configs/tiny_cpu.yaml", "parallel.ep=3"]) == 2
     assert "parallel.ep" in capsys.readouterr().err
+
+
+def test_vllm_engine_rows():
+    """rl.engine=vllm (the GPU recipes' engine): weights = the model / rl.vllm.tp in the parameter dtype,
+    KV cache = the rest of gpu_memory_utilization x the GPU, the sequences of full length it holds, host
+    weights while asleep; the engine's phase enters the peak's max (asleep in the learner step) or its
+    static sum (sleep off); a KV cache below one sequence does not fit; the megatron engine's KV row is
+    then 0."""
+    from megatron_vp2o.plan import GPUS, model_params
+
+    cfg = qwen3_30b_a3b(1)
+    assert cfg.rl.engine == "vllm" and cfg.rl.vllm.tp == 8
+    plan = plan_rank(cfg, 8)
+    b, m = plan.bytes, cfg.model
+    weights = -(-model_params(m) // 8) * 2  # bf16
+    assert b["vllm_weights"] == weights and b["host_vllm"] == weights and b["kv_cache"] == 0
+    assert b["vllm_kv"] == int(0.3 * GPUS["h100-80gb"]) - weights
+    per_token = 2 * m.num_layers * max(m.num_query_groups // 8, 1) * m.head_dim * 2
+    assert plan.vllm_sequences == b["vllm_kv"] // (per_token * m.seq_length) > 1
+    static = sum(b[k] for k in ("params", "grads", "optimizer", "tr_snapshot", "prototypes", "routing"))
+    act = b["activations_recompute"] + b["routing_stats"]
+    assert plan.peak_bytes(True) == static + max(act, b["stein"], weights + b["vllm_kv"])
+    awake = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, vllm=dataclasses.replace(cfg.rl.vllm, sleep=False)))
+    p_awake = plan_rank(awake, 8)
+    assert p_awake.peak_bytes(True) == static + weights + b["vllm_kv"] + max(act, b["stein"])
+    assert p_awake.bytes["host_vllm"] == 0
+    starved = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, vllm=dataclasses.replace(
+        cfg.rl.vllm, gpu_memory_utilization=0.09)))  # 7.2 GiB: under the 7.1 GiB weights + one sequence
+    assert plan_rank(starved, 8).vllm_sequences == 0 and not plan_rank(starved, 8).fits()
+    megatron = dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, engine="megatron"))
+    mp = plan_rank(megatron, 8)
+    assert mp.vllm_sequences is None and mp.bytes["vllm_weights"] == mp.bytes["vllm_kv"] == 0 < mp.bytes["kv_cache"]
