@@ -52,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -174,6 +175,21 @@ class EnginePool:
         return flat[mine]
 
 
+class _NoChatWarmupFilter(logging.Filter):
+    """vLLM warms up its chat-template renderer at start and logs the failure with a traceback when there
+    is no tokenizer (``skip_tokenizer_init``: our prompts go in as token ids, no chat template is ever
+    rendered by vLLM): expected, so that one record is dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Chat template warmup failed")
+
+
+def _quiet_chat_warmup() -> None:
+    log = logging.getLogger("vllm.renderers.base")
+    if not any(isinstance(f, _NoChatWarmupFilter) for f in log.filters):
+        log.addFilter(_NoChatWarmupFilter())
+
+
 @contextlib.contextmanager
 def _keep_process_state():
     """In-process, vLLM's start-up would change the trainer's process: its CPU worker replaces
@@ -241,6 +257,7 @@ class VLLMEngine:
                 kwargs["enable_return_routed_experts"] = True
         else:
             kwargs.update(kv_cache_memory_bytes=c.kv_cache_bytes)
+        _quiet_chat_warmup()
         with _keep_process_state():
             self.llm = LLM(**kwargs)
         self.num_model_vocab = int(hf_config["vocab_size"])
