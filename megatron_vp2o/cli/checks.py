@@ -109,11 +109,11 @@ def check_resume(cfg, out: str, resume: bool, rl: bool = False) -> None:
     found = check_same_model(root, cfg.model, "--resume")
     verify_checkpoint(found, "--resume")
     new_dirs = "a new --out and checkpoint.dir" if cfg.checkpoint.dir else "a new --out"
-    check_resume_kind(found, "rl" if rl else "sft", new_dirs)
     if rl:  # before the rank files: a checkpoint from before the loop state also has old-format ones
         check_rl_loop_state(found, new_dirs)
-    for file in sorted(found.glob("rank*.pt")):
+    for file in sorted(found.glob("rank*.pt")):  # a tampered file is named first, whatever wrote it
         check_state_file(file)
+    check_resume_kind(found, "rl" if rl else "sft", new_dirs)
 
 
 def check_resume_kind(found: Path, kind: str, new_dirs: str) -> None:
