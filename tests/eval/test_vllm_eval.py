@@ -27,9 +27,17 @@ AGREE_MIN = 0.95  # greedy: share of prompts both engines answer alike (fp32; ~1
 SE_MAX = 3.0  # sampled: |mean reward difference| in standard errors of the per-problem differences
 
 
-def _eval(out: Path, engine: str, benches: list, options=(), overrides=(), env: dict | None = None):
+def _eval(out: Path, engine: str, benches: list, options=(), overrides=(), env: dict | None = None, nproc: int = 1):
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONPATH=str(ROOT), **(env or {}))
-    cmd = [sys.executable, "-m", "megatron_vp2o.cli.main", "eval", "--ckpt", "checkpoints/tiny_policy",
+    launch = [sys.executable, "-m", "megatron_vp2o.cli.main"]
+    if nproc > 1:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from harness import free_port
+
+        env["OMP_NUM_THREADS"] = "1"
+        launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+                  f"--master-port={free_port()}", "-m", "megatron_vp2o.cli.main"]
+    cmd = [*launch, "eval", "--ckpt", "checkpoints/tiny_policy",
            "--config", CONFIG, "--template", "{problem}", "--engine", engine, "--out", str(out), *options]
     for path in benches:
         cmd += ["--task", "math", "--data", str(path)]
@@ -94,6 +102,22 @@ def test_greedy_responses_and_rewards_agree(runs):
     print(f"greedy: {agree:.3f} of {len(pairs)} responses equal; mean reward megatron {mean_m:.4f} vllm {mean_v:.4f}")
     assert agree >= AGREE_MIN, [(a[1], b[1]) for a, b in pairs if a[1] != b[1]]
     assert abs(mean_m - mean_v) <= 1 - agree + 1e-9, (mean_m, mean_v, agree)
+
+
+@pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (make test-vllm)")
+def test_greedy_eval_on_one_engine_over_two_ranks(runs, tmp_path):
+    """torchrun, 2 ranks, rl.vllm.tp=2: both ranks' problems go through the one engine (its pool) and each
+    rank gets its own problems' answers back: the same answers as the single-process vLLM run."""
+    greedy, _ = _benchmarks(tmp_path)
+    proc = _eval(tmp_path / "tp2", "vllm", greedy, ["--samples", "1"], ["rl.sampling.temperature=0", "rl.vllm.tp=2"],
+                 env={"PYTHONWARNINGS": "ignore"}, nproc=2)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    ours, single = _read(tmp_path / "tp2"), runs["greedy", "vllm"]
+    pairs = [(a, b) for name in single for a, b in zip(ours[name], single[name])]
+    assert len(pairs) == 105 and all(a[0] == b[0] for a, b in pairs)
+    agree = sum(a[1] == b[1] for a, b in pairs) / len(pairs)
+    print(f"greedy, one engine over 2 ranks: {agree:.3f} of {len(pairs)} responses equal to one process's")
+    assert agree >= AGREE_MIN, [(a[1], b[1]) for a, b in pairs if a[1] != b[1]]
 
 
 @pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not installed (make test-vllm)")
