@@ -30,7 +30,6 @@ from __future__ import annotations
 import torch
 
 from .scalars import as_scalar
-
 from .stein import gather_mix
 
 ACCEPT, BACKTRACK, REJECT, REFRESH = 0, 1, 2, 3

@@ -122,7 +122,7 @@ def shards_of(model, cfg: Config) -> mapping.Shards:
         etp=(ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size()),
         padded_vocab=padded_vocab_size(m.vocab_size, ps.get_tensor_model_parallel_world_size()),
         num_heads=m.num_attention_heads, num_groups=m.num_query_groups,
-        head_dim=m.head_dim or m.hidden_size // m.num_attention_heads, tied=not m.untie_embeddings)
+        head_dim=m.resolved_head_dim, tied=not m.untie_embeddings)
 
 
 @torch.no_grad()

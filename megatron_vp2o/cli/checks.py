@@ -244,7 +244,7 @@ def check_vllm_cpu_head_dim(model, what: str, instead: str) -> None:
 
     if torch.cuda.is_available():
         return
-    head_dim = model.head_dim or model.hidden_size // model.num_attention_heads
+    head_dim = model.resolved_head_dim
     if head_dim not in VLLM_CPU_HEAD_SIZES:
         raise ConfigError(f"{what}: vLLM's CPU attention takes head widths {', '.join(map(str, VLLM_CPU_HEAD_SIZES))}, "
                           f"and this model's is {head_dim} (model.head_dim, else model.hidden_size / "

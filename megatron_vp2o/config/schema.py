@@ -93,6 +93,11 @@ class ModelConfig:
             check(self.hidden_size % self.num_attention_heads == 0, "model.head_dim",
                   "be set when hidden_size is not divisible by num_attention_heads", self.head_dim)
 
+    @property
+    def resolved_head_dim(self) -> int:
+        """The per-head width: ``head_dim``, else ``hidden_size / num_attention_heads``."""
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
 
 #: megatron-core's selective-recompute modules (TransformerConfig.recompute_modules), every release we support.
 RECOMPUTE_MODULES = ("core_attn", "moe_act", "layernorm", "mla_up_proj", "mlp", "moe", "shared_experts")

@@ -47,7 +47,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, use_cpu_ini
     kwargs = dict(
         num_layers=model.num_layers, hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads, num_query_groups=model.num_query_groups,
-        kv_channels=model.head_dim or model.hidden_size // model.num_attention_heads,
+        kv_channels=model.resolved_head_dim,
         ffn_hidden_size=model.ffn_hidden_size, normalization="RMSNorm", layernorm_epsilon=model.norm_eps,
         gated_linear_unit=model.swiglu, activation_func=F.silu, add_bias_linear=False,
         qk_layernorm=model.qk_layernorm, hidden_dropout=0.0, attention_dropout=0.0,

@@ -55,7 +55,7 @@ def _is_moe(model, layer: int) -> bool:
 def layer_params(model, parallel, moe: bool) -> tuple[int, int, int, int]:
     """(dense elements, expert elements, dense tensors, expert tensors) of one layer on one rank."""
     d, tp, etp = model.hidden_size, parallel.tp, parallel.expert_tp
-    hd = model.head_dim or d // model.num_attention_heads
+    hd = model.resolved_head_dim
     hq, hkv = model.num_attention_heads, model.num_query_groups
     dense = d + d * (hq + 2 * hkv) * hd // tp + hq * hd // tp * d + d  # norms, qkv, proj
     tensors = 4

@@ -195,7 +195,7 @@ def _attention_token_bytes(model, parallel, a: int) -> int:
     """Per token (before the tp x cp split): norm input and normalised input, QKV input; q and k
     after RoPE, the QKV projection's output (v is a view of it), the attention output; the fused
     kernel's fp32 log-sum-exp per query head."""
-    hd = model.head_dim or model.hidden_size // model.num_attention_heads
+    hd = model.resolved_head_dim
     hq, hkv = model.num_attention_heads, model.num_query_groups
     return a * (3 * model.hidden_size + 3 * (hq + hkv) * hd) + 4 * hq
 
@@ -239,7 +239,7 @@ def activation_bytes(cfg, sp: StageParams, num_micro: int, last_stage: bool) -> 
 
 def kv_cache_bytes(cfg, sp: StageParams, dp: int) -> int:
     model, par = cfg.model, cfg.parallel
-    hd = model.head_dim or model.hidden_size // model.num_attention_heads
+    hd = model.resolved_head_dim
     seqs = math.ceil(cfg.rl.prompts_per_step * cfg.rl.policy_loss.group_size / dp)
     per_token = 2 * sp.layers * max(model.num_query_groups // par.tp, 1) * hd * _BYTES[model.params_dtype]
     return seqs * model.seq_length * per_token
@@ -253,7 +253,7 @@ def vllm_token_bytes(cfg) -> int:
     """KV bytes per token on one rank of a vLLM engine (``rl.vllm.tp`` shards the KV heads, each rank
     keeping at least one)."""
     model = cfg.model
-    hd = model.head_dim or model.hidden_size // model.num_attention_heads
+    hd = model.resolved_head_dim
     return 2 * model.num_layers * max(model.num_query_groups // cfg.rl.vllm.tp, 1) * hd * _BYTES[model.params_dtype]
 
 

@@ -18,13 +18,17 @@ TINY = "examples/configs/tiny_cpu.yaml"
 FAST = ["logging.progress=false", "model.num_layers=2", "model.hidden_size=64", "model.moe_ffn_hidden_size=64"]
 
 
+def entry(nproc: int = 1) -> list[str]:
+    """The `vp2o` command line: one process, or torchrun with ``nproc`` ranks on a free port."""
+    if nproc == 1:
+        return [sys.executable, "-m", "megatron_vp2o.cli.main"]
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+            f"--master-port={free_port()}", "-m", "megatron_vp2o.cli.main"]
+
+
 def vp2o(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
-    entry = [sys.executable, "-m", "megatron_vp2o.cli.main"]
-    if nproc > 1:
-        entry = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-                 f"--master-port={free_port()}", "-m", "megatron_vp2o.cli.main"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return subprocess.run(entry + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(entry(nproc) + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def losses(out: Path) -> list[float]:

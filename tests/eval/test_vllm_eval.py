@@ -14,7 +14,6 @@ import math
 import os
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,16 +27,12 @@ SE_MAX = 3.0  # sampled: |mean reward difference| in standard errors of the per-
 
 
 def _eval(out: Path, engine: str, benches: list, options=(), overrides=(), env: dict | None = None, nproc: int = 1):
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONPATH=str(ROOT), **(env or {}))
-    launch = [sys.executable, "-m", "megatron_vp2o.cli.main"]
-    if nproc > 1:
-        sys.path.insert(0, str(ROOT / "tests"))
-        from harness import free_port
+    from e2e.test_sft import entry
 
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONPATH=str(ROOT), **(env or {}))
+    if nproc > 1:
         env["OMP_NUM_THREADS"] = "1"
-        launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-                  f"--master-port={free_port()}", "-m", "megatron_vp2o.cli.main"]
-    cmd = [*launch, "eval", "--ckpt", "checkpoints/tiny_policy",
+    cmd = [*entry(nproc), "eval", "--ckpt", "checkpoints/tiny_policy",
            "--config", CONFIG, "--template", "{problem}", "--engine", engine, "--out", str(out), *options]
     for path in benches:
         cmd += ["--task", "math", "--data", str(path)]

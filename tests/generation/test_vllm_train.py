@@ -6,7 +6,6 @@ import importlib.util
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,15 +14,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _train(out, *overrides, nproc: int = 1):
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONPATH=str(ROOT))
-    launch = [sys.executable, "-m", "megatron_vp2o.cli.main"]
-    if nproc > 1:
-        from harness import free_port
+    from e2e.test_sft import entry
 
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONPATH=str(ROOT))
+    if nproc > 1:
         env["OMP_NUM_THREADS"] = "1"
-        launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-                  f"--master-port={free_port()}", "-m", "megatron_vp2o.cli.main"]
-    cmd = [*launch, "train", "--config", "examples/configs/tiny_cpu.yaml",
+    cmd = [*entry(nproc), "train", "--config", "examples/configs/tiny_cpu.yaml",
            "--out", str(out), "rl.engine=vllm", "rl.vllm.kv_cache_bytes=268435456", *overrides]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 

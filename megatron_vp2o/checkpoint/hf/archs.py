@@ -182,7 +182,7 @@ def hf_config_from_model(arch: Arch, m: ModelConfig, base: dict | None = None) -
     if m.shared_expert_ffn_hidden_size or m.moe_layer_freq != 1 or not m.swiglu or m.router.score_function != "softmax":
         raise ConversionError("only all-MoE models with softmax routers, gated SiLU experts and no shared expert "
                               f"export to {arch.hf_class}")
-    head_dim = m.head_dim or m.hidden_size // m.num_attention_heads
+    head_dim = m.resolved_head_dim
     out.update(
         architectures=[arch.hf_class], model_type=arch.model_type, hidden_size=m.hidden_size,
         num_hidden_layers=m.num_layers, num_attention_heads=m.num_attention_heads,

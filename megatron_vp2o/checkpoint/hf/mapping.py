@@ -156,7 +156,7 @@ def _expert_out(arch: Arch, L: int, e: int, fc1, fc2):
 
 def expected_hf_shapes(arch: Arch, m) -> dict[str, tuple]:
     """Every HF tensor a model with ModelConfig ``m`` has, with its shape (the completeness contract)."""
-    d = m.head_dim or m.hidden_size // m.num_attention_heads
+    d = m.resolved_head_dim
     h, f, q, g = m.hidden_size, m.moe_ffn_hidden_size, m.num_attention_heads, m.num_query_groups
     out = {arch.hf("embed"): (m.vocab_size, h), arch.hf("final_norm"): (h,)}
     if m.untie_embeddings:
